@@ -1,0 +1,160 @@
+"""Temporal activities: thin adapters from the workflows to ``csbs.services``.
+
+They hold no business rules. They turn core errors into typed ``ApplicationError``s
+(non-retryable unless the core says otherwise), turn progress into heartbeats, and pick
+the resume point of a retried transfer from the last heartbeat.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from csbs.errors import CsbsError
+from csbs.model import (
+    BackupServerInput,
+    DeleteBackupsInput,
+    PreparedBackup,
+    RestoreItem,
+    RestorePlan,
+    RestoreServerInput,
+    TransferStats,
+)
+from csbs.services import CsbsService
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CsbsError as exc:
+            raise ApplicationError(
+                str(exc), type=exc.type_name, non_retryable=not exc.retryable
+            ) from exc
+
+    return wrapper
+
+
+def _heartbeat(details: dict[str, Any]) -> None:
+    activity.heartbeat(details)
+    if activity.is_cancelled():
+        raise CancelledError("activity cancelled")
+
+
+def _resume_details() -> dict[str, Any]:
+    details = activity.info().heartbeat_details
+    if details and isinstance(details[0], dict):
+        return details[0]
+    return {}
+
+
+class CsbsActivities:
+    """Every activity of csbs, bound to one service instance."""
+
+    def __init__(self, service: CsbsService) -> None:
+        self.service = service
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.prepare_backup,
+            self.take_snapshot,
+            self.backup_disk,
+            self.commit_backup,
+            self.fail_backup,
+            self.release_snapshot,
+            self.prepare_restore,
+            self.stop_server,
+            self.start_server,
+            self.restore_disk,
+            self.finish_restore,
+            self.prepare_delete,
+            self.delete_backup,
+            self.fail_delete,
+        ]
+
+    # -- backup ------------------------------------------------------------------------------
+    @activity.defn(name="prepare_backup")
+    @_typed_errors
+    def prepare_backup(
+        self, inp: BackupServerInput, backup_id: str, task_id: str
+    ) -> PreparedBackup:
+        return self.service.prepare_backup(inp, backup_id, task_id, activity.info().workflow_id)
+
+    @activity.defn(name="take_snapshot")
+    @_typed_errors
+    def take_snapshot(self, backup_id: str) -> list[str]:
+        return self.service.take_snapshot(backup_id)
+
+    @activity.defn(name="backup_disk")
+    @_typed_errors
+    def backup_disk(self, backup_id: str, disk_id: str) -> TransferStats:
+        staged = int(_resume_details().get("staged", 0))
+        if staged:
+            activity.logger.info("resuming disk %s of backup %s at chunk %d", disk_id, backup_id, staged)
+        return self.service.backup_disk(backup_id, disk_id, staged=staged, heartbeat=_heartbeat)
+
+    @activity.defn(name="commit_backup")
+    @_typed_errors
+    def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
+        return self.service.commit_backup(backup_id, task_id)
+
+    @activity.defn(name="fail_backup")
+    @_typed_errors
+    def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
+        self.service.fail_backup(backup_id, task_id, reason)
+
+    @activity.defn(name="release_snapshot")
+    @_typed_errors
+    def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
+        self.service.release_snapshot(server_id, backup_id, committed)
+
+    # -- restore -----------------------------------------------------------------------------
+    @activity.defn(name="prepare_restore")
+    @_typed_errors
+    def prepare_restore(self, inp: RestoreServerInput, task_id: str) -> RestorePlan:
+        return self.service.prepare_restore(inp, task_id, activity.info().workflow_id)
+
+    @activity.defn(name="stop_server")
+    @_typed_errors
+    def stop_server(self, server_id: str) -> None:
+        self.service.stop_server(server_id)
+
+    @activity.defn(name="start_server")
+    @_typed_errors
+    def start_server(self, server_id: str) -> None:
+        self.service.start_server(server_id)
+
+    @activity.defn(name="restore_disk")
+    @_typed_errors
+    def restore_disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
+        done = int(_resume_details().get("done", 0))
+        return self.service.restore_disk(backup_id, item, done=done, heartbeat=_heartbeat)
+
+    @activity.defn(name="finish_restore")
+    @_typed_errors
+    def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
+        self.service.finish_restore(backup_id, task_id, ok, reason)
+
+    # -- delete ------------------------------------------------------------------------------
+    @activity.defn(name="prepare_delete")
+    @_typed_errors
+    def prepare_delete(self, inp: DeleteBackupsInput, task_id: str) -> list[tuple[str, str]]:
+        return self.service.prepare_delete(inp, task_id, activity.info().workflow_id)
+
+    @activity.defn(name="delete_backup")
+    @_typed_errors
+    def delete_backup(self, backup_id: str, task_id: str) -> None:
+        self.service.delete_backup(backup_id, task_id)
+
+    @activity.defn(name="fail_delete")
+    @_typed_errors
+    def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
+        self.service.fail_delete(backup_id, task_id, reason)

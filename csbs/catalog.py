@@ -1,0 +1,401 @@
+"""The catalog (SQLModel over SQLite or PostgreSQL): backups, per-disk backups and tasks.
+
+The catalog is an index for listing and state; everything needed to restore also lives
+in the object store (backup descriptors and manifests).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from csbs.errors import NotFound
+from csbs.model import BackupKind, BackupStatus, TaskKind, TaskStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _ts() -> Any:
+    return sa.Column(sa.DateTime(timezone=True), nullable=True)
+
+
+class BackupRow(SQLModel, table=True):
+    __tablename__ = "backups"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    name: str = Field(index=True, max_length=300)
+    description: str = Field(default="", max_length=255)
+    server_id: str = Field(index=True, max_length=64)
+    server_name: str = Field(default="", max_length=255)
+    server_type: str = Field(default="", max_length=64)
+    status: str = Field(index=True, max_length=32)
+    kind: str = Field(default=BackupKind.MANUAL.value, max_length=32)
+    policy_id: str | None = Field(default=None, max_length=64)
+    parent_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), index=True))
+    snapshot_at: datetime | None = Field(default=None, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    progress: int = 0
+    size_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    data_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    workflow_id: str | None = Field(default=None, max_length=255)
+
+
+class DiskBackupRow(SQLModel, table=True):
+    __tablename__ = "disk_backups"
+
+    backup_id: str = Field(primary_key=True, max_length=64, foreign_key="backups.id")
+    disk_id: str = Field(primary_key=True, max_length=64)
+    disk_name: str = Field(default="", max_length=255)
+    role: str = Field(default="data", max_length=16)
+    size_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    data_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    bytes_read: int = Field(default=0, sa_type=sa.BigInteger)
+    chunks_total: int = 0
+    chunks_uploaded: int = 0
+    chunks_reused: int = 0
+    chunks_zero: int = 0
+    read_mode: str = Field(default="", max_length=32)
+    progress: int = 0
+    done: bool = False
+
+
+class TaskRow(SQLModel, table=True):
+    __tablename__ = "tasks"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    kind: str = Field(index=True, max_length=16)
+    status: str = Field(index=True, max_length=16)
+    backup_id: str | None = Field(default=None, index=True, max_length=64)
+    backup_name: str = Field(default="", max_length=300)
+    server_id: str | None = Field(default=None, index=True, max_length=64)
+    server_name: str = Field(default="", max_length=255)
+    workflow_id: str | None = Field(default=None, max_length=255)
+    started_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), index=True))
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    progress: int = 0
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    detail: str | None = Field(default=None, sa_type=sa.Text)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite (WAL, waits on locks) or PostgreSQL (pre-ping)."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class BackupFilter(SQLModel):
+    """Every filter of ``backup list``."""
+
+    status: str | None = None
+    server_id: str | None = None
+    server_name: str | None = None
+    server_type: str | None = None
+    name: str | None = None
+    id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    policy_id: str | None = None
+
+
+class Catalog:
+    """Repository over the catalog tables; every method is its own transaction."""
+
+    def __init__(self, url: str, project: str = "default") -> None:
+        self.url = url
+        self.project = project
+        self.engine = make_engine(url)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- backups ---------------------------------------------------------------------------
+    def add_backup(self, row: BackupRow) -> BackupRow:
+        """Insert a backup unless one with this id exists (activities are retried)."""
+        with self.session() as s:
+            existing = s.get(BackupRow, row.id)
+            if existing is not None:
+                return _fix_backup(existing)
+            s.add(row)
+        return row
+
+    def get_backup(self, backup_id: str) -> BackupRow:
+        with self.session() as s:
+            row = s.get(BackupRow, backup_id)
+            if row is None or row.project != self.project:
+                raise NotFound(f"backup {backup_id} does not exist")
+            return _fix_backup(row)
+
+    def find_backup(self, backup_id: str) -> BackupRow | None:
+        try:
+            return self.get_backup(backup_id)
+        except NotFound:
+            return None
+
+    def update_backup(self, backup_id: str, **fields: Any) -> BackupRow:
+        with self.session() as s:
+            row = s.get(BackupRow, backup_id)
+            if row is None:
+                raise NotFound(f"backup {backup_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            s.add(row)
+            return _fix_backup(row)
+
+    def list_backups(self, flt: BackupFilter | None = None) -> list[BackupRow]:
+        flt = flt or BackupFilter()
+        q = select(BackupRow).where(BackupRow.project == self.project)
+        if flt.status:
+            q = q.where(BackupRow.status == flt.status)
+        if flt.server_id:
+            q = q.where(BackupRow.server_id == flt.server_id)
+        if flt.server_name:
+            q = q.where(col(BackupRow.server_name).contains(flt.server_name))
+        if flt.server_type:
+            q = q.where(BackupRow.server_type == flt.server_type)
+        if flt.name:
+            q = q.where(col(BackupRow.name).contains(flt.name))
+        if flt.id:
+            q = q.where(BackupRow.id == flt.id)
+        if flt.policy_id:
+            q = q.where(BackupRow.policy_id == flt.policy_id)
+        if flt.since:
+            q = q.where(col(BackupRow.created_at) >= flt.since)
+        if flt.until:
+            q = q.where(col(BackupRow.created_at) <= flt.until)
+        q = q.order_by(col(BackupRow.created_at).desc(), col(BackupRow.id))
+        with self.session() as s:
+            return [_fix_backup(r) for r in s.exec(q).all()]
+
+    def last_available_backup(self, server_id: str, exclude: str | None = None) -> BackupRow | None:
+        """The newest available backup of a server: the parent of its next incremental."""
+        q = (
+            select(BackupRow)
+            .where(BackupRow.project == self.project)
+            .where(BackupRow.server_id == server_id)
+            .where(BackupRow.status.in_(  # type: ignore[attr-defined]
+                [BackupStatus.AVAILABLE.value, BackupStatus.RESTORING.value]
+            ))
+            .order_by(col(BackupRow.snapshot_at).desc(), col(BackupRow.created_at).desc())
+        )
+        if exclude:
+            q = q.where(BackupRow.id != exclude)
+        with self.session() as s:
+            row = s.exec(q).first()
+            return _fix_backup(row) if row else None
+
+    def delete_backup(self, backup_id: str) -> None:
+        with self.session() as s:
+            for disk in s.exec(select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)):
+                s.delete(disk)
+            s.flush()
+            row = s.get(BackupRow, backup_id)
+            if row is not None:
+                s.delete(row)
+
+    # -- per-disk backups ---------------------------------------------------------------
+    def upsert_disk_backup(self, row: DiskBackupRow) -> None:
+        with self.session() as s:
+            s.merge(row)
+
+    def update_disk_backup(self, backup_id: str, disk_id: str, **fields: Any) -> None:
+        with self.session() as s:
+            row = s.get(DiskBackupRow, (backup_id, disk_id))
+            if row is None:
+                raise NotFound(f"disk {disk_id} of backup {backup_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            s.add(row)
+
+    def disk_backups(self, backup_id: str) -> list[DiskBackupRow]:
+        q = select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)
+        with self.session() as s:
+            return list(s.exec(q.order_by(col(DiskBackupRow.role).desc(), col(DiskBackupRow.disk_name))))
+
+    # -- tasks -----------------------------------------------------------------------------
+    def add_task(self, row: TaskRow) -> TaskRow:
+        with self.session() as s:
+            existing = s.get(TaskRow, row.id)
+            if existing is not None:
+                return _fix_task(existing)
+            s.add(row)
+        return row
+
+    def get_task(self, task_id: str) -> TaskRow:
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None or row.project != self.project:
+                raise NotFound(f"task {task_id} does not exist")
+            return _fix_task(row)
+
+    def update_task(self, task_id: str, **fields: Any) -> TaskRow:
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None:
+                raise NotFound(f"task {task_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            s.add(row)
+            return _fix_task(row)
+
+    def finish_task(self, task_id: str, ok: bool, reason: str | None = None) -> TaskRow:
+        fields: dict[str, Any] = {
+            "status": (TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED).value,
+            "finished_at": utcnow(),
+            "reason": reason,
+        }
+        if ok:
+            fields["progress"] = 100
+        return self.update_task(task_id, **fields)
+
+    def list_tasks(
+        self,
+        kind: TaskKind | str | None = None,
+        status: TaskStatus | str | None = None,
+        backup_id: str | None = None,
+        server_id: str | None = None,
+    ) -> list[TaskRow]:
+        q = select(TaskRow).where(TaskRow.project == self.project)
+        if kind:
+            q = q.where(TaskRow.kind == str(kind))
+        if status:
+            q = q.where(TaskRow.status == str(status))
+        if backup_id:
+            q = q.where(TaskRow.backup_id == backup_id)
+        if server_id:
+            q = q.where(TaskRow.server_id == server_id)
+        q = q.order_by(col(TaskRow.started_at).desc(), col(TaskRow.id))
+        with self.session() as s:
+            return [_fix_task(r) for r in s.exec(q).all()]
+
+    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+        with self.session() as s:
+            rows = s.exec(select(TaskRow).where(col(TaskRow.id).in_(list(task_ids)))).all()
+            for row in rows:
+                s.delete(row)
+            return len(rows)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def _fix_backup(row: BackupRow) -> BackupRow:
+    row.created_at = _aware(row.created_at) or row.created_at
+    row.snapshot_at = _aware(row.snapshot_at)
+    row.finished_at = _aware(row.finished_at)
+    return row
+
+
+def _fix_task(row: TaskRow) -> TaskRow:
+    row.started_at = _aware(row.started_at) or row.started_at
+    row.finished_at = _aware(row.finished_at)
+    return row
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def backup_json(row: BackupRow, disks: list[DiskBackupRow]) -> dict[str, Any]:
+    """A backup as the CLI's ``--json`` prints it (the contract's fields, then extras)."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "server_id": row.server_id,
+        "server_name": row.server_name,
+        "server_type": row.server_type,
+        "status": row.status,
+        "kind": row.kind,
+        "policy_id": row.policy_id,
+        "parent_id": row.parent_id,
+        "created_at": _iso(row.created_at),
+        "finished_at": _iso(row.finished_at),
+        "progress": row.progress,
+        "size_bytes": row.size_bytes,
+        "stored_bytes": row.stored_bytes,
+        "disks": [
+            {
+                "disk_id": d.disk_id,
+                "name": d.disk_name,
+                "role": d.role,
+                "size_bytes": d.size_bytes,
+                "data_bytes": d.data_bytes,
+                "stored_bytes": d.stored_bytes,
+                "chunks_total": d.chunks_total,
+                "chunks_uploaded": d.chunks_uploaded,
+                "chunks_reused": d.chunks_reused,
+                "chunks_zero": d.chunks_zero,
+                "bytes_read": d.bytes_read,
+                "read_mode": d.read_mode,
+            }
+            for d in disks
+        ],
+        "snapshot_at": _iso(row.snapshot_at),
+        "data_bytes": row.data_bytes,
+        "error": row.error,
+        "project": row.project,
+    }
+
+
+def task_json(row: TaskRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "status": row.status,
+        "backup_id": row.backup_id,
+        "backup_name": row.backup_name,
+        "server_id": row.server_id,
+        "server_name": row.server_name,
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "progress": row.progress,
+        "reason": row.reason,
+        "workflow_id": row.workflow_id,
+        "project": row.project,
+    }

@@ -1,0 +1,234 @@
+"""The repository in S3: chunk objects, manifests and backup descriptors of one tenant.
+
+Layout (docs/format.md)::
+
+    <prefix>/<tenant>/config.json
+    <prefix>/<tenant>/chunks/<id[0:2]>/<id>
+    <prefix>/<tenant>/manifests/<backup_id>/<disk_id>
+    <prefix>/<tenant>/staging/<backup_id>/<disk_id>      (resume checkpoints of running backups)
+    <prefix>/<tenant>/backups/<backup_id>.json
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from csbs.config import Settings
+from csbs.errors import CorruptData, InvalidInput, NotFound, StorageError
+from csbs.format import FORMAT_VERSION, HASH_NAME, Manifest, decode_chunk, encode_chunk
+from csbs.model import check_id
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+def make_s3_client(settings: Settings, max_pool: int = 32) -> S3Client:
+    """A boto3 S3 client for the configured endpoint; credentials from boto3's own chain."""
+    config = Config(
+        max_pool_connections=max_pool,
+        retries={"max_attempts": 5, "mode": "standard"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint or None,
+        region_name=settings.s3_region,
+        config=config,
+    )
+
+
+def _not_found(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound"}
+
+
+def _storage_error(action: str, exc: Exception) -> StorageError:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        detail = f"{err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": ")
+    else:
+        detail = str(exc)
+    return StorageError(f"object store: {action} failed ({detail})")
+
+
+class ChunkStore:
+    """Reads and writes one tenant's repository; safe to share between threads."""
+
+    def __init__(self, settings: Settings, client: S3Client | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+        self.chunk_size = settings.chunk_size
+        self.tenant = check_id(settings.project, "project")
+        self.root = f"{settings.s3_prefix.strip('/')}/{self.tenant}".lstrip("/")
+        self.s3 = client or make_s3_client(settings, max_pool=4 * settings.transfer_concurrency)
+        self._checked_config = False
+
+    # -- keys ---------------------------------------------------------------------------
+    def chunk_key(self, chunk_id: bytes) -> str:
+        hexid = chunk_id.hex()
+        return f"{self.root}/chunks/{hexid[:2]}/{hexid}"
+
+    def manifest_key(self, backup_id: str, disk_id: str) -> str:
+        return f"{self.root}/manifests/{check_id(backup_id)}/{check_id(disk_id)}"
+
+    def staging_key(self, backup_id: str, disk_id: str) -> str:
+        return f"{self.root}/staging/{check_id(backup_id)}/{check_id(disk_id)}"
+
+    def descriptor_key(self, backup_id: str) -> str:
+        return f"{self.root}/backups/{check_id(backup_id)}.json"
+
+    # -- raw object access ----------------------------------------------------------------
+    def _put(self, key: str, body: bytes) -> None:
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"PUT {key}", exc) from exc
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if _not_found(exc):
+                raise NotFound(f"object store: {key} does not exist") from exc
+            raise _storage_error(f"GET {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _storage_error(f"GET {key}", exc) from exc
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if _not_found(exc):
+                return False
+            raise _storage_error(f"HEAD {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _storage_error(f"HEAD {key}", exc) from exc
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            try:
+                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})  # type: ignore[typeddict-item]
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error("DELETE", exc) from exc
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under ``<root>/<prefix>``."""
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.root}/{prefix}"):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"LIST {prefix}", exc) from exc
+
+    # -- repository config --------------------------------------------------------------
+    def ensure_config(self) -> None:
+        """Create the repository's config.json, or check it matches our chunk size and hash."""
+        if self._checked_config:
+            return
+        key = f"{self.root}/config.json"
+        try:
+            config = json.loads(self._get(key))
+        except NotFound:
+            config = {
+                "format_version": FORMAT_VERSION,
+                "hash": HASH_NAME,
+                "chunk_size": self.chunk_size,
+            }
+            self._put(key, json.dumps(config, indent=2).encode())
+        if config.get("chunk_size") != self.chunk_size or config.get("hash") != HASH_NAME:
+            raise InvalidInput(
+                f"repository {self.root} uses chunk_size={config.get('chunk_size')} "
+                f"hash={config.get('hash')}; settings ask for chunk_size={self.chunk_size}"
+            )
+        self._checked_config = True
+
+    # -- chunks ---------------------------------------------------------------------------
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        return self._exists(self.chunk_key(chunk_id))
+
+    def put_chunk(self, chunk_id: bytes, data: bytes) -> int:
+        """Store a chunk; return the bytes written to the store."""
+        blob = encode_chunk(data, self.settings.zstd_level)
+        self._put(self.chunk_key(chunk_id), blob)
+        return len(blob)
+
+    def get_chunk(self, chunk_id: bytes) -> tuple[bytes, int]:
+        """Fetch and verify a chunk; return (plaintext, stored bytes)."""
+        try:
+            blob = self._get(self.chunk_key(chunk_id))
+        except NotFound as exc:
+            raise CorruptData(f"chunk {chunk_id.hex()} is missing from the object store") from exc
+        return decode_chunk(blob, chunk_id), len(blob)
+
+    def delete_chunks(self, chunk_ids: list[bytes]) -> None:
+        self._delete([self.chunk_key(c) for c in chunk_ids])
+
+    def list_chunk_ids(self) -> Iterator[bytes]:
+        for key in self.list_keys("chunks/"):
+            name = key.rsplit("/", 1)[-1]
+            try:
+                yield bytes.fromhex(name)
+            except ValueError:
+                continue
+
+    # -- manifests and descriptors ---------------------------------------------------------
+    def put_manifest(self, manifest: Manifest, staging: bool = False) -> str:
+        key = (self.staging_key if staging else self.manifest_key)(
+            manifest.backup_id, manifest.disk_id
+        )
+        self._put(key, manifest.encode())
+        return key
+
+    def get_manifest(self, backup_id: str, disk_id: str, staging: bool = False) -> Manifest:
+        key = (self.staging_key if staging else self.manifest_key)(backup_id, disk_id)
+        manifest = Manifest.decode(self._get(key))
+        if manifest.backup_id != backup_id or manifest.disk_id != disk_id:
+            raise CorruptData(f"manifest at {key} belongs to another backup or disk")
+        return manifest
+
+    def put_descriptor(self, backup_id: str, descriptor: dict[str, Any]) -> None:
+        self._put(self.descriptor_key(backup_id), json.dumps(descriptor, indent=2).encode())
+
+    def get_descriptor(self, backup_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self._get(self.descriptor_key(backup_id)))
+        return data
+
+    def delete_staging(self, backup_id: str) -> None:
+        self._delete(list(self.list_keys(f"staging/{check_id(backup_id)}/")))
+
+    def delete_backup_objects(self, backup_id: str) -> int:
+        """Delete a backup's descriptor, manifests and staging objects (not its chunks)."""
+        keys = list(self.list_keys(f"manifests/{check_id(backup_id)}/"))
+        keys += list(self.list_keys(f"staging/{backup_id}/"))
+        keys.append(self.descriptor_key(backup_id))
+        self._delete(keys)
+        return len(keys)
+
+    def list_manifest_refs(self) -> Iterator[tuple[str, str]]:
+        """(backup_id, disk_id) of every committed manifest."""
+        for key in self.list_keys("manifests/"):
+            parts = key.rsplit("/", 2)
+            yield parts[-2], parts[-1]
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist (development and tests)."""
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            try:
+                self.s3.create_bucket(Bucket=self.bucket)
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error(f"create bucket {self.bucket}", exc) from exc

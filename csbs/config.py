@@ -1,0 +1,63 @@
+"""Settings of a csbs deployment, read from ``CSBS_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Where the embedded stack keeps its state unless told otherwise (git-ignored).
+DEFAULT_VAR_DIR = Path("var")
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of csbs. All optional: the defaults run the embedded stack.
+
+    S3 credentials are deliberately *not* settings: boto3's normal chain
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles) supplies
+    them, so they never pass through our models, logs or workflow inputs.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CSBS_", extra="ignore")
+
+    var_dir: Path = DEFAULT_VAR_DIR
+    temporal_address: str = "127.0.0.1:7233"
+    namespace: str = "default"
+    task_queue: str = "csbs"
+    database_url: str = ""
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_bucket: str = "csbs"
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "csbs"
+    compute_driver: Literal["local"] = "local"
+    servers_dir: Path | None = None
+    project: str = "default"
+    chunk_size: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
+    #: Chunks hashed/compressed/uploaded (or fetched on restore) at once per disk.
+    transfer_concurrency: int = Field(default=8, ge=1, le=64)
+    #: Worker threads for blocking activities.
+    max_concurrent_activities: int = Field(default=16, ge=1, le=256)
+    zstd_level: int = Field(default=1, ge=1, le=19)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("chunk_size must be a power of two")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The catalog URL; SQLite under ``var_dir`` by default."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'catalog.db').as_posix()}"
+
+    @property
+    def effective_servers_dir(self) -> Path:
+        """Where the compute driver keeps its servers."""
+        return self.servers_dir if self.servers_dir is not None else self.var_dir / "servers"

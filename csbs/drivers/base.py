@@ -1,0 +1,105 @@
+"""The compute driver contract: servers, power, guest writes, group snapshots, disk writes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from csbs.model import Server, ServerState
+
+
+class SnapshotDisk(BaseModel):
+    """One disk inside a group snapshot."""
+
+    disk_id: str
+    size_bytes: int
+    #: Name of the checkpoint that the changed-block map of this snapshot starts from; None
+    #: when the driver cannot tell what changed (then every allocated range must be read).
+    changed_since: str | None = None
+
+
+class Snapshot(BaseModel):
+    """A crash-consistent point-in-time image of all disks of one server."""
+
+    id: str
+    server_id: str
+    checkpoint: str
+    created_at: str
+    disks: list[SnapshotDisk]
+
+    def disk(self, disk_id: str) -> SnapshotDisk:
+        for disk in self.disks:
+            if disk.disk_id == disk_id:
+                return disk
+        raise KeyError(disk_id)
+
+
+class SnapshotReader(Protocol):
+    """Reads one disk of a snapshot as it was at the snapshot's instant."""
+
+    size_bytes: int
+    #: The checkpoint that ``changed_ranges`` starts from (None: unknown).
+    changed_since: str | None
+
+    def allocated_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) ranges that may hold data; everything else reads as zeros."""
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """Ranges written since ``changed_since``, or None when unknown."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class DiskWriter(Protocol):
+    """Writes a disk of a stopped server (restore)."""
+
+    size_bytes: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros without storing them (punch a hole)."""
+
+    def close(self) -> None: ...
+
+
+class ComputeDriver(Protocol):
+    """What csbs needs from a hypervisor. ``local`` implements it without one."""
+
+    name: str
+
+    def list_servers(self) -> list[Server]: ...
+
+    def get_server(self, server_id: str) -> Server: ...
+
+    def create_server(
+        self, name: str, disk_sizes: list[int], shared_disk_sizes: list[int] | None = None
+    ) -> Server: ...
+
+    def set_state(self, server_id: str, state: ServerState) -> Server: ...
+
+    def stop(self, server_id: str) -> Server: ...
+
+    def start(self, server_id: str) -> Server: ...
+
+    def write(self, server_id: str, disk_id: str, offset: int, data: bytes) -> None:
+        """A guest write (the server must be running)."""
+
+    def checksum(self, server_id: str) -> dict[str, str]:
+        """sha256 hex of every disk's whole content."""
+
+    def group_snapshot(self, server_id: str, snapshot_id: str) -> Snapshot:
+        """Snapshot every disk at one instant and start a new changed-block checkpoint
+        named ``snapshot_id``. Idempotent for the same id."""
+
+    def open_snapshot(self, server_id: str, snapshot_id: str, disk_id: str) -> SnapshotReader: ...
+
+    def release_snapshot(self, server_id: str, snapshot_id: str, committed: bool) -> None:
+        """Drop the snapshot. If it was not committed as a backup, its changed blocks are
+        folded back so the next incremental still sees them. Idempotent."""
+
+    def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
+        """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""

@@ -1,0 +1,45 @@
+"""Typed errors of the core; activities map them to non-retryable ApplicationErrors."""
+
+from __future__ import annotations
+
+
+class CsbsError(Exception):
+    """Base class. ``retryable`` says whether trying the same call again may succeed."""
+
+    retryable = False
+
+    @property
+    def type_name(self) -> str:
+        return type(self).__name__
+
+
+class InvalidInput(CsbsError):
+    """A request broke a rule (bad name, bad size, bad mapping, ...)."""
+
+
+class NotFound(CsbsError):
+    """A server, disk, backup, task or object does not exist."""
+
+
+class InvalidState(CsbsError):
+    """The thing exists but its state forbids the operation."""
+
+
+class Conflict(CsbsError):
+    """Another operation holds what this one needs (e.g. a backup already running)."""
+
+
+class CorruptData(CsbsError):
+    """Stored data failed its digest or format check: never retried, never trusted."""
+
+
+class StorageError(CsbsError):
+    """The object store failed; transient, so retried."""
+
+    retryable = True
+
+
+class DriverError(CsbsError):
+    """The compute driver failed to do something to a server or disk."""
+
+    retryable = True

@@ -1,0 +1,202 @@
+"""The on-storage formats (docs/format.md, version 1): chunk ids, chunk objects, manifests.
+
+Pure functions only; the S3 side lives in ``csbs.chunkstore``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import zstandard
+
+from csbs.errors import CorruptData
+
+FORMAT_VERSION = 1
+DIGEST_SIZE = 32
+ZERO_ENTRY = bytes(DIGEST_SIZE)
+HASH_NAME = "blake3"
+
+CHUNK_MAGIC = b"CSBC"
+MANIFEST_MAGIC = b"CSBM"
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+_CHUNK_HEADER = struct.Struct(">4sBBHI")  # magic, version, codec, reserved, plain length
+_MANIFEST_HEADER = struct.Struct(">4sBBH")  # magic, version, codec, reserved
+_U32 = struct.Struct(">I")
+
+
+def chunk_digest(data: bytes | memoryview, key: bytes | None = None) -> bytes:
+    """The id of a chunk: BLAKE3 of its plaintext (keyed per tenant when a key is given)."""
+    hasher = blake3.blake3(key=key, max_threads=1) if key else blake3.blake3(max_threads=1)
+    hasher.update(data)
+    return hasher.digest()
+
+
+_zeros = bytes(4 * 1024 * 1024)
+
+
+def is_zero(data: bytes) -> bool:
+    """True when every byte is zero (such chunks are never stored)."""
+    global _zeros
+    if len(data) > len(_zeros):
+        _zeros = bytes(len(data))
+    return data == _zeros[: len(data)] if len(data) != len(_zeros) else data == _zeros
+
+
+def encode_chunk(data: bytes, level: int = 1) -> bytes:
+    """Serialize a chunk object: header + zstd payload (raw when zstd does not help)."""
+    compressed = zstandard.ZstdCompressor(level=level).compress(data)
+    if len(compressed) < len(data):
+        codec, payload = CODEC_ZSTD, compressed
+    else:
+        codec, payload = CODEC_RAW, data
+    return _CHUNK_HEADER.pack(CHUNK_MAGIC, FORMAT_VERSION, codec, 0, len(data)) + payload
+
+
+def decode_chunk(blob: bytes, expected_id: bytes, key: bytes | None = None) -> bytes:
+    """Parse a chunk object and return its plaintext; raise CorruptData unless it verifies."""
+    hexid = expected_id.hex()
+    if len(blob) < _CHUNK_HEADER.size:
+        raise CorruptData(f"chunk {hexid}: object truncated ({len(blob)} bytes)")
+    magic, version, codec, _, length = _CHUNK_HEADER.unpack_from(blob)
+    if magic != CHUNK_MAGIC:
+        raise CorruptData(f"chunk {hexid}: not a chunk object (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptData(f"chunk {hexid}: unsupported format version {version}")
+    payload = memoryview(blob)[_CHUNK_HEADER.size :]
+    try:
+        if codec == CODEC_ZSTD:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
+        elif codec == CODEC_RAW:
+            data = payload.tobytes()
+        else:
+            raise CorruptData(f"chunk {hexid}: unknown codec {codec}")
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"chunk {hexid}: payload does not decompress ({exc})") from exc
+    if len(data) != length or chunk_digest(data, key) != expected_id:
+        raise CorruptData(f"chunk {hexid}: digest mismatch (stored data is damaged)")
+    return data
+
+
+@dataclass
+class Manifest:
+    """The fixed index of one disk in one backup: a chunk id (or zero) per position."""
+
+    backup_id: str
+    disk_id: str
+    size_bytes: int
+    chunk_size: int
+    entries: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            self.entries = bytearray(self.chunk_count * DIGEST_SIZE)
+        if len(self.entries) != self.chunk_count * DIGEST_SIZE:
+            raise CorruptData(
+                f"manifest {self.backup_id}/{self.disk_id}: {len(self.entries)} entry bytes "
+                f"for {self.chunk_count} chunks"
+            )
+
+    @property
+    def chunk_count(self) -> int:
+        return chunk_count(self.size_bytes, self.chunk_size)
+
+    def get(self, index: int) -> bytes | None:
+        """The chunk id at ``index``, or None for a zero chunk."""
+        entry = bytes(self.entries[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+        return None if entry == ZERO_ENTRY else entry
+
+    def set(self, index: int, digest: bytes | None) -> None:
+        self.entries[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest or ZERO_ENTRY
+
+    def chunk_ids(self) -> set[bytes]:
+        """Every distinct non-zero chunk id this manifest references."""
+        ids = {
+            bytes(self.entries[i : i + DIGEST_SIZE])
+            for i in range(0, len(self.entries), DIGEST_SIZE)
+        }
+        ids.discard(ZERO_ENTRY)
+        return ids
+
+    def data_bytes(self) -> int:
+        """Bytes of the disk held in non-zero chunks."""
+        total = 0
+        for index in range(self.chunk_count):
+            if self.get(index) is not None:
+                total += chunk_span(index, self.size_bytes, self.chunk_size)[1]
+        return total
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "hash": HASH_NAME,
+            "backup_id": self.backup_id,
+            "disk_id": self.disk_id,
+            "size_bytes": self.size_bytes,
+            "chunk_size": self.chunk_size,
+            "chunk_count": self.chunk_count,
+        }
+
+    def encode(self) -> bytes:
+        header = json.dumps(self.header(), sort_keys=True).encode()
+        body = _U32.pack(len(header)) + header + bytes(self.entries)
+        trailer = blake3.blake3(body).digest()
+        compressed = zstandard.ZstdCompressor(level=3).compress(body + trailer)
+        return _MANIFEST_HEADER.pack(MANIFEST_MAGIC, FORMAT_VERSION, CODEC_ZSTD, 0) + compressed
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Manifest:
+        if len(blob) < _MANIFEST_HEADER.size:
+            raise CorruptData("manifest truncated")
+        magic, version, codec, _ = _MANIFEST_HEADER.unpack_from(blob)
+        if magic != MANIFEST_MAGIC or codec != CODEC_ZSTD:
+            raise CorruptData("not a manifest object (bad magic or codec)")
+        if version != FORMAT_VERSION:
+            raise CorruptData(f"unsupported manifest format version {version}")
+        try:
+            plain = zstandard.ZstdDecompressor().decompressobj().decompress(
+                blob[_MANIFEST_HEADER.size :]
+            )
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"manifest does not decompress ({exc})") from exc
+        body, trailer = plain[:-DIGEST_SIZE], plain[-DIGEST_SIZE:]
+        if len(plain) < _U32.size + DIGEST_SIZE or blake3.blake3(body).digest() != trailer:
+            raise CorruptData("manifest checksum mismatch (stored manifest is damaged)")
+        (header_len,) = _U32.unpack_from(body)
+        header = json.loads(body[_U32.size : _U32.size + header_len])
+        entries = bytearray(body[_U32.size + header_len :])
+        if header.get("hash") != HASH_NAME:
+            raise CorruptData(f"manifest uses unknown hash {header.get('hash')!r}")
+        return cls(
+            backup_id=header["backup_id"],
+            disk_id=header["disk_id"],
+            size_bytes=header["size_bytes"],
+            chunk_size=header["chunk_size"],
+            entries=entries,
+        )
+
+
+def chunk_count(size_bytes: int, chunk_size: int) -> int:
+    """Number of fixed-size chunk positions covering a disk (the last may be short)."""
+    return (size_bytes + chunk_size - 1) // chunk_size
+
+
+def chunk_span(index: int, size_bytes: int, chunk_size: int) -> tuple[int, int]:
+    """(offset, length) of chunk position ``index`` on a disk of ``size_bytes``."""
+    offset = index * chunk_size
+    return offset, min(chunk_size, size_bytes - offset)
+
+
+def ranges_to_chunks(ranges: list[tuple[int, int]], chunk_size: int) -> set[int]:
+    """The chunk positions touched by byte ranges given as (offset, length)."""
+    touched: set[int] = set()
+    for offset, length in ranges:
+        if length <= 0:
+            continue
+        touched.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+    return touched

@@ -1,0 +1,224 @@
+"""Domain vocabulary shared by every layer: states, kinds, servers, disks, workflow inputs."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from csbs.naming import check_description, check_name
+
+#: Ids of servers, disks, backups and tasks become object keys and file names: keep them
+#: to a safe alphabet so that no id can ever escape its directory or prefix.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def check_id(value: str, field: str = "id") -> str:
+    """Return ``value`` if it is a well-formed id, else raise ValueError naming the field."""
+    if not _ID_RE.match(value):
+        raise ValueError(
+            f"{field} must be 1-64 characters of letters, digits, '_' or '-' "
+            f"starting with a letter or digit (got {value!r})"
+        )
+    return value
+
+
+class ServerState(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAULT = "fault"
+    RESIZING = "resizing"
+    RESIZE_VERIFYING = "resize_verifying"
+
+
+class DiskRole(StrEnum):
+    SYSTEM = "system"
+    DATA = "data"
+
+
+class BackupStatus(StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    RESTORING = "restoring"
+    DELETING = "deleting"
+    ERROR = "error"
+    DELETE_FAILED = "delete_failed"
+
+
+class BackupKind(StrEnum):
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+    POLICY_MANUAL = "policy_manual"
+
+
+class TaskKind(StrEnum):
+    BACKUP = "backup"
+    RESTORE = "restore"
+    DELETE = "delete"
+
+
+class TaskStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Disk(BaseModel):
+    """One disk of a server, as the compute driver reports it."""
+
+    id: str
+    name: str
+    size_bytes: int
+    role: DiskRole
+    shared: bool = False
+
+
+class Server(BaseModel):
+    """A server (virtual machine) as the compute driver reports it."""
+
+    id: str
+    name: str
+    type: str
+    state: ServerState
+    disks: list[Disk]
+    project: str = "default"
+
+    def disk(self, disk_id: str) -> Disk:
+        for disk in self.disks:
+            if disk.id == disk_id:
+                return disk
+        raise KeyError(disk_id)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.disks)
+
+
+# --- workflow inputs (the public contract: one JSON object each) -----------------------
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackupServerInput(_Input):
+    """Input of the ``BackupServer`` workflow."""
+
+    server_id: str
+    name: str | None = None
+    description: str | None = None
+    offline: bool = False
+    #: Optional caller-chosen backup id (the CLI uses it to find the backup it started).
+    backup_id: str | None = None
+    kind: BackupKind = BackupKind.MANUAL
+    policy_id: str | None = None
+
+    @field_validator("server_id")
+    @classmethod
+    def _server_id(cls, v: str) -> str:
+        return check_id(v, "server_id")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str | None) -> str | None:
+        return None if v is None else check_description(v)
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "backup_id")
+
+
+class RestoreServerInput(_Input):
+    """Input of the ``RestoreServer`` workflow."""
+
+    backup_id: str
+    disk_mapping: dict[str, str] = Field(default_factory=dict)
+    power_on: bool = True
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, v: str) -> str:
+        return check_id(v, "backup_id")
+
+    @field_validator("disk_mapping")
+    @classmethod
+    def _mapping(cls, v: dict[str, str]) -> dict[str, str]:
+        for src, dst in v.items():
+            check_id(src, "disk_mapping source disk id")
+            check_id(dst, "disk_mapping target disk id")
+        return v
+
+
+class DeleteBackupsInput(_Input):
+    """Input of the ``DeleteBackups`` workflow."""
+
+    backup_ids: list[str] = Field(min_length=1)
+
+    @field_validator("backup_ids")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        for backup_id in v:
+            check_id(backup_id, "backup_ids")
+        if len(set(v)) != len(v):
+            raise ValueError("backup_ids must not repeat an id")
+        return v
+
+
+class PreparedBackup(BaseModel):
+    backup_id: str
+    task_id: str
+    name: str
+    server_id: str
+    server_name: str
+    disk_ids: list[str]
+    parent_id: str | None
+
+
+class RestoreItem(BaseModel):
+    source_disk_id: str
+    target_disk_id: str
+    size_bytes: int
+
+
+class RestorePlan(BaseModel):
+    backup_id: str
+    backup_name: str
+    task_id: str
+    server_id: str
+    items: list[RestoreItem]
+    warnings: list[str] = []
+
+
+# --- results --------------------------------------------------------------------------
+
+
+class TransferStats(BaseModel):
+    """What one disk's backup or restore did, for records, progress and benchmarks."""
+
+    chunks_total: int = 0
+    chunks_read: int = 0
+    chunks_zero: int = 0
+    chunks_reused: int = 0
+    chunks_uploaded: int = 0
+    chunks_fetched: int = 0
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    bytes_fetched: int = 0
+    bytes_written: int = 0
+    data_bytes: int = 0
+    read_mode: str = "full"
+    seconds: float = 0.0
+
+
+class TimeWindow(BaseModel):
+    since: datetime | None = None
+    until: datetime | None = None

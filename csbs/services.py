@@ -1,0 +1,525 @@
+"""The service layer: every step of backup, restore and delete, for activities and the CLI.
+
+Each method is one step a workflow retries as a unit, so each is idempotent: calling it
+again after a crash either finds its work done or finishes it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from csbs.catalog import (
+    BackupRow,
+    Catalog,
+    DiskBackupRow,
+    TaskRow,
+    backup_json,
+    utcnow,
+)
+from csbs.chunkstore import ChunkStore
+from csbs.config import Settings
+from csbs.drivers import ComputeDriver, make_driver
+from csbs.errors import InvalidInput, InvalidState, NotFound
+from csbs.format import Manifest
+from csbs.model import (
+    BackupServerInput,
+    BackupStatus,
+    DeleteBackupsInput,
+    DiskRole,
+    PreparedBackup,
+    RestoreItem,
+    RestorePlan,
+    RestoreServerInput,
+    Server,
+    ServerState,
+    TaskKind,
+    TaskStatus,
+    TransferStats,
+)
+from csbs.naming import default_name
+from csbs.transfer import backup_disk, restore_disk
+
+BACKUP_STATES = {ServerState.RUNNING, ServerState.STOPPED}
+RESTORE_REFUSED_STATES = {ServerState.FAULT, ServerState.RESIZING, ServerState.RESIZE_VERIFYING}
+DELETABLE = {BackupStatus.AVAILABLE, BackupStatus.ERROR, BackupStatus.DELETE_FAILED}
+
+#: Called by long steps with resumable details; activities turn it into a heartbeat.
+Heartbeat = Callable[[dict[str, Any]], None]
+
+
+class _Throttle:
+    """Lets an action through at most once per ``interval`` seconds (thread-safe)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def ready(self, force: bool = False) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            if force or now - self.last >= self.interval:
+                self.last = now
+                return True
+            return False
+
+
+def _pct(done: int, total: int) -> int:
+    return 100 if total == 0 else min(100, int(done * 100 / total))
+
+
+class CsbsService:
+    """Backup, restore and delete over one catalog, one object store and one driver."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        store: ChunkStore | None = None,
+        driver: ComputeDriver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog or Catalog(settings.effective_database_url, settings.project)
+        self.store = store or ChunkStore(settings)
+        self.driver = driver or make_driver(settings)
+        self._progress_lock = threading.Lock()
+
+    # -- backup ----------------------------------------------------------------------------
+    def prepare_backup(
+        self, inp: BackupServerInput, backup_id: str, task_id: str, workflow_id: str
+    ) -> PreparedBackup:
+        """Validate the server and create the backup (``creating``) and its task."""
+        existing = self.catalog.find_backup(backup_id)
+        if existing is None:
+            server = self.driver.get_server(inp.server_id)
+            self._check_backup_allowed(server)
+            self.store.ensure_config()
+            parent = self.catalog.last_available_backup(server.id)
+            name = inp.name or default_name(inp.kind, random.Random(backup_id))
+            now = utcnow()
+            self.catalog.add_task(
+                TaskRow(
+                    id=task_id,
+                    project=self.settings.project,
+                    kind=TaskKind.BACKUP.value,
+                    status=TaskStatus.RUNNING.value,
+                    backup_id=backup_id,
+                    backup_name=name,
+                    server_id=server.id,
+                    server_name=server.name,
+                    workflow_id=workflow_id,
+                    started_at=now,
+                )
+            )
+            self.catalog.add_backup(
+                BackupRow(
+                    id=backup_id,
+                    project=self.settings.project,
+                    name=name,
+                    description=inp.description or "",
+                    server_id=server.id,
+                    server_name=server.name,
+                    server_type=server.type,
+                    status=BackupStatus.CREATING.value,
+                    kind=inp.kind.value,
+                    policy_id=inp.policy_id,
+                    parent_id=parent.id if parent else None,
+                    created_at=now,
+                    size_bytes=server.size_bytes,
+                    workflow_id=workflow_id,
+                )
+            )
+            for disk in server.disks:
+                self.catalog.upsert_disk_backup(
+                    DiskBackupRow(
+                        backup_id=backup_id,
+                        disk_id=disk.id,
+                        disk_name=disk.name,
+                        role=disk.role.value,
+                        size_bytes=disk.size_bytes,
+                    )
+                )
+        backup = self.catalog.get_backup(backup_id)
+        return PreparedBackup(
+            backup_id=backup.id,
+            task_id=task_id,
+            name=backup.name,
+            server_id=backup.server_id,
+            server_name=backup.server_name,
+            disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup_id)],
+            parent_id=backup.parent_id,
+        )
+
+    @staticmethod
+    def _check_backup_allowed(server: Server) -> None:
+        if server.state not in BACKUP_STATES:
+            raise InvalidState(
+                f"server {server.id} is {server.state.value}; only running or stopped "
+                f"servers can be backed up"
+            )
+        shared = [d.id for d in server.disks if d.shared]
+        if shared:
+            raise InvalidInput(
+                f"server {server.id} has shared disk(s) {', '.join(shared)}; servers with "
+                f"shared disks cannot be backed up"
+            )
+
+    def take_snapshot(self, backup_id: str) -> list[str]:
+        """Group-snapshot all disks of the backup's server; return the disk ids."""
+        backup = self.catalog.get_backup(backup_id)
+        snapshot = self.driver.group_snapshot(backup.server_id, backup_id)
+        if backup.snapshot_at is None:
+            self.catalog.update_backup(backup_id, snapshot_at=utcnow())
+        return [d.disk_id for d in snapshot.disks]
+
+    def backup_disk(
+        self, backup_id: str, disk_id: str, staged: int = 0, heartbeat: Heartbeat | None = None
+    ) -> TransferStats:
+        """Chunk, diff and upload one disk of the snapshot; write its manifest."""
+        backup = self.catalog.get_backup(backup_id)
+        reader = self.driver.open_snapshot(backup.server_id, backup_id, disk_id)
+        try:
+            parent = self._parent_manifest(backup.parent_id, disk_id)
+            changed = None
+            if (
+                parent is not None
+                and reader.changed_since == backup.parent_id
+                and parent.size_bytes == reader.size_bytes
+            ):
+                changed = reader.changed_ranges()
+            manifest = None
+            if staged > 0:
+                try:
+                    manifest = self.store.get_manifest(backup_id, disk_id, staging=True)
+                except NotFound:
+                    staged = 0
+            if manifest is None:
+                manifest = Manifest(backup_id, disk_id, reader.size_bytes, self.settings.chunk_size)
+            throttle = _Throttle(1.0)
+
+            def on_progress(done: int, staged_now: int, stats: TransferStats) -> None:
+                if heartbeat is not None:
+                    heartbeat({"staged": staged_now, "done": done})
+                if throttle.ready(force=done == stats.chunks_total):
+                    self._disk_progress(backup_id, disk_id, _pct(done, stats.chunks_total))
+
+            stats = backup_disk(
+                self.store,
+                reader,
+                manifest,
+                parent,
+                changed,
+                start=staged,
+                concurrency=self.settings.transfer_concurrency,
+                progress=on_progress,
+            )
+        finally:
+            reader.close()
+        self.store.put_manifest(manifest)
+        stats.data_bytes = manifest.data_bytes()
+        self.catalog.update_disk_backup(
+            backup_id,
+            disk_id,
+            size_bytes=manifest.size_bytes,
+            data_bytes=stats.data_bytes,
+            stored_bytes=stats.bytes_uploaded,
+            bytes_read=stats.bytes_read,
+            chunks_total=stats.chunks_total,
+            chunks_uploaded=stats.chunks_uploaded,
+            chunks_reused=stats.chunks_reused,
+            chunks_zero=stats.chunks_zero,
+            read_mode=stats.read_mode,
+            progress=100,
+            done=True,
+        )
+        return stats
+
+    def _parent_manifest(self, parent_id: str | None, disk_id: str) -> Manifest | None:
+        if parent_id is None:
+            return None
+        try:
+            return self.store.get_manifest(parent_id, disk_id)
+        except NotFound:
+            return None  # the disk is new since the parent: read it whole
+
+    def _disk_progress(self, backup_id: str, disk_id: str, pct: int) -> None:
+        with self._progress_lock:
+            self.catalog.update_disk_backup(backup_id, disk_id, progress=pct)
+            disks = self.catalog.disk_backups(backup_id)
+            total = sum(d.size_bytes for d in disks) or 1
+            overall = int(sum(d.progress * d.size_bytes for d in disks) / total)
+            self.catalog.update_backup(backup_id, progress=min(overall, 99))
+
+    def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
+        """Write the backup's descriptor, mark it ``available`` and its task succeeded."""
+        backup = self.catalog.get_backup(backup_id)
+        disks = self.catalog.disk_backups(backup_id)
+        missing = [d.disk_id for d in disks if not d.done]
+        if missing:
+            raise InvalidState(f"backup {backup_id}: disks {missing} were not backed up")
+        descriptor = {
+            "format_version": 1,
+            "backup_id": backup.id,
+            "project": backup.project,
+            "name": backup.name,
+            "description": backup.description,
+            "kind": backup.kind,
+            "policy_id": backup.policy_id,
+            "parent_id": backup.parent_id,
+            "created_at": backup.created_at.isoformat(),
+            "snapshot_at": backup.snapshot_at.isoformat() if backup.snapshot_at else None,
+            "server": {
+                "id": backup.server_id,
+                "name": backup.server_name,
+                "type": backup.server_type,
+            },
+            "chunk_size": self.settings.chunk_size,
+            "disks": [
+                {
+                    "disk_id": d.disk_id,
+                    "name": d.disk_name,
+                    "role": d.role,
+                    "size_bytes": d.size_bytes,
+                    "data_bytes": d.data_bytes,
+                    "manifest": self.store.manifest_key(backup_id, d.disk_id),
+                }
+                for d in disks
+            ],
+        }
+        self.store.put_descriptor(backup_id, descriptor)
+        self.store.delete_staging(backup_id)
+        row = self.catalog.update_backup(
+            backup_id,
+            status=BackupStatus.AVAILABLE.value,
+            progress=100,
+            finished_at=utcnow(),
+            data_bytes=sum(d.data_bytes for d in disks),
+            stored_bytes=sum(d.stored_bytes for d in disks),
+            size_bytes=sum(d.size_bytes for d in disks),
+            error=None,
+        )
+        self.catalog.finish_task(task_id, ok=True)
+        return backup_json(row, disks)
+
+    def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
+        """Leave the backup in ``error`` and its task failed with ``reason``."""
+        if self.catalog.find_backup(backup_id) is not None:
+            self.catalog.update_backup(
+                backup_id, status=BackupStatus.ERROR.value, error=reason, finished_at=utcnow()
+            )
+        try:
+            self.catalog.finish_task(task_id, ok=False, reason=reason)
+        except NotFound:
+            pass
+
+    def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
+        try:
+            self.driver.release_snapshot(server_id, backup_id, committed)
+        except NotFound:
+            pass  # the server is gone: so is its snapshot
+
+    # -- restore ---------------------------------------------------------------------------
+    def prepare_restore(
+        self, inp: RestoreServerInput, task_id: str, workflow_id: str
+    ) -> RestorePlan:
+        """Check backup, server and disk mapping; mark the backup ``restoring``."""
+        backup = self.catalog.get_backup(inp.backup_id)
+        existing = self._find_task(task_id)
+        if existing is None and backup.status != BackupStatus.AVAILABLE:
+            raise InvalidState(
+                f"backup {backup.id} is {backup.status}; only available backups can be restored"
+            )
+        server = self.driver.get_server(backup.server_id)
+        if server.state in RESTORE_REFUSED_STATES:
+            raise InvalidState(
+                f"server {server.id} is {server.state.value}; servers in fault, resizing or "
+                f"resize_verifying cannot be restored"
+            )
+        items, warnings = plan_disk_mapping(
+            server, self.catalog.disk_backups(backup.id), inp.disk_mapping
+        )
+        if existing is None:
+            self.catalog.add_task(
+                TaskRow(
+                    id=task_id,
+                    project=self.settings.project,
+                    kind=TaskKind.RESTORE.value,
+                    status=TaskStatus.RUNNING.value,
+                    backup_id=backup.id,
+                    backup_name=backup.name,
+                    server_id=server.id,
+                    server_name=server.name,
+                    workflow_id=workflow_id,
+                    started_at=utcnow(),
+                    detail="; ".join(warnings) or None,
+                )
+            )
+            self.catalog.update_backup(backup.id, status=BackupStatus.RESTORING.value, progress=0)
+        return RestorePlan(
+            backup_id=backup.id,
+            backup_name=backup.name,
+            task_id=task_id,
+            server_id=server.id,
+            items=items,
+            warnings=warnings,
+        )
+
+    def _find_task(self, task_id: str) -> TaskRow | None:
+        try:
+            return self.catalog.get_task(task_id)
+        except NotFound:
+            return None
+
+    def stop_server(self, server_id: str) -> None:
+        self.driver.stop(server_id)
+
+    def start_server(self, server_id: str) -> None:
+        self.driver.start(server_id)
+
+    def restore_disk(
+        self,
+        backup_id: str,
+        item: RestoreItem,
+        done: int = 0,
+        heartbeat: Heartbeat | None = None,
+    ) -> TransferStats:
+        """Write one backed-up disk onto its target disk (the server is stopped)."""
+        backup = self.catalog.get_backup(backup_id)
+        manifest = self.store.get_manifest(backup_id, item.source_disk_id)
+        server = self.driver.get_server(backup.server_id)
+        target = server.disk(item.target_disk_id)
+        # Restoring onto the original disk returns it to its size at backup time (R5);
+        # onto another (larger) disk, the data goes to its start and the size stays.
+        size = manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
+        writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
+        throttle = _Throttle(1.0)
+
+        def on_progress(done_now: int, _staged: int, stats: TransferStats) -> None:
+            if heartbeat is not None:
+                heartbeat({"done": done_now})
+            if throttle.ready(force=done_now == stats.chunks_total):
+                self.catalog.update_backup(
+                    backup_id, progress=min(99, _pct(done_now, stats.chunks_total))
+                )
+
+        try:
+            if size > manifest.size_bytes and done == 0:
+                writer.zero(manifest.size_bytes, size - manifest.size_bytes)
+            return restore_disk(
+                self.store,
+                manifest,
+                writer,
+                start=done,
+                concurrency=self.settings.transfer_concurrency,
+                progress=on_progress,
+            )
+        finally:
+            writer.close()
+
+    def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
+        """The backup is ``available`` again; the task records the outcome."""
+        self.catalog.update_backup(backup_id, status=BackupStatus.AVAILABLE.value, progress=100)
+        self.catalog.finish_task(task_id, ok=ok, reason=reason)
+
+    # -- delete ----------------------------------------------------------------------------
+    def prepare_delete(
+        self, inp: DeleteBackupsInput, task_id: str, workflow_id: str
+    ) -> list[tuple[str, str]]:
+        """Check every backup may be deleted, then mark them ``deleting`` with one task each.
+
+        Returns (backup_id, task_id) pairs. Nothing changes if any backup is refused.
+        """
+        rows = [self.catalog.get_backup(b) for b in inp.backup_ids]
+        pairs = [(row.id, f"{task_id}-{i}") for i, row in enumerate(rows)]
+        if self._find_task(pairs[0][1]) is None:
+            refused = [r for r in rows if r.status not in {s.value for s in DELETABLE}]
+            if refused:
+                listing = ", ".join(f"{r.id} ({r.status})" for r in refused)
+                raise InvalidState(
+                    f"only available, error or delete_failed backups can be deleted: {listing}"
+                )
+            for row, (_, tid) in zip(rows, pairs, strict=True):
+                self.catalog.add_task(
+                    TaskRow(
+                        id=tid,
+                        project=self.settings.project,
+                        kind=TaskKind.DELETE.value,
+                        status=TaskStatus.RUNNING.value,
+                        backup_id=row.id,
+                        backup_name=row.name,
+                        server_id=row.server_id,
+                        server_name=row.server_name,
+                        workflow_id=workflow_id,
+                        started_at=utcnow(),
+                    )
+                )
+                self.catalog.update_backup(row.id, status=BackupStatus.DELETING.value, progress=0)
+        return pairs
+
+    def delete_backup(self, backup_id: str, task_id: str) -> None:
+        """Remove a backup's manifests, descriptor and catalog rows (chunks are left to GC)."""
+        self.store.delete_backup_objects(backup_id)
+        self.catalog.delete_backup(backup_id)
+        self.catalog.finish_task(task_id, ok=True)
+
+    def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
+        if self.catalog.find_backup(backup_id) is not None:
+            self.catalog.update_backup(
+                backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
+            )
+        self.catalog.finish_task(task_id, ok=False, reason=reason)
+
+
+def plan_disk_mapping(
+    server: Server, disks: list[DiskBackupRow], mapping: dict[str, str]
+) -> tuple[list[RestoreItem], list[str]]:
+    """Decide which backed-up disk goes onto which disk of the server (R4).
+
+    Default: each disk onto itself. Rules: a mapped source must be in the backup, a target
+    must be a disk of the server with capacity not smaller than the source, a data disk
+    never goes onto the system disk, and no target is used twice.
+    """
+    by_id = {d.disk_id: d for d in disks}
+    for src in mapping:
+        if src not in by_id:
+            raise InvalidInput(f"disk_mapping: disk {src} is not in this backup")
+    items: list[RestoreItem] = []
+    warnings: list[str] = []
+    targets_used: set[str] = set()
+    server_disks = {d.id: d for d in server.disks}
+    for disk in disks:
+        target_id = mapping.get(disk.disk_id, disk.disk_id)
+        target = server_disks.get(target_id)
+        if target is None:
+            raise InvalidInput(
+                f"disk_mapping: disk {target_id} is not a disk of server {server.id}"
+                + ("" if disk.disk_id in mapping else "; map the backed-up disk to another disk")
+            )
+        if target_id != disk.disk_id and target.size_bytes < disk.size_bytes:
+            raise InvalidInput(
+                f"disk_mapping: target disk {target_id} ({target.size_bytes} bytes) is smaller "
+                f"than backed-up disk {disk.disk_id} ({disk.size_bytes} bytes)"
+            )
+        if disk.role == DiskRole.DATA.value and target.role == DiskRole.SYSTEM:
+            raise InvalidInput(
+                f"disk_mapping: data disk {disk.disk_id} cannot be restored onto system disk "
+                f"{target_id}"
+            )
+        if target_id in targets_used:
+            raise InvalidInput(f"disk_mapping: target disk {target_id} is used more than once")
+        targets_used.add(target_id)
+        items.append(
+            RestoreItem(
+                source_disk_id=disk.disk_id, target_disk_id=target_id, size_bytes=disk.size_bytes
+            )
+        )
+    if len(server.disks) > len(disks):
+        warnings.append(
+            f"server {server.id} now has {len(server.disks)} disks, the backup {len(disks)}: "
+            f"disks not in the backup keep their data, so data across disks may not be consistent"
+        )
+    return items, warnings

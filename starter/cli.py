@@ -1,0 +1,562 @@
+"""The ``csbs`` command line (Typer + Rich). Every command takes ``--json``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, FailureError
+
+from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
+from csbs.config import Settings
+from csbs.drivers import ComputeDriver, make_driver
+from csbs.errors import CsbsError
+from csbs.model import (
+    BackupServerInput,
+    BackupStatus,
+    DeleteBackupsInput,
+    RestoreServerInput,
+    Server,
+    ServerState,
+    TaskKind,
+    TaskStatus,
+)
+from csbs.naming import default_name, numbered
+from csbs.units import format_size, parse_size
+from starter.client import CsbsClient, connect
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cloud Server Backup Service")
+server_app = typer.Typer(no_args_is_help=True, help="Servers the compute driver knows.")
+backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore, delete backups.")
+task_app = typer.Typer(no_args_is_help=True, help="Backup, restore and delete task records.")
+dev_app = typer.Typer(no_args_is_help=True, help="Developer tools (driver servers, stack).")
+dev_server_app = typer.Typer(no_args_is_help=True, help="Drive servers of the compute driver.")
+app.add_typer(server_app, name="server")
+app.add_typer(backup_app, name="backup")
+app.add_typer(task_app, name="task")
+app.add_typer(dev_app, name="dev")
+dev_app.add_typer(dev_server_app, name="server")
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until it finishes, with progress.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one clear line and exit non-zero."""
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "input"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def catalog(s: Settings) -> Catalog:
+    return Catalog(s.effective_database_url, s.project)
+
+
+def driver(s: Settings) -> ComputeDriver:
+    return make_driver(s)
+
+
+def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
+    if as_json or render is None:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    else:
+        render()
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    async def wrapped() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(wrapped())
+    except RuntimeError as exc:
+        if "Failed client connect" in str(exc) or "connection" in str(exc).lower():
+            fail(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
+        raise
+
+
+def _workflow_error(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while isinstance(cause, (WorkflowFailureError, FailureError)) and cause.cause is not None:
+        if isinstance(cause, ApplicationError):
+            break
+        cause = cause.cause
+    if isinstance(cause, FailureError):
+        return cause.message
+    return str(cause or exc)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run a command body, turning domain errors into one line and a non-zero exit."""
+    try:
+        return fn()
+    except CsbsError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{question} needs confirmation: pass --yes")
+    if not typer.confirm(question):
+        fail("cancelled", code=2)
+
+
+async def _await_start(
+    handle: WorkflowHandle[Any, Any], ready: Callable[[], T | None], timeout: float = 60.0
+) -> T:
+    """Wait until the workflow has recorded what ``ready`` looks for, or report its failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ready()
+        if found is not None:
+            return found
+        desc = await handle.describe()
+        if desc.status not in (None, WorkflowExecutionStatus.RUNNING):
+            try:
+                await handle.result()
+            except WorkflowFailureError as exc:
+                fail(_workflow_error(exc))
+            found = ready()
+            if found is not None:
+                return found
+            fail(f"workflow {handle.id} ended ({desc.status.name}) without a record")
+        if time.monotonic() > deadline:
+            fail(f"workflow {handle.id} has not started after {timeout:.0f}s: is a worker running?")
+        await asyncio.sleep(0.2)
+
+
+def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: float = 0.5) -> None:
+    """Show a progress bar fed by ``get() -> (percent, finished)`` until finished."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=err_console, transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=100)
+        while True:
+            pct, finished = get()
+            bar.update(task, completed=pct)
+            if finished:
+                return
+            time.sleep(interval)
+
+
+# -- servers --------------------------------------------------------------------------------
+def _server_table(servers: list[Server]) -> None:
+    table = Table("id", "name", "type", "state", "disks")
+    for s in servers:
+        disks = ", ".join(
+            f"{d.id} ({d.role.value}{', shared' if d.shared else ''}, {format_size(d.size_bytes)})"
+            for d in s.disks
+        )
+        table.add_row(s.id, s.name, s.type, s.state.value, disks)
+    console.print(table)
+
+
+def _server_json(s: Server) -> dict[str, Any]:
+    return s.model_dump(mode="json", exclude={"project"})
+
+
+@server_app.command("list")
+def server_list(as_json: JsonOpt = False) -> None:
+    """List the servers of the project."""
+    servers = guarded(lambda: driver(settings()).list_servers())
+    emit([_server_json(s) for s in servers], as_json, lambda: _server_table(servers))
+
+
+# -- backups --------------------------------------------------------------------------------
+def _backup_table(rows: list[dict[str, Any]]) -> None:
+    table = Table("id", "name", "server", "status", "kind", "created", "size", "stored")
+    for b in rows:
+        status = b["status"]
+        if status in (BackupStatus.CREATING, BackupStatus.RESTORING, BackupStatus.DELETING):
+            status = f"{status} {b['progress']}%"
+        table.add_row(
+            b["id"], b["name"], f"{b['server_name']} ({b['server_id']})", status, b["kind"],
+            (b["created_at"] or "")[:19], format_size(b["size_bytes"]),
+            format_size(b["stored_bytes"]),
+        )
+    console.print(table)
+
+
+def _backup_view(cat: Catalog, backup_id: str) -> dict[str, Any]:
+    return backup_json(cat.get_backup(backup_id), cat.disk_backups(backup_id))
+
+
+def _parse_time(value: str | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 (got {value!r})")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@backup_app.command("create")
+def backup_create(
+    server_ids: Annotated[list[str], typer.Argument(help="Servers to back up.")],
+    name: Annotated[str | None, typer.Option(help="Backup name (default manualbk_xxxx).")] = None,
+    description: Annotated[str | None, typer.Option(help="At most 255 characters.")] = None,
+    offline: Annotated[bool, typer.Option(help="Stop the server for the snapshot.")] = False,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up one or more servers now (one backup per server)."""
+    s = settings()
+    base = name or default_name("manual")
+    inputs = guarded(
+        lambda: [
+            BackupServerInput(
+                server_id=sid,
+                name=numbered(base, i, len(server_ids)),
+                description=description,
+                offline=offline,
+            )
+            for i, sid in enumerate(server_ids)
+        ]
+    )
+    cat = catalog(s)
+
+    async def start() -> list[str]:
+        client = CsbsClient(await connect(s), s)
+        ids = []
+        for inp in inputs:
+            backup_id, handle = await client.start_backup(inp)
+            await _await_start(handle, lambda b=backup_id: cat.find_backup(b))  # type: ignore[misc]
+            ids.append(backup_id)
+        return ids
+
+    ids = run_async(start())
+    if wait:
+        for backup_id in ids:
+            def poll(b: str = backup_id) -> tuple[int, bool]:
+                row = cat.get_backup(b)
+                return row.progress, row.status != BackupStatus.CREATING
+
+            if not as_json:
+                _progress_bar(f"backup {cat.get_backup(backup_id).name}", poll)
+            else:
+                while not poll()[1]:
+                    time.sleep(0.5)
+    views = [_backup_view(cat, b) for b in ids]
+    emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
+    failed = [v for v in views if v["status"] == BackupStatus.ERROR]
+    if wait and failed:
+        fail("; ".join(f"backup {v['id']} failed: {v['error']}" for v in failed))
+
+
+@backup_app.command("list")
+def backup_list(
+    status: Annotated[BackupStatus | None, typer.Option(help="Only backups in this state.")] = None,
+    server_id: Annotated[str | None, typer.Option(help="Only backups of this server.")] = None,
+    server_name: Annotated[str | None, typer.Option(help="Server name contains this.")] = None,
+    server_type: Annotated[str | None, typer.Option(help="Only servers of this type.")] = None,
+    name: Annotated[str | None, typer.Option(help="Backup name contains this.")] = None,
+    id: Annotated[str | None, typer.Option("--id", help="This backup id.")] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after (ISO time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Created at or before (ISO time).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List backups, newest first."""
+    s = settings()
+    cat = catalog(s)
+    flt = BackupFilter(
+        status=status.value if status else None, server_id=server_id, server_name=server_name,
+        server_type=server_type, name=name, id=id, since=_parse_time(since, "since"),
+        until=_parse_time(until, "until"),
+    )
+    rows = [backup_json(r, cat.disk_backups(r.id)) for r in cat.list_backups(flt)]
+    emit(rows, as_json, lambda: _backup_table(rows))
+
+
+@backup_app.command("show")
+def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
+    """Show one backup: disks, sizes, parent, times, tasks."""
+    s = settings()
+    cat = catalog(s)
+    view = guarded(lambda: _backup_view(cat, backup_id))
+    view["tasks"] = [task_json(t) for t in cat.list_tasks(backup_id=backup_id)]
+
+    def render() -> None:
+        table = Table(show_header=False)
+        for key in ("id", "name", "description", "status", "progress", "kind", "server_id",
+                    "server_name", "server_type", "parent_id", "policy_id", "created_at",
+                    "snapshot_at", "finished_at", "size_bytes", "data_bytes", "stored_bytes",
+                    "error"):
+            table.add_row(key, "" if view[key] is None else str(view[key]))
+        console.print(table)
+        disks = Table("disk", "name", "role", "size", "data", "stored", "read", "mode")
+        for d in view["disks"]:
+            disks.add_row(d["disk_id"], d["name"], d["role"], format_size(d["size_bytes"]),
+                          format_size(d["data_bytes"]), format_size(d["stored_bytes"]),
+                          format_size(d["bytes_read"]), d["read_mode"])
+        console.print(disks)
+        _task_table(view["tasks"])
+
+    emit(view, as_json, render)
+
+
+@backup_app.command("delete")
+def backup_delete(
+    backup_ids: list[str], yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
+) -> None:
+    """Delete backups (available, error or delete_failed)."""
+    s = settings()
+    inp = guarded(lambda: DeleteBackupsInput(backup_ids=backup_ids))
+    cat = catalog(s)
+    for b in backup_ids:
+        guarded(lambda b=b: cat.get_backup(b))  # type: ignore[misc]
+    confirm(f"Delete {len(backup_ids)} backup(s)? This cannot be undone.", yes)
+
+    async def go() -> dict[str, Any]:
+        client = CsbsClient(await connect(s), s)
+        handle = await client.start_delete(inp)
+        def started() -> str | None:
+            tasks = cat.list_tasks(kind=TaskKind.DELETE, backup_id=backup_ids[0])
+            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
+
+        await _await_start(handle, started)
+        if wait:
+            try:
+                result: dict[str, Any] = await handle.result()
+            except WorkflowFailureError as exc:
+                fail(_workflow_error(exc))
+            return result
+        return {"workflow_id": handle.id, "backup_ids": backup_ids, "status": "deleting"}
+
+    result = run_async(go())
+    emit(result, as_json, lambda: console.print(result))
+
+
+def _parse_map(pairs: list[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            fail(f"--map must be SRC_DISK=DST_DISK (got {pair!r})")
+        if src in mapping:
+            fail(f"--map: disk {src} is mapped twice")
+        mapping[src] = dst
+    return mapping
+
+
+@backup_app.command("restore")
+def backup_restore(
+    backup_id: str,
+    map_: Annotated[list[str] | None, typer.Option("--map", help="SRC_DISK=DST_DISK")] = None,
+    power_on: Annotated[bool, typer.Option("--power-on/--no-power-on",
+                                           help="Start the server afterwards.")] = True,
+    yes: YesOpt = False,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a server's disks from a backup (overwrites them; stops the server)."""
+    s = settings()
+    inp = guarded(lambda: RestoreServerInput(
+        backup_id=backup_id, disk_mapping=_parse_map(map_ or []), power_on=power_on))
+    cat = catalog(s)
+    backup = guarded(lambda: cat.get_backup(backup_id))
+    confirm(f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
+            f"overwritten.", yes)
+
+    async def go() -> dict[str, Any]:
+        client = CsbsClient(await connect(s), s)
+        handle = await client.start_restore(inp)
+
+        def started() -> str | None:
+            tasks = cat.list_tasks(kind=TaskKind.RESTORE, backup_id=backup_id)
+            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
+
+        task_id = await _await_start(handle, started)
+        if not wait:
+            return {"workflow_id": handle.id, "task_id": task_id, "backup_id": backup_id,
+                    "status": "restoring"}
+        if not as_json:
+            def poll() -> tuple[int, bool]:
+                task = cat.get_task(task_id)
+                row = cat.get_backup(backup_id)
+                return row.progress, task.status != TaskStatus.RUNNING
+            await asyncio.to_thread(_progress_bar, f"restore {backup.name}", poll)
+        try:
+            result: dict[str, Any] = await handle.result()
+        except WorkflowFailureError as exc:
+            fail(_workflow_error(exc))
+        return result
+
+    result = run_async(go())
+    for warning in result.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    emit(result, as_json, lambda: console.print(result))
+
+
+# -- tasks ----------------------------------------------------------------------------------
+def _task_table(rows: list[dict[str, Any]]) -> None:
+    table = Table("id", "kind", "status", "backup", "server", "started", "finished", "reason")
+    for t in rows:
+        table.add_row(t["id"], t["kind"], t["status"], t["backup_name"] or t["backup_id"] or "",
+                      t["server_name"] or t["server_id"] or "", (t["started_at"] or "")[:19],
+                      (t["finished_at"] or "")[:19], t["reason"] or "")
+    console.print(table)
+
+
+@task_app.command("list")
+def task_list(
+    kind: Annotated[TaskKind | None, typer.Option(help="backup, restore or delete")] = None,
+    status: Annotated[TaskStatus | None, typer.Option(help="running, succeeded or failed")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List task records, newest first."""
+    cat = catalog(settings())
+    rows = [task_json(t) for t in cat.list_tasks(kind=kind, status=status)]
+    emit(rows, as_json, lambda: _task_table(rows))
+
+
+@task_app.command("show")
+def task_show(task_id: str, as_json: JsonOpt = False) -> None:
+    """Show one task, with its failure reason."""
+    cat = catalog(settings())
+    row = task_json(guarded(lambda: cat.get_task(task_id)))
+    emit(row, as_json, lambda: _task_table([row]))
+
+
+# -- dev: driver servers ---------------------------------------------------------------------
+@dev_server_app.command("create")
+def dev_server_create(
+    name: Annotated[str, typer.Option(help="Server name.")],
+    disk: Annotated[list[str], typer.Option(help="Disk size (first = system disk), e.g. 1GiB.")],
+    shared_disk: Annotated[list[str] | None, typer.Option(help="Shared (multi-attach) disk size.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a server with the configured driver (running, disks empty and sparse)."""
+    sizes = guarded(lambda: [parse_size(d, "disk") for d in disk])
+    shared = guarded(lambda: [parse_size(d, "shared-disk") for d in shared_disk or []])
+    server = guarded(lambda: driver(settings()).create_server(name, sizes, shared))
+    emit(_server_json(server), as_json, lambda: _server_table([server]))
+
+
+@dev_server_app.command("write")
+def dev_server_write(
+    server_id: str,
+    disk: Annotated[str, typer.Option(help="Disk id.")],
+    offset: Annotated[str, typer.Option(help="Byte offset (units allowed).")],
+    length: Annotated[str | None, typer.Option(help="Bytes to write (units allowed).")] = None,
+    pattern: Annotated[str, typer.Option(help="random, text or zero.")] = "random",
+    from_file: Annotated[Path | None, typer.Option(help="Write this file's bytes.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random pattern.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write to a disk as the guest would (goes through COW and changed-block tracking)."""
+    off = guarded(lambda: parse_size(offset, "offset"))
+    if (length is None) == (from_file is None):
+        fail("give exactly one of --length or --from-file")
+    if from_file is not None:
+        try:
+            data = from_file.read_bytes()
+        except OSError as exc:
+            fail(f"from-file: cannot read {from_file} ({exc.strerror})")
+    else:
+        n = guarded(lambda: parse_size(length or "0", "length"))
+        data = guarded(lambda: make_pattern(pattern, n, seed))
+    guarded(lambda: driver(settings()).write(server_id, disk, off, data))
+    emit({"server_id": server_id, "disk_id": disk, "offset": off, "length": len(data)}, as_json,
+         lambda: console.print(f"wrote {len(data)} bytes at {off} on {disk}"))
+
+
+def make_pattern(pattern: str, n: int, seed: int | None = None) -> bytes:
+    """Bytes for ``dev server write``: random (incompressible), text (compressible) or zero."""
+    if pattern == "random":
+        import random
+
+        return random.Random(seed).randbytes(n) if seed is not None else _urandom(n)
+    if pattern == "text":
+        line = b"csbs test data: the quick brown fox jumps over the lazy dog 0123456789\n"
+        stamp = str(seed if seed is not None else time.time_ns()).encode() + b" "
+        unit = stamp + line
+        return (unit * (n // len(unit) + 1))[:n]
+    if pattern == "zero":
+        return bytes(n)
+    raise ValueError(f"pattern must be random, text or zero (got {pattern!r})")
+
+
+def _urandom(n: int) -> bytes:
+    import os
+
+    return os.urandom(n)
+
+
+@dev_server_app.command("checksum")
+def dev_server_checksum(server_id: str, as_json: JsonOpt = True) -> None:
+    """sha256 of every disk of a server, as a JSON object {disk_id: hex}."""
+    sums = guarded(lambda: driver(settings()).checksum(server_id))
+    emit(sums, True)
+
+
+@dev_server_app.command("set-state")
+def dev_server_set_state(server_id: str, state: ServerState, as_json: JsonOpt = False) -> None:
+    """Force a server into a state (to try preconditions: fault, resizing, ...)."""
+    server = guarded(lambda: driver(settings()).set_state(server_id, state))
+    emit(_server_json(server), as_json, lambda: _server_table([server]))
+
+
+@dev_app.command("up")
+def dev_up(
+    demo: Annotated[bool, typer.Option(help="Create the demo server if missing.")] = True,
+) -> None:
+    """Start the embedded stack: Temporal dev server + Web UI, SeaweedFS S3, worker, demo."""
+    from starter import stack
+
+    stack.up(settings(), demo=demo)
+
+
+@dev_app.command("down")
+def dev_down() -> None:
+    """Stop everything ``csbs dev up`` started (state under var/ stays)."""
+    from starter import stack
+
+    stack.down(settings())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""End to end on the real stack: Temporal dev server, SeaweedFS, SQLite catalog, local driver.
+
+Covers B1 (all disks, one instant), B2 (full then incremental), B3 (allocated / changed
+only), B4 (every backup restores; deleting one breaks none), B5 (restore from S3 only),
+R1 and R3 (restore all disks of the original server, power on or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, ServerState
+from starter.client import CsbsClient
+from tests.conftest import MIB, Stack
+
+pytestmark = pytest.mark.slow
+
+
+def make_server(stack: Stack, system: int = 16 * MIB, data: int = 32 * MIB) -> Any:
+    """A running server with a system and a data disk, sparse and partly written."""
+    drv = stack.driver
+    server = drv.create_server("web-1", [system, data])
+    sys_disk, data_disk = server.disks
+    drv.write(server.id, sys_disk.id, 0, os.urandom(3 * MIB))  # "boot" area
+    drv.write(server.id, sys_disk.id, 9 * MIB + 123, b"config" * 1000)
+    drv.write(server.id, data_disk.id, 5 * MIB, os.urandom(4 * MIB + 77))
+    drv.write(server.id, data_disk.id, 30 * MIB, b"tail" * 4096)
+    return server
+
+
+async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:
+    client = CsbsClient(stack.client, stack.settings)
+    _, handle = await client.start_backup(BackupServerInput(server_id=server_id, **kw))
+    result: dict[str, Any] = await handle.result()
+    return result
+
+
+async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
+    client = CsbsClient(stack.client, stack.settings)
+    handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
+    result: dict[str, Any] = await handle.result()
+    return result
+
+
+async def test_full_backup_then_restore_onto_changed_disks_is_bit_identical(stack: Stack) -> None:
+    """B1, B3, B5, R1, R3: full backup of both disks; restore after changes gives them back."""
+    server = make_server(stack)
+    before = stack.driver.checksum(server.id)
+    result = await backup(stack, server.id)
+    assert result["status"] == "available"
+    assert result["parent_id"] is None
+    assert {d["disk_id"] for d in result["disks"]} == {d.id for d in server.disks}
+    # B3: a full backup stores about the allocated data, not the 48 MiB of disk.
+    allocated = 3 * MIB + 6000 + 4 * MIB + 77 + 4 * 4096
+    assert result["data_bytes"] <= allocated + 4 * MIB  # chunk rounding, 1 MiB chunks
+    assert result["stored_bytes"] < 10 * MIB
+
+    sys_disk, data_disk = server.disks
+    stack.driver.write(server.id, sys_disk.id, 1 * MIB, os.urandom(2 * MIB))
+    stack.driver.write(server.id, data_disk.id, 20 * MIB, os.urandom(MIB))
+    assert stack.driver.checksum(server.id) != before
+
+    out = await restore(stack, result["id"])
+    assert out["powered_on"] is True
+    assert stack.driver.checksum(server.id) == before
+    assert stack.driver.get_server(server.id).state == ServerState.RUNNING
+    assert stack.catalog.get_backup(result["id"]).status == "available"
+    tasks = stack.catalog.list_tasks()
+    assert {(t.kind, t.status) for t in tasks} == {("backup", "succeeded"), ("restore", "succeeded")}
+
+
+async def test_restore_can_leave_the_server_stopped(stack: Stack) -> None:
+    """R3: power_on=false leaves the server stopped after the restore."""
+    server = make_server(stack)
+    result = await backup(stack, server.id)
+    await restore(stack, result["id"], power_on=False)
+    assert stack.driver.get_server(server.id).state == ServerState.STOPPED
+
+
+async def test_backup_is_the_instant_of_the_snapshot_while_writes_go_on(stack: Stack) -> None:
+    """B1: writes made while the backup runs are not in it, on any disk."""
+    server = make_server(stack, system=32 * MIB, data=64 * MIB)
+    for disk in server.disks:  # fill so that the upload takes a while
+        stack.driver.write(server.id, disk.id, 0, os.urandom(disk.size_bytes))
+    at_snapshot = stack.driver.checksum(server.id)
+    client = CsbsClient(stack.client, stack.settings)
+    backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+
+    # Wait for the snapshot, then keep writing over every disk while the upload runs.
+    for _ in range(200):
+        if stack.driver.snapshots(server.id):
+            break
+        await asyncio.sleep(0.05)
+    assert stack.driver.snapshots(server.id), "the snapshot was never taken"
+    stop = threading.Event()
+    writes = 0
+
+    def writer() -> None:
+        nonlocal writes
+        while not stop.is_set():
+            for disk in server.disks:
+                offset = (writes * 3 * MIB) % (disk.size_bytes - MIB)
+                stack.driver.write(server.id, disk.id, offset, os.urandom(MIB))
+            writes += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = await handle.result()
+    finally:
+        stop.set()
+        thread.join()
+    assert writes > 0
+    assert result["status"] == "available"
+    assert stack.driver.snapshots(server.id) == []  # released
+    assert stack.driver.checksum(server.id) != at_snapshot
+    await restore(stack, backup_id)
+    assert stack.driver.checksum(server.id) == at_snapshot
+
+
+async def test_incremental_uploads_only_changed_chunks(stack: Stack) -> None:
+    """B2, B3: the second backup is incremental and uploads exactly the k changed chunks."""
+    server = make_server(stack)
+    first = await backup(stack, server.id)
+    chunks_after_full = stack.count_chunks()
+    assert chunks_after_full == sum(d["chunks_uploaded"] for d in first["disks"])
+
+    sys_disk, data_disk = server.disks
+    k_changes = [(sys_disk.id, 12 * MIB), (data_disk.id, 1 * MIB), (data_disk.id, 25 * MIB)]
+    for disk_id, offset in k_changes:  # one new chunk each (1 MiB chunks, aligned)
+        stack.driver.write(server.id, disk_id, offset, os.urandom(MIB))
+    second = await backup(stack, server.id)
+    assert second["parent_id"] == first["id"]
+    assert stack.count_chunks() - chunks_after_full == len(k_changes)
+    assert sum(d["chunks_uploaded"] for d in second["disks"]) == len(k_changes)
+    # Changed-block tracking: the incremental read only the changed chunks.
+    assert {d["read_mode"] for d in second["disks"]} == {"cbt"}
+    assert sum(d["bytes_read"] for d in second["disks"]) == len(k_changes) * MIB
+
+    # An unchanged server backs up with nothing read and nothing uploaded.
+    third = await backup(stack, server.id)
+    assert sum(d["bytes_read"] for d in third["disks"]) == 0
+    assert stack.count_chunks() - chunks_after_full == len(k_changes)
+
+
+async def test_every_backup_restores_after_deleting_the_middle_one(stack: Stack) -> None:
+    """B4, D1: backups A, B, C; delete B; A and C still restore bit-identical."""
+    server = make_server(stack)
+    sums, ids = [], []
+    for i in range(3):
+        sums.append(stack.driver.checksum(server.id))
+        ids.append((await backup(stack, server.id))["id"])
+        stack.driver.write(server.id, server.disks[i % 2].id, (2 + 5 * i) * MIB, os.urandom(MIB))
+    a, b, c = ids
+    client = CsbsClient(stack.client, stack.settings)
+    handle = await client.start_delete(DeleteBackupsInput(backup_ids=[b]))
+    assert await handle.result() == {"deleted": [b]}
+    assert stack.catalog.find_backup(b) is None
+    assert not list(stack.store.list_keys(f"manifests/{b}/"))
+    for backup_id, expected in ((a, sums[0]), (c, sums[2])):
+        await restore(stack, backup_id)
+        assert stack.driver.checksum(server.id) == expected
+
+
+async def test_failed_backup_is_error_with_a_reason_and_releases_the_snapshot(
+    stack: Stack,
+) -> None:
+    """B10, T1: a disk that cannot be read leaves an error backup, a failed task with the
+    step and disk in its reason, and no snapshot behind."""
+    server = make_server(stack)
+    data_disk = server.disks[1]
+    disk_file = stack.driver._disk_path(server.id, data_disk.id)
+    disk_file.rename(disk_file.with_suffix(".gone"))
+    with pytest.raises(WorkflowFailureError) as info:
+        await backup(stack, server.id)
+    message = str(info.value.cause)
+    assert data_disk.id in message
+    rows = stack.catalog.list_backups()
+    assert [r.status for r in rows] == ["error"]
+    assert data_disk.id in (rows[0].error or "")
+    task = stack.catalog.list_tasks(kind="backup")[0]
+    assert task.status == "failed" and data_disk.id in (task.reason or "")
+    assert stack.driver.snapshots(server.id) == []
+
+
+async def test_bad_input_fails_the_workflow_at_once(stack: Stack) -> None:
+    """Contract: invalid input fails the workflow immediately with the validation message."""
+    handle = await stack.client.start_workflow(
+        "BackupServer",
+        {"server_id": "../etc"},
+        id="bad-input-1",
+        task_queue=stack.settings.task_queue,
+    )
+    with pytest.raises(WorkflowFailureError) as info:
+        await asyncio.wait_for(handle.result(), timeout=30)
+    assert "server_id" in str(info.value.cause)

@@ -1,0 +1,60 @@
+"""Run a csbs worker: ``python worker.py`` (configured by ``CSBS_*`` environment variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.worker import Worker
+
+from activities import CsbsActivities
+from csbs.config import Settings
+from csbs.services import CsbsService
+from starter.client import connect
+from workflows import ALL_WORKFLOWS
+
+
+def build_worker(client: object, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+    """The worker: every workflow and activity of csbs on the configured task queue."""
+    service = CsbsService(settings)
+    return Worker(
+        client,  # type: ignore[arg-type]
+        task_queue=settings.task_queue,
+        workflows=ALL_WORKFLOWS,
+        activities=CsbsActivities(service).all(),
+        activity_executor=executor,
+        max_concurrent_activities=settings.max_concurrent_activities,
+    )
+
+
+async def run(settings: Settings) -> None:
+    client = await connect(settings)
+    with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
+        worker = build_worker(client, settings, executor)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        logging.info(
+            "csbs worker on %s, task queue %s, driver %s",
+            settings.temporal_address, settings.task_queue, settings.compute_driver,
+        )
+        async with worker:
+            await stop.wait()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("CSBS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(Settings()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see NOTES: avoid the SDK's interpreter-exit abort
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Temporal workflows of csbs: deterministic orchestration only (no I/O)."""
+
+from workflows.backup import BackupServer
+from workflows.delete import DeleteBackups
+from workflows.restore import RestoreServer
+
+ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups]
+
+__all__ = ["ALL_WORKFLOWS", "BackupServer", "DeleteBackups", "RestoreServer"]

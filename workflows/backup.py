@@ -1,0 +1,155 @@
+"""``BackupServer``: one crash-consistent backup of every disk of a server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from csbs.model import BackupServerInput, PreparedBackup, TransferStats
+
+from workflows.common import (
+    CLEANUP_RETRY,
+    HEARTBEAT_TIMEOUT,
+    RETRY,
+    SA_BACKUP_ID,
+    SA_OPERATION,
+    SA_POLICY_ID,
+    SA_SERVER_ID,
+    STEP_TIMEOUT,
+    TRANSFER_TIMEOUT,
+    StepFailed,
+    all_or_cancel,
+    reason_of,
+    step,
+    tag,
+)
+
+
+@workflow.defn(name="BackupServer", failure_exception_types=[ValidationError])
+class BackupServer:
+    """Validate, group-snapshot, upload every disk in parallel, commit; always release."""
+
+    def __init__(self) -> None:
+        self._progress: dict[str, Any] = {"step": "starting", "disks_done": 0, "disks_total": 0}
+
+    @workflow.query(name="progress")
+    def progress(self) -> dict[str, Any]:
+        """Where the backup is: step, backup id, disks done of total."""
+        return self._progress
+
+    def _at(self, step_name: str, **extra: Any) -> None:
+        self._progress.update(step=step_name, **extra)
+        done, total = self._progress["disks_done"], self._progress["disks_total"]
+        details = f"{step_name}; disks {done}/{total}" if total else step_name
+        workflow.set_current_details(details)
+
+    @workflow.run
+    async def run(self, inp: BackupServerInput) -> dict[str, Any]:
+        backup_id = inp.backup_id or f"bk-{workflow.uuid4().hex[:16]}"
+        task_id = f"task-{workflow.uuid4().hex[:16]}"
+        pairs = [
+            SA_SERVER_ID.value_set(inp.server_id),
+            SA_BACKUP_ID.value_set(backup_id),
+            SA_OPERATION.value_set("backup"),
+        ]
+        if inp.policy_id:
+            pairs.append(SA_POLICY_ID.value_set(inp.policy_id))
+        tag(*pairs)
+        self._progress.update(backup_id=backup_id, task_id=task_id)
+
+        self._at("validating")
+        try:
+            prepared = await workflow.execute_activity(
+                "prepare_backup",
+                args=[inp, backup_id, task_id],
+                result_type=PreparedBackup,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+        except Exception as err:
+            failed = reason_of("validate", err)
+            # Refused before anything was written: there is no backup to mark.
+            await self._record_failure(backup_id, task_id, failed.reason)
+            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+
+        committed = False
+        try:
+            self._at("snapshot", name=prepared.name)
+            disk_ids: list[str] = await step(
+                "group snapshot",
+                workflow.execute_activity(
+                    "take_snapshot",
+                    args=[backup_id],
+                    result_type=list[str],
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RETRY,
+                ),
+            )
+            self._progress["disks_total"] = len(disk_ids)
+            self._at("uploading")
+            await all_or_cancel([self._disk(backup_id, d) for d in disk_ids])
+            self._at("committing")
+            result: dict[str, Any] = await step(
+                "commit",
+                workflow.execute_activity(
+                    "commit_backup",
+                    args=[backup_id, task_id],
+                    result_type=dict[str, Any],
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RETRY,
+                ),
+            )
+            committed = True
+            self._at("done")
+            return result
+        except BaseException as err:
+            failed = reason_of("backup", err)
+            self._at("failed", reason=failed.reason)
+            await self._record_failure(backup_id, task_id, failed.reason)
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+        finally:
+            await workflow.execute_activity(
+                "release_snapshot",
+                args=[inp.server_id, backup_id, committed],
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=CLEANUP_RETRY,
+            )
+
+    async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
+        try:
+            stats: TransferStats = await workflow.execute_activity(
+                "backup_disk",
+                args=[backup_id, disk_id],
+                result_type=TransferStats,
+                start_to_close_timeout=TRANSFER_TIMEOUT,
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                retry_policy=RETRY,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"disk {disk_id}",
+            )
+        except Exception as err:
+            raise StepFailed(
+                reason_of(f"upload of disk {disk_id}", err).reason,
+                reason_of("", err).error_type,
+            ) from err
+        self._progress["disks_done"] += 1
+        self._at("uploading")
+        return stats
+
+    async def _record_failure(self, backup_id: str, task_id: str, reason: str) -> None:
+        await workflow.execute_activity(
+            "fail_backup",
+            args=[backup_id, task_id, reason],
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=CLEANUP_RETRY,
+        )
+

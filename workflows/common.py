@@ -1,0 +1,89 @@
+"""Shared pieces of the workflows: search attributes, retry policies, failure reasons."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+
+SA_SERVER_ID = SearchAttributeKey.for_keyword("CsbsServerId")
+SA_BACKUP_ID = SearchAttributeKey.for_keyword("CsbsBackupId")
+SA_POLICY_ID = SearchAttributeKey.for_keyword("CsbsPolicyId")
+SA_OPERATION = SearchAttributeKey.for_keyword("CsbsOperation")
+SEARCH_ATTRIBUTES = [SA_SERVER_ID, SA_BACKUP_ID, SA_POLICY_ID, SA_OPERATION]
+
+#: Short bookkeeping steps (catalog, driver calls).
+STEP_TIMEOUT = timedelta(minutes=2)
+#: Data transfer of one disk: long, but watched by heartbeats.
+TRANSFER_TIMEOUT = timedelta(hours=24)
+HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=6,
+)
+#: Clean-up must happen: retry it for much longer.
+CLEANUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=60,
+)
+
+T = TypeVar("T")
+
+
+def tag(*pairs: SearchAttributeUpdate[Any]) -> None:
+    """Upsert search attributes so the run is found by server, backup and operation."""
+    workflow.upsert_search_attributes(list(pairs))
+
+
+class StepFailed(Exception):
+    """A step of the workflow failed; ``reason`` is what a person reads in the task."""
+
+    def __init__(self, reason: str, error_type: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_type = error_type
+
+
+def reason_of(step: str, err: BaseException) -> StepFailed:
+    """Build the reason a person can act on: which step, then the root cause."""
+    if isinstance(err, StepFailed):
+        return err
+    cause: BaseException = err
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return StepFailed(f"{step}: {cause.message}", cause.type or "ApplicationError")
+    if isinstance(cause, (CancelledError, asyncio.CancelledError)):
+        return StepFailed(f"{step}: cancelled", "Cancelled")
+    message = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+    return StepFailed(f"{step}: {message}", type(cause).__name__)
+
+
+async def step(name: str, awaitable: Awaitable[T]) -> T:
+    """Await a step, converting its failure into a StepFailed naming it."""
+    try:
+        return await awaitable
+    except (ActivityError, ApplicationError) as err:
+        raise reason_of(name, err) from err
+
+
+async def all_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Run steps in parallel; on the first failure cancel the rest and wait for them."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

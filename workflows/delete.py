@@ -1,0 +1,77 @@
+"""``DeleteBackups``: delete one or several backups (their chunks are left to GC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from csbs.model import DeleteBackupsInput
+
+from workflows.common import (
+    CLEANUP_RETRY,
+    RETRY,
+    SA_BACKUP_ID,
+    SA_OPERATION,
+    STEP_TIMEOUT,
+    reason_of,
+    tag,
+)
+
+
+@workflow.defn(name="DeleteBackups", failure_exception_types=[ValidationError])
+class DeleteBackups:
+    """Check all backups may go, mark them ``deleting``, delete each; failures -> delete_failed."""
+
+    def __init__(self) -> None:
+        self._progress: dict[str, Any] = {"step": "starting", "deleted": [], "failed": {}}
+
+    @workflow.query(name="progress")
+    def progress(self) -> dict[str, Any]:
+        return self._progress
+
+    @workflow.run
+    async def run(self, inp: DeleteBackupsInput) -> dict[str, Any]:
+        task_id = f"task-{workflow.uuid4().hex[:16]}"
+        tag(SA_BACKUP_ID.value_set(inp.backup_ids[0]), SA_OPERATION.value_set("delete"))
+        try:
+            pairs: list[tuple[str, str]] = await workflow.execute_activity(
+                "prepare_delete",
+                args=[inp, task_id],
+                result_type=list[tuple[str, str]],
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+        except Exception as err:
+            failed = reason_of("validate", err)
+            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+        for backup_id, backup_task in pairs:
+            self._progress["step"] = f"deleting {backup_id}"
+            workflow.set_current_details(self._progress["step"])
+            try:
+                await workflow.execute_activity(
+                    "delete_backup",
+                    args=[backup_id, backup_task],
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RETRY,
+                )
+                self._progress["deleted"].append(backup_id)
+            except Exception as err:
+                reason = reason_of(f"delete of backup {backup_id}", err).reason
+                self._progress["failed"][backup_id] = reason
+                await workflow.execute_activity(
+                    "fail_delete",
+                    args=[backup_id, backup_task, reason],
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=CLEANUP_RETRY,
+                )
+        self._progress["step"] = "done"
+        if self._progress["failed"]:
+            raise ApplicationError(
+                "; ".join(self._progress["failed"].values()), type="DeleteFailed", non_retryable=True
+            )
+        return {"deleted": self._progress["deleted"]}
