@@ -41,15 +41,19 @@ async def run(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         logging.info(
             "csbs worker on %s, task queue %s, driver %s",
-            settings.temporal_address, settings.task_queue, settings.compute_driver,
+            settings.temporal_address,
+            settings.task_queue,
+            settings.compute_driver,
         )
         async with worker:
             await stop.wait()
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("CSBS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CSBS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     asyncio.run(run(Settings()))
     sys.stdout.flush()
     sys.stderr.flush()

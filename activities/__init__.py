@@ -86,7 +86,9 @@ class CsbsActivities:
     def prepare_backup(
         self, inp: BackupServerInput, backup_id: str, task_id: str
     ) -> PreparedBackup:
-        return self.service.prepare_backup(inp, backup_id, task_id, activity.info().workflow_id)
+        return self.service.prepare_backup(
+            inp, backup_id, task_id, activity.info().workflow_id or ""
+        )
 
     @activity.defn(name="take_snapshot")
     @_typed_errors
@@ -98,7 +100,9 @@ class CsbsActivities:
     def backup_disk(self, backup_id: str, disk_id: str) -> TransferStats:
         staged = int(_resume_details().get("staged", 0))
         if staged:
-            activity.logger.info("resuming disk %s of backup %s at chunk %d", disk_id, backup_id, staged)
+            activity.logger.info(
+                "resuming disk %s of backup %s at chunk %d", disk_id, backup_id, staged
+            )
         return self.service.backup_disk(backup_id, disk_id, staged=staged, heartbeat=_heartbeat)
 
     @activity.defn(name="commit_backup")
@@ -120,7 +124,7 @@ class CsbsActivities:
     @activity.defn(name="prepare_restore")
     @_typed_errors
     def prepare_restore(self, inp: RestoreServerInput, task_id: str) -> RestorePlan:
-        return self.service.prepare_restore(inp, task_id, activity.info().workflow_id)
+        return self.service.prepare_restore(inp, task_id, activity.info().workflow_id or "")
 
     @activity.defn(name="stop_server")
     @_typed_errors
@@ -147,7 +151,7 @@ class CsbsActivities:
     @activity.defn(name="prepare_delete")
     @_typed_errors
     def prepare_delete(self, inp: DeleteBackupsInput, task_id: str) -> list[tuple[str, str]]:
-        return self.service.prepare_delete(inp, task_id, activity.info().workflow_id)
+        return self.service.prepare_delete(inp, task_id, activity.info().workflow_id or "")
 
     @activity.defn(name="delete_backup")
     @_typed_errors

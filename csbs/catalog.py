@@ -217,9 +217,11 @@ class Catalog:
             select(BackupRow)
             .where(BackupRow.project == self.project)
             .where(BackupRow.server_id == server_id)
-            .where(BackupRow.status.in_(  # type: ignore[attr-defined]
-                [BackupStatus.AVAILABLE.value, BackupStatus.RESTORING.value]
-            ))
+            .where(
+                BackupRow.status.in_(  # type: ignore[attr-defined]
+                    [BackupStatus.AVAILABLE.value, BackupStatus.RESTORING.value]
+                )
+            )
             .order_by(col(BackupRow.snapshot_at).desc(), col(BackupRow.created_at).desc())
         )
         if exclude:
@@ -254,7 +256,9 @@ class Catalog:
     def disk_backups(self, backup_id: str) -> list[DiskBackupRow]:
         q = select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)
         with self.session() as s:
-            return list(s.exec(q.order_by(col(DiskBackupRow.role).desc(), col(DiskBackupRow.disk_name))))
+            return list(
+                s.exec(q.order_by(col(DiskBackupRow.role).desc(), col(DiskBackupRow.disk_name)))
+            )
 
     # -- tasks -----------------------------------------------------------------------------
     def add_task(self, row: TaskRow) -> TaskRow:

@@ -39,6 +39,10 @@ class StorageError(CsbsError):
     retryable = True
 
 
+class DiskUnavailable(CsbsError):
+    """A disk image is missing or may not be opened: needs a person, not a retry."""
+
+
 class DriverError(CsbsError):
     """The compute driver failed to do something to a server or disk."""
 

@@ -106,12 +106,12 @@ class Manifest:
     def chunk_count(self) -> int:
         return chunk_count(self.size_bytes, self.chunk_size)
 
-    def get(self, index: int) -> bytes | None:
+    def entry(self, index: int) -> bytes | None:
         """The chunk id at ``index``, or None for a zero chunk."""
         entry = bytes(self.entries[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
         return None if entry == ZERO_ENTRY else entry
 
-    def set(self, index: int, digest: bytes | None) -> None:
+    def set_entry(self, index: int, digest: bytes | None) -> None:
         self.entries[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest or ZERO_ENTRY
 
     def chunk_ids(self) -> set[bytes]:
@@ -127,7 +127,7 @@ class Manifest:
         """Bytes of the disk held in non-zero chunks."""
         total = 0
         for index in range(self.chunk_count):
-            if self.get(index) is not None:
+            if self.entry(index) is not None:
                 total += chunk_span(index, self.size_bytes, self.chunk_size)[1]
         return total
 
@@ -159,8 +159,10 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise CorruptData(f"unsupported manifest format version {version}")
         try:
-            plain = zstandard.ZstdDecompressor().decompressobj().decompress(
-                blob[_MANIFEST_HEADER.size :]
+            plain = (
+                zstandard.ZstdDecompressor()
+                .decompressobj()
+                .decompress(blob[_MANIFEST_HEADER.size :])
             )
         except zstandard.ZstdError as exc:
             raise CorruptData(f"manifest does not decompress ({exc})") from exc

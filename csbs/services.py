@@ -6,6 +6,7 @@ again after a crash either finds its work done or finishes it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -311,16 +312,13 @@ class CsbsService:
             self.catalog.update_backup(
                 backup_id, status=BackupStatus.ERROR.value, error=reason, finished_at=utcnow()
             )
-        try:
+        with contextlib.suppress(NotFound):
             self.catalog.finish_task(task_id, ok=False, reason=reason)
-        except NotFound:
-            pass
 
     def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
-        try:
+        # A server that is gone took its snapshot with it.
+        with contextlib.suppress(NotFound):
             self.driver.release_snapshot(server_id, backup_id, committed)
-        except NotFound:
-            pass  # the server is gone: so is its snapshot
 
     # -- restore ---------------------------------------------------------------------------
     def prepare_restore(
@@ -394,7 +392,9 @@ class CsbsService:
         target = server.disk(item.target_disk_id)
         # Restoring onto the original disk returns it to its size at backup time (R5);
         # onto another (larger) disk, the data goes to its start and the size stays.
-        size = manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
+        size = (
+            manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
+        )
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
         throttle = _Throttle(1.0)
 

@@ -82,7 +82,7 @@ def backup_disk(
 
     def apply(result: _Result) -> None:
         nonlocal done
-        manifest.set(result.index, result.chunk_id)
+        manifest.set_entry(result.index, result.chunk_id)
         if result.chunk_id is None:
             stats.chunks_zero += 1
         else:
@@ -117,7 +117,7 @@ def backup_disk(
                     and parent_entry_valid(parent, index, size)
                 )
                 if reuse and parent is not None:
-                    entry = parent.get(index)
+                    entry = parent.entry(index)
                     inflight.append(_Result(index, entry, 0, length))
                 elif index not in allocated:
                     inflight.append(_Result(index, None, 0, length))
@@ -203,7 +203,7 @@ def restore_disk(
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="csbs-down") as pool:
         try:
             for index in range(start, total):
-                chunk_id = manifest.get(index)
+                chunk_id = manifest.entry(index)
                 length = chunk_span(index, size, cs)[1]
                 inflight.append(
                     (index, None if chunk_id is None else pool.submit(fetch, chunk_id, length))

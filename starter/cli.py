@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
@@ -166,8 +166,12 @@ async def _await_start(
 def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: float = 0.5) -> None:
     """Show a progress bar fed by ``get() -> (percent, finished)`` until finished."""
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), console=err_console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
     ) as bar:
         task = bar.add_task(label, total=100)
         while True:
@@ -209,8 +213,13 @@ def _backup_table(rows: list[dict[str, Any]]) -> None:
         if status in (BackupStatus.CREATING, BackupStatus.RESTORING, BackupStatus.DELETING):
             status = f"{status} {b['progress']}%"
         table.add_row(
-            b["id"], b["name"], f"{b['server_name']} ({b['server_id']})", status, b["kind"],
-            (b["created_at"] or "")[:19], format_size(b["size_bytes"]),
+            b["id"],
+            b["name"],
+            f"{b['server_name']} ({b['server_id']})",
+            status,
+            b["kind"],
+            (b["created_at"] or "")[:19],
+            format_size(b["size_bytes"]),
             format_size(b["stored_bytes"]),
         )
     console.print(table)
@@ -226,7 +235,9 @@ def _parse_time(value: str | None, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        fail(f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 (got {value!r})")
+        fail(
+            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 (got {value!r})"
+        )
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -267,6 +278,7 @@ def backup_create(
     ids = run_async(start())
     if wait:
         for backup_id in ids:
+
             def poll(b: str = backup_id) -> tuple[int, bool]:
                 row = cat.get_backup(b)
                 return row.progress, row.status != BackupStatus.CREATING
@@ -299,8 +311,13 @@ def backup_list(
     s = settings()
     cat = catalog(s)
     flt = BackupFilter(
-        status=status.value if status else None, server_id=server_id, server_name=server_name,
-        server_type=server_type, name=name, id=id, since=_parse_time(since, "since"),
+        status=status.value if status else None,
+        server_id=server_id,
+        server_name=server_name,
+        server_type=server_type,
+        name=name,
+        id=id,
+        since=_parse_time(since, "since"),
         until=_parse_time(until, "until"),
     )
     rows = [backup_json(r, cat.disk_backups(r.id)) for r in cat.list_backups(flt)]
@@ -317,17 +334,40 @@ def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
 
     def render() -> None:
         table = Table(show_header=False)
-        for key in ("id", "name", "description", "status", "progress", "kind", "server_id",
-                    "server_name", "server_type", "parent_id", "policy_id", "created_at",
-                    "snapshot_at", "finished_at", "size_bytes", "data_bytes", "stored_bytes",
-                    "error"):
+        for key in (
+            "id",
+            "name",
+            "description",
+            "status",
+            "progress",
+            "kind",
+            "server_id",
+            "server_name",
+            "server_type",
+            "parent_id",
+            "policy_id",
+            "created_at",
+            "snapshot_at",
+            "finished_at",
+            "size_bytes",
+            "data_bytes",
+            "stored_bytes",
+            "error",
+        ):
             table.add_row(key, "" if view[key] is None else str(view[key]))
         console.print(table)
         disks = Table("disk", "name", "role", "size", "data", "stored", "read", "mode")
         for d in view["disks"]:
-            disks.add_row(d["disk_id"], d["name"], d["role"], format_size(d["size_bytes"]),
-                          format_size(d["data_bytes"]), format_size(d["stored_bytes"]),
-                          format_size(d["bytes_read"]), d["read_mode"])
+            disks.add_row(
+                d["disk_id"],
+                d["name"],
+                d["role"],
+                format_size(d["size_bytes"]),
+                format_size(d["data_bytes"]),
+                format_size(d["stored_bytes"]),
+                format_size(d["bytes_read"]),
+                d["read_mode"],
+            )
         console.print(disks)
         _task_table(view["tasks"])
 
@@ -349,6 +389,7 @@ def backup_delete(
     async def go() -> dict[str, Any]:
         client = CsbsClient(await connect(s), s)
         handle = await client.start_delete(inp)
+
         def started() -> str | None:
             tasks = cat.list_tasks(kind=TaskKind.DELETE, backup_id=backup_ids[0])
             return next((t.id for t in tasks if t.workflow_id == handle.id), None)
@@ -356,7 +397,7 @@ def backup_delete(
         await _await_start(handle, started)
         if wait:
             try:
-                result: dict[str, Any] = await handle.result()
+                result = cast(dict[str, Any], await handle.result())
             except WorkflowFailureError as exc:
                 fail(_workflow_error(exc))
             return result
@@ -382,20 +423,27 @@ def _parse_map(pairs: list[str]) -> dict[str, str]:
 def backup_restore(
     backup_id: str,
     map_: Annotated[list[str] | None, typer.Option("--map", help="SRC_DISK=DST_DISK")] = None,
-    power_on: Annotated[bool, typer.Option("--power-on/--no-power-on",
-                                           help="Start the server afterwards.")] = True,
+    power_on: Annotated[
+        bool, typer.Option("--power-on/--no-power-on", help="Start the server afterwards.")
+    ] = True,
     yes: YesOpt = False,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a server's disks from a backup (overwrites them; stops the server)."""
     s = settings()
-    inp = guarded(lambda: RestoreServerInput(
-        backup_id=backup_id, disk_mapping=_parse_map(map_ or []), power_on=power_on))
+    inp = guarded(
+        lambda: RestoreServerInput(
+            backup_id=backup_id, disk_mapping=_parse_map(map_ or []), power_on=power_on
+        )
+    )
     cat = catalog(s)
     backup = guarded(lambda: cat.get_backup(backup_id))
-    confirm(f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
-            f"overwritten.", yes)
+    confirm(
+        f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
+        f"overwritten.",
+        yes,
+    )
 
     async def go() -> dict[str, Any]:
         client = CsbsClient(await connect(s), s)
@@ -407,16 +455,22 @@ def backup_restore(
 
         task_id = await _await_start(handle, started)
         if not wait:
-            return {"workflow_id": handle.id, "task_id": task_id, "backup_id": backup_id,
-                    "status": "restoring"}
+            return {
+                "workflow_id": handle.id,
+                "task_id": task_id,
+                "backup_id": backup_id,
+                "status": "restoring",
+            }
         if not as_json:
+
             def poll() -> tuple[int, bool]:
                 task = cat.get_task(task_id)
                 row = cat.get_backup(backup_id)
                 return row.progress, task.status != TaskStatus.RUNNING
+
             await asyncio.to_thread(_progress_bar, f"restore {backup.name}", poll)
         try:
-            result: dict[str, Any] = await handle.result()
+            result = cast(dict[str, Any], await handle.result())
         except WorkflowFailureError as exc:
             fail(_workflow_error(exc))
         return result
@@ -431,9 +485,16 @@ def backup_restore(
 def _task_table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "kind", "status", "backup", "server", "started", "finished", "reason")
     for t in rows:
-        table.add_row(t["id"], t["kind"], t["status"], t["backup_name"] or t["backup_id"] or "",
-                      t["server_name"] or t["server_id"] or "", (t["started_at"] or "")[:19],
-                      (t["finished_at"] or "")[:19], t["reason"] or "")
+        table.add_row(
+            t["id"],
+            t["kind"],
+            t["status"],
+            t["backup_name"] or t["backup_id"] or "",
+            t["server_name"] or t["server_id"] or "",
+            (t["started_at"] or "")[:19],
+            (t["finished_at"] or "")[:19],
+            t["reason"] or "",
+        )
     console.print(table)
 
 
@@ -462,7 +523,9 @@ def task_show(task_id: str, as_json: JsonOpt = False) -> None:
 def dev_server_create(
     name: Annotated[str, typer.Option(help="Server name.")],
     disk: Annotated[list[str], typer.Option(help="Disk size (first = system disk), e.g. 1GiB.")],
-    shared_disk: Annotated[list[str] | None, typer.Option(help="Shared (multi-attach) disk size.")] = None,
+    shared_disk: Annotated[
+        list[str] | None, typer.Option(help="Shared (multi-attach) disk size.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a server with the configured driver (running, disks empty and sparse)."""
@@ -496,8 +559,11 @@ def dev_server_write(
         n = guarded(lambda: parse_size(length or "0", "length"))
         data = guarded(lambda: make_pattern(pattern, n, seed))
     guarded(lambda: driver(settings()).write(server_id, disk, off, data))
-    emit({"server_id": server_id, "disk_id": disk, "offset": off, "length": len(data)}, as_json,
-         lambda: console.print(f"wrote {len(data)} bytes at {off} on {disk}"))
+    emit(
+        {"server_id": server_id, "disk_id": disk, "offset": off, "length": len(data)},
+        as_json,
+        lambda: console.print(f"wrote {len(data)} bytes at {off} on {disk}"),
+    )
 
 
 def make_pattern(pattern: str, n: int, seed: int | None = None) -> bytes:

@@ -29,7 +29,9 @@ class CsbsClient:
         self.client = client
         self.settings = settings
 
-    async def start_backup(self, inp: BackupServerInput) -> tuple[str, WorkflowHandle[object, object]]:
+    async def start_backup(
+        self, inp: BackupServerInput
+    ) -> tuple[str, WorkflowHandle[object, object]]:
         """Start ``BackupServer``; return (backup id, handle)."""
         backup_id = inp.backup_id or f"bk-{uuid.uuid4().hex[:16]}"
         inp = inp.model_copy(update={"backup_id": backup_id})
@@ -56,7 +58,10 @@ class CsbsClient:
             id=f"restore-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
             task_queue=self.settings.task_queue,
             search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(SA_BACKUP_ID, inp.backup_id), SearchAttributePair(SA_OPERATION, "restore")]
+                [
+                    SearchAttributePair(SA_BACKUP_ID, inp.backup_id),
+                    SearchAttributePair(SA_OPERATION, "restore"),
+                ]
             ),
             static_summary=f"restore of backup {inp.backup_id}",
         )
@@ -68,7 +73,10 @@ class CsbsClient:
             id=f"delete-{uuid.uuid4().hex[:16]}",
             task_queue=self.settings.task_queue,
             search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(SA_BACKUP_ID, inp.backup_ids[0]), SearchAttributePair(SA_OPERATION, "delete")]
+                [
+                    SearchAttributePair(SA_BACKUP_ID, inp.backup_ids[0]),
+                    SearchAttributePair(SA_OPERATION, "delete"),
+                ]
             ),
             static_summary=f"delete of {len(inp.backup_ids)} backup(s)",
         )

@@ -5,6 +5,7 @@ Everything binds to 127.0.0.1 and keeps its state under ``var/`` (git-ignored).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ SEARCH_ATTRIBUTES = ["CsbsServerId", "CsbsBackupId", "CsbsPolicyId", "CsbsOperat
 
 #: Default access keys of the embedded SeaweedFS (loopback only; real stores use their own).
 DEV_ACCESS_KEY = "csbs-dev"
-DEV_SECRET_KEY = "csbs-dev-secret"  # noqa: S105 - local development endpoint only
+DEV_SECRET_KEY = "csbs-dev-secret"
 
 #: Every port `weed mini` opens, so that a second instance (tests) can move all of them.
 WEED_PORT_FLAGS = [
@@ -50,7 +51,9 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,11 +109,13 @@ def start_seaweed(
     args = [tool("weed"), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     args += ["-master.telemetry=false"]
     args += [f"-{flag}={port}" for flag, port in ports.items()]
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key,
-               S3_BUCKET=bucket)
+    env = dict(
+        os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, S3_BUCKET=bucket
+    )
     log = open(log_path or data_dir / "weed.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     s3_port = ports.get("s3.port", 8333)
     wait_port(s3_port, timeout=90, proc=proc)
     return SeaweedS3(proc=proc, s3_port=s3_port, data_dir=data_dir, ports=ports)
@@ -132,12 +137,19 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 def temporal_dev_server_args(db_file: Path, port: int = 7233, ui_port: int = 8233) -> list[str]:
     args = [
-        tool("temporal"), "server", "start-dev",
-        "--ip", "127.0.0.1",
-        "--port", str(port),
-        "--ui-port", str(ui_port),
-        "--db-filename", str(db_file),
-        "--log-level", "warn",
+        tool("temporal"),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--db-filename",
+        str(db_file),
+        "--log-level",
+        "warn",
     ]
     for name in SEARCH_ATTRIBUTES:
         args += ["--search-attribute", f"{name}=Keyword"]
@@ -156,8 +168,14 @@ def _pid_alive(pid_file: Path) -> bool:
 
 def _spawn(name: str, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
     log = open(run_dir.parent / "log" / f"{name}.log", "ab")  # noqa: SIM115 - child owns it
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     (run_dir / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
 
@@ -196,7 +214,7 @@ def up(settings: object, demo: bool = True) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = stack_env(settings)
-    host, _, port = settings.temporal_address.rpartition(":")
+    _host, _, port = settings.temporal_address.rpartition(":")
     if not _pid_alive(run_dir / "temporal.pid"):
         _spawn("temporal", temporal_dev_server_args(var_dir / "temporal.db", int(port)), run_dir)
     wait_port(int(port), timeout=60)
@@ -204,13 +222,22 @@ def up(settings: object, demo: bool = True) -> None:
     s3_port = int(settings.s3_endpoint.rsplit(":", 1)[-1].split("/")[0])
     if not _pid_alive(run_dir / "seaweedfs.pid"):
         weed_env = dict(env, S3_BUCKET=settings.s3_bucket)
-        args = [tool("weed"), "mini", f"-dir={var_dir / 's3'}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-s3.port={s3_port}"]
+        args = [
+            tool("weed"),
+            "mini",
+            f"-dir={var_dir / 's3'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.port={s3_port}",
+        ]
         (var_dir / "s3").mkdir(exist_ok=True)
         _spawn("seaweedfs", args, run_dir, weed_env)
     wait_port(s3_port, timeout=90)
     _wait_bucket(settings, env)
-    print(f"s3        {settings.s3_endpoint}  bucket {settings.s3_bucket} (keys in var/s3-credentials)")
+    print(
+        f"s3        {settings.s3_endpoint}  bucket {settings.s3_bucket} (keys in var/s3-credentials)"
+    )
     if not _pid_alive(run_dir / "worker.pid"):
         worker_py = Path(__file__).resolve().parent.parent / "worker.py"
         _spawn("worker", [sys.executable, str(worker_py)], run_dir, env)
@@ -238,7 +265,9 @@ def _wait_bucket(settings: object, env: dict[str, str], timeout: float = 60) -> 
 
     assert isinstance(settings, Settings)
     client = boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        region_name=settings.s3_region,
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
     )
@@ -262,20 +291,14 @@ def down(settings: object) -> None:
             pid_file.unlink(missing_ok=True)
             continue
         pid = int(pid_file.read_text())
-        with contextlib_suppress():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
         for _ in range(100):
             if not _pid_alive(pid_file):
                 break
             time.sleep(0.1)
         else:
-            with contextlib_suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         pid_file.unlink(missing_ok=True)
         print(f"stopped {name}")
-
-
-def contextlib_suppress() -> object:
-    import contextlib
-
-    return contextlib.suppress(ProcessLookupError, PermissionError)

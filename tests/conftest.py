@@ -142,10 +142,15 @@ class Stack:
     async def cli(self, *args: str, check: bool = True, input: str | None = None) -> CliResult:
         """Run ``csbs ARGS`` as a real subprocess against this stack."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "starter.cli", *args,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "starter.cli",
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            env=self.env, cwd=str(ROOT),
+            env=self.env,
+            cwd=str(ROOT),
         )
         out, err = await proc.communicate(input.encode() if input is not None else None)
         result = CliResult(proc.returncode or 0, out.decode(), err.decode())

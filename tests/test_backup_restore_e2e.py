@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -37,15 +37,13 @@ def make_server(stack: Stack, system: int = 16 * MIB, data: int = 32 * MIB) -> A
 async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:
     client = CsbsClient(stack.client, stack.settings)
     _, handle = await client.start_backup(BackupServerInput(server_id=server_id, **kw))
-    result: dict[str, Any] = await handle.result()
-    return result
+    return cast(dict[str, Any], await handle.result())
 
 
 async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
     client = CsbsClient(stack.client, stack.settings)
     handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
-    result: dict[str, Any] = await handle.result()
-    return result
+    return cast(dict[str, Any], await handle.result())
 
 
 async def test_full_backup_then_restore_onto_changed_disks_is_bit_identical(stack: Stack) -> None:
@@ -72,7 +70,10 @@ async def test_full_backup_then_restore_onto_changed_disks_is_bit_identical(stac
     assert stack.driver.get_server(server.id).state == ServerState.RUNNING
     assert stack.catalog.get_backup(result["id"]).status == "available"
     tasks = stack.catalog.list_tasks()
-    assert {(t.kind, t.status) for t in tasks} == {("backup", "succeeded"), ("restore", "succeeded")}
+    assert {(t.kind, t.status) for t in tasks} == {
+        ("backup", "succeeded"),
+        ("restore", "succeeded"),
+    }
 
 
 async def test_restore_can_leave_the_server_stopped(stack: Stack) -> None:
@@ -112,7 +113,7 @@ async def test_backup_is_the_instant_of_the_snapshot_while_writes_go_on(stack: S
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        result = await handle.result()
+        result = cast(dict[str, Any], await handle.result())
     finally:
         stop.set()
         thread.join()

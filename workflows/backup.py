@@ -77,7 +77,9 @@ class BackupServer:
             failed = reason_of("validate", err)
             # Refused before anything was written: there is no backup to mark.
             await self._record_failure(backup_id, task_id, failed.reason)
-            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
 
         committed = False
         try:
@@ -115,7 +117,9 @@ class BackupServer:
             await self._record_failure(backup_id, task_id, failed.reason)
             if isinstance(err, asyncio.CancelledError):
                 raise
-            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
         finally:
             await workflow.execute_activity(
                 "release_snapshot",
@@ -152,4 +156,3 @@ class BackupServer:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=CLEANUP_RETRY,
         )
-

@@ -48,7 +48,9 @@ class DeleteBackups:
             )
         except Exception as err:
             failed = reason_of("validate", err)
-            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
         for backup_id, backup_task in pairs:
             self._progress["step"] = f"deleting {backup_id}"
             workflow.set_current_details(self._progress["step"])
@@ -72,6 +74,8 @@ class DeleteBackups:
         self._progress["step"] = "done"
         if self._progress["failed"]:
             raise ApplicationError(
-                "; ".join(self._progress["failed"].values()), type="DeleteFailed", non_retryable=True
+                "; ".join(self._progress["failed"].values()),
+                type="DeleteFailed",
+                non_retryable=True,
             )
         return {"deleted": self._progress["deleted"]}

@@ -61,10 +61,14 @@ class RestoreServer:
             )
         except Exception as err:
             failed = reason_of("validate", err)
-            raise ApplicationError(failed.reason, type=failed.error_type, non_retryable=True) from err
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
         tag(SA_SERVER_ID.value_set(plan.server_id))
         self._progress.update(
-            backup_id=plan.backup_id, task_id=task_id, disks_total=len(plan.items),
+            backup_id=plan.backup_id,
+            task_id=task_id,
+            disks_total=len(plan.items),
             warnings=plan.warnings,
         )
         stopped = False

@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
-from csbs.errors import DriverError, InvalidInput, InvalidState, NotFound
+from csbs.errors import (
+    CsbsError,
+    DiskUnavailable,
+    DriverError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+)
 from csbs.model import Disk, DiskRole, Server, ServerState, check_id
 
 #: Granularity of changed-block tracking and copy-before-write.
@@ -304,7 +311,13 @@ class LocalDriver:
         return [p for p in sorted(snaps.iterdir()) if (p / "snapshot.json").exists()]
 
     def _write_locked(
-        self, server_id: str, disk_id: str, fd: int, size: int, offset: int, data: bytes | None,
+        self,
+        server_id: str,
+        disk_id: str,
+        fd: int,
+        size: int,
+        offset: int,
+        data: bytes | None,
         length: int,
     ) -> None:
         """Write (or zero when ``data`` is None) under the exclusive lock, with COW + CBT."""
@@ -321,7 +334,8 @@ class LocalDriver:
                 continue
             cow_map = _Bitmap(snap / f"{disk_id}.map")
             todo = [
-                b for b, done in zip(blocks, cow_map.test(blocks), strict=True)
+                b
+                for b, done in zip(blocks, cow_map.test(blocks), strict=True)
                 if not done and b * BLOCK_SIZE < snap_size
             ]
             if not todo:
@@ -470,6 +484,14 @@ class LocalDriver:
         return _LocalDiskWriter(self, server_id, disk_id, size_bytes)
 
 
+def _disk_error(disk_id: str, purpose: str, exc: OSError) -> CsbsError:
+    """A missing or forbidden disk image will not heal by retrying; other I/O errors may."""
+    message = f"disk {disk_id}: cannot open its image for {purpose} ({exc.strerror})"
+    if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM):
+        return DiskUnavailable(message)
+    return DriverError(message)
+
+
 def _hash_zeros(digest: Any, count: int) -> None:
     zeros = bytes(min(count, 8 * 1024 * 1024))
     while count > 0:
@@ -493,7 +515,7 @@ class _LocalSnapshotReader:
             self.fd = os.open(driver._disk_path(server_id, disk.disk_id), os.O_RDONLY)
             self.cow_fd = os.open(self.snap / f"{disk.disk_id}.cow", os.O_RDONLY | os.O_CREAT)
         except OSError as exc:
-            raise DriverError(f"disk {disk.disk_id}: cannot open for reading ({exc})") from exc
+            raise _disk_error(disk.disk_id, "reading", exc) from exc
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
         with self.driver._lock(self.server_id, exclusive=False):
@@ -550,7 +572,7 @@ class _LocalDiskWriter:
         try:
             self.fd = os.open(driver._disk_path(server_id, disk_id), os.O_RDWR)
         except OSError as exc:
-            raise DriverError(f"disk {disk_id}: cannot open for writing ({exc})") from exc
+            raise _disk_error(disk_id, "writing", exc) from exc
 
     def write(self, offset: int, data: bytes) -> None:
         with self.driver._lock(self.server_id, exclusive=True):

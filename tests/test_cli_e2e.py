@@ -1,0 +1,199 @@
+"""The README's story through the real ``csbs`` CLI and the ``temporal`` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from starter.stack import tool
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.slow
+
+
+async def test_readme_story_backup_change_backup_restore(stack: Stack) -> None:
+    """B2, B4, R1, R3 via the CLI: create, write, back up, write, back up, restore."""
+    server = (
+        await stack.cli(
+            "dev",
+            "server",
+            "create",
+            "--name",
+            "demo",
+            "--disk",
+            "16MiB",
+            "--disk",
+            "24MiB",
+            "--json",
+        )
+    ).json()
+    assert [d["role"] for d in server["disks"]] == ["system", "data"]
+    assert set(server["disks"][0]) == {"id", "name", "size_bytes", "role", "shared"}
+    sid, (d0, d1) = server["id"], (d["id"] for d in server["disks"])
+    listed = (await stack.cli("server", "list", "--json")).json()
+    assert [s["id"] for s in listed] == [sid]
+    await stack.cli(
+        "dev",
+        "server",
+        "write",
+        sid,
+        "--disk",
+        d0,
+        "--offset",
+        "0",
+        "--length",
+        "3MiB",
+        "--pattern",
+        "random",
+    )
+    await stack.cli(
+        "dev",
+        "server",
+        "write",
+        sid,
+        "--disk",
+        d1,
+        "--offset",
+        "8MiB",
+        "--length",
+        "2MiB",
+        "--pattern",
+        "text",
+    )
+    first_sums = (await stack.cli("dev", "server", "checksum", sid)).json()
+    first = (await stack.cli("backup", "create", sid, "--wait", "--json")).json()
+    assert first["status"] == "available" and first["name"].startswith("manualbk_")
+    assert first["progress"] == 100 and first["kind"] == "manual"
+    for field in (
+        "id",
+        "name",
+        "description",
+        "server_id",
+        "server_name",
+        "server_type",
+        "status",
+        "kind",
+        "policy_id",
+        "parent_id",
+        "created_at",
+        "finished_at",
+        "progress",
+        "size_bytes",
+        "stored_bytes",
+        "disks",
+    ):
+        assert field in first
+
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", d1, "--offset", "1MiB", "--length", "1MiB"
+    )
+    second = (
+        await stack.cli("backup", "create", sid, "--name", "after-change", "--wait", "--json")
+    ).json()
+    assert second["parent_id"] == first["id"] and second["name"] == "after-change"
+    second_sums = (await stack.cli("dev", "server", "checksum", sid)).json()
+    assert second_sums != first_sums
+
+    refused = await stack.cli("backup", "restore", first["id"], check=False)
+    assert refused.code != 0 and "--yes" in refused.stderr
+    await stack.cli("backup", "restore", first["id"], "--yes", "--wait", "--json")
+    assert (await stack.cli("dev", "server", "checksum", sid)).json() == first_sums
+    await stack.cli("backup", "restore", second["id"], "--yes", "--wait", "--json")
+    assert (await stack.cli("dev", "server", "checksum", sid)).json() == second_sums
+
+    listed = (await stack.cli("backup", "list", "--json", "--server-id", sid)).json()
+    assert [b["id"] for b in listed] == [second["id"], first["id"]]
+    shown = (await stack.cli("backup", "show", first["id"], "--json")).json()
+    assert {t["kind"] for t in shown["tasks"]} == {"backup", "restore"}
+    tasks = (await stack.cli("task", "list", "--kind", "restore", "--json")).json()
+    assert len(tasks) == 2 and {t["status"] for t in tasks} == {"succeeded"}
+    table = await stack.cli("backup", "list")
+    assert "after-change" in table.stdout
+
+    deleted = await stack.cli("backup", "delete", first["id"], "--yes", "--wait", "--json")
+    assert deleted.json() == {"deleted": [first["id"]]}
+    missing = await stack.cli("backup", "show", first["id"], check=False)
+    assert (
+        missing.code == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+    )
+
+
+async def test_cli_refusals_are_one_clear_line(stack: Stack) -> None:
+    for args, needle in [
+        (("dev", "server", "create", "--name", "x", "--disk", "12XB"), "disk must be"),
+        (("backup", "create", "srv-nope", "--json"), "server srv-nope does not exist"),
+        (("backup", "create", "bad/id"), "server_id must be"),
+        (("backup", "restore", "bk-nope", "--yes"), "backup bk-nope does not exist"),
+        (("backup", "list", "--since", "yesterday"), "since must be"),
+    ]:
+        result = await stack.cli(*args, check=False)
+        assert result.code != 0, args
+        assert needle in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert stack.catalog.list_backups() == []
+
+
+async def temporal_cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        tool("temporal"),
+        *args,
+        "--address",
+        stack.env["CSBS_TEMPORAL_ADDRESS"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_temporal_cli_starts_a_backup_and_bad_input_fails_at_once(stack: Stack) -> None:
+    """Contract: `temporal workflow start --type BackupServer --input '{...}'` works."""
+    server = stack.driver.create_server("tcli", [8 * 1024 * 1024])
+    stack.driver.write(server.id, server.disks[0].id, 0, b"t" * 100000)
+    code, out, err = await temporal_cli(
+        stack,
+        "workflow",
+        "execute",
+        "--type",
+        "BackupServer",
+        "--task-queue",
+        stack.settings.task_queue,
+        "--workflow-id",
+        "tcli-backup-1",
+        "--input",
+        json.dumps({"server_id": server.id}),
+        "-o",
+        "json",
+    )
+    assert code == 0, err
+    backups = stack.catalog.list_backups()
+    assert [b.status for b in backups] == ["available"]
+    assert backups[0].workflow_id == "tcli-backup-1"
+
+    code, out, err = await temporal_cli(
+        stack,
+        "workflow",
+        "execute",
+        "--type",
+        "BackupServer",
+        "--task-queue",
+        stack.settings.task_queue,
+        "--workflow-id",
+        "tcli-backup-2",
+        "--input",
+        json.dumps({"server_id": server.id, "name": "no spaces allowed"}),
+    )
+    assert code != 0
+    assert "name must be" in out + err
+
+    # The run is found by its search attributes (visibility is eventually consistent).
+    for _ in range(50):
+        code, out, err = await temporal_cli(
+            stack, "workflow", "list", "-q", f"CsbsServerId='{server.id}'", "-o", "json"
+        )
+        if out.strip() and len(json.loads(out)) >= 1:
+            break
+        await asyncio.sleep(0.2)
+    assert "tcli-backup-1" in out
