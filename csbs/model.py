@@ -181,6 +181,8 @@ class PreparedBackup(BaseModel):
     server_name: str
     disk_ids: list[str]
     parent_id: str | None
+    #: The server's state when the backup was prepared (offline backups restart it).
+    server_state: str = "running"
 
 
 class RestoreItem(BaseModel):

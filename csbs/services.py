@@ -153,6 +153,7 @@ class CsbsService:
             server_name=backup.server_name,
             disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup_id)],
             parent_id=backup.parent_id,
+            server_state=self.driver.get_server(backup.server_id).state.value,
         )
 
     @staticmethod

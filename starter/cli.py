@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -583,8 +584,6 @@ def make_pattern(pattern: str, n: int, seed: int | None = None) -> bytes:
 
 
 def _urandom(n: int) -> bytes:
-    import os
-
     return os.urandom(n)
 
 
@@ -621,7 +620,16 @@ def dev_down() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the CLI, then leave without interpreter teardown: the Temporal SDK's threads can
+    abort a normal exit ("PyGILState_Release", sdk-python #300)."""
+    code: int = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,29 @@ async def test_bad_input_fails_the_workflow_at_once(stack: Stack) -> None:
     with pytest.raises(WorkflowFailureError) as info:
         await asyncio.wait_for(handle.result(), timeout=30)
     assert "server_id" in str(info.value.cause)
+
+
+async def test_offline_backup_stops_for_the_snapshot_and_starts_again(stack: Stack) -> None:
+    """B12: --offline stops a running server for the snapshot and starts it afterwards."""
+    server = make_server(stack)
+    result = await backup(stack, server.id, offline=True)
+    assert result["status"] == "available"
+    assert stack.driver.get_server(server.id).state == ServerState.RUNNING
+    history = [
+        e
+        async for e in stack.client.get_workflow_handle(
+            f"backup-{result['id']}"
+        ).fetch_history_events()
+    ]
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled.index("stop_server") < scheduled.index("take_snapshot")
+    assert scheduled.index("take_snapshot") < scheduled.index("start_server")
+    assert scheduled.index("start_server") < scheduled.index("backup_disk")
+    # A stopped server stays stopped.
+    stack.driver.stop(server.id)
+    await backup(stack, server.id, offline=True)
+    assert stack.driver.get_server(server.id).state == ServerState.STOPPED

@@ -82,18 +82,33 @@ class BackupServer:
             ) from err
 
         committed = False
+        # B12: an offline backup stops a running server for the snapshot only.
+        restart = inp.offline and prepared.server_state == "running"
         try:
+            if restart:
+                self._at("stopping server")
+                await step("stop server", self._act("stop_server", inp.server_id))
             self._at("snapshot", name=prepared.name)
-            disk_ids: list[str] = await step(
-                "group snapshot",
-                workflow.execute_activity(
-                    "take_snapshot",
-                    args=[backup_id],
-                    result_type=list[str],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY,
-                ),
-            )
+            try:
+                disk_ids: list[str] = await step(
+                    "group snapshot",
+                    workflow.execute_activity(
+                        "take_snapshot",
+                        args=[backup_id],
+                        result_type=list[str],
+                        start_to_close_timeout=STEP_TIMEOUT,
+                        retry_policy=RETRY,
+                    ),
+                )
+            finally:
+                if restart:
+                    self._at("starting server")
+                    await workflow.execute_activity(
+                        "start_server",
+                        args=[inp.server_id],
+                        start_to_close_timeout=STEP_TIMEOUT,
+                        retry_policy=CLEANUP_RETRY,
+                    )
             self._progress["disks_total"] = len(disk_ids)
             self._at("uploading")
             await all_or_cancel([self._disk(backup_id, d) for d in disk_ids])
@@ -127,6 +142,11 @@ class BackupServer:
                 start_to_close_timeout=STEP_TIMEOUT,
                 retry_policy=CLEANUP_RETRY,
             )
+
+    def _act(self, name: str, *args: Any) -> Any:
+        return workflow.execute_activity(
+            name, args=list(args), start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY
+        )
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
         try:
