@@ -98,12 +98,9 @@ class CsbsActivities:
     @activity.defn(name="backup_disk")
     @_typed_errors
     def backup_disk(self, backup_id: str, disk_id: str) -> TransferStats:
-        staged = int(_resume_details().get("staged", 0))
-        if staged:
-            activity.logger.info(
-                "resuming disk %s of backup %s at chunk %d", disk_id, backup_id, staged
-            )
-        return self.service.backup_disk(backup_id, disk_id, staged=staged, heartbeat=_heartbeat)
+        # A retried attempt resumes from the checkpoint its predecessor saved in S3.
+        resume = activity.info().attempt > 1
+        return self.service.backup_disk(backup_id, disk_id, resume=resume, heartbeat=_heartbeat)
 
     @activity.defn(name="commit_backup")
     @_typed_errors

@@ -92,6 +92,8 @@ class Manifest:
     size_bytes: int
     chunk_size: int
     entries: bytearray = field(default_factory=bytearray)
+    #: Staging copies only: how many leading positions are final (the resume point).
+    complete: int | None = None
 
     def __post_init__(self) -> None:
         if not self.entries:
@@ -132,7 +134,7 @@ class Manifest:
         return total
 
     def header(self) -> dict[str, Any]:
-        return {
+        header: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "hash": HASH_NAME,
             "backup_id": self.backup_id,
@@ -141,6 +143,9 @@ class Manifest:
             "chunk_size": self.chunk_size,
             "chunk_count": self.chunk_count,
         }
+        if self.complete is not None:
+            header["complete"] = self.complete
+        return header
 
     def encode(self) -> bytes:
         header = json.dumps(self.header(), sort_keys=True).encode()
@@ -180,6 +185,7 @@ class Manifest:
             size_bytes=header["size_bytes"],
             chunk_size=header["chunk_size"],
             entries=entries,
+            complete=header.get("complete"),
         )
 
 

@@ -179,9 +179,13 @@ class CsbsService:
         return [d.disk_id for d in snapshot.disks]
 
     def backup_disk(
-        self, backup_id: str, disk_id: str, staged: int = 0, heartbeat: Heartbeat | None = None
+        self, backup_id: str, disk_id: str, resume: bool = False, heartbeat: Heartbeat | None = None
     ) -> TransferStats:
-        """Chunk, diff and upload one disk of the snapshot; write its manifest."""
+        """Chunk, diff and upload one disk of the snapshot; write its manifest.
+
+        With ``resume`` (a retried attempt), continue after the positions that the last
+        staging checkpoint in S3 records as final, instead of starting over.
+        """
         backup = self.catalog.get_backup(backup_id)
         reader = self.driver.open_snapshot(backup.server_id, backup_id, disk_id)
         try:
@@ -193,12 +197,11 @@ class CsbsService:
                 and parent.size_bytes == reader.size_bytes
             ):
                 changed = reader.changed_ranges()
-            manifest = None
-            if staged > 0:
-                try:
+            manifest, staged = None, 0
+            if resume:
+                with contextlib.suppress(NotFound):
                     manifest = self.store.get_manifest(backup_id, disk_id, staging=True)
-                except NotFound:
-                    staged = 0
+                    staged, manifest.complete = manifest.complete or 0, None
             if manifest is None:
                 manifest = Manifest(backup_id, disk_id, reader.size_bytes, self.settings.chunk_size)
             throttle = _Throttle(1.0)
@@ -217,6 +220,7 @@ class CsbsService:
                 changed,
                 start=staged,
                 concurrency=self.settings.transfer_concurrency,
+                checkpoint_seconds=self.settings.checkpoint_seconds,
                 progress=on_progress,
             )
         finally:

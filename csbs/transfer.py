@@ -101,8 +101,10 @@ def backup_disk(
             item = inflight.popleft()
             apply(item.result() if isinstance(item, Future) else item)
         now = time.monotonic()
-        if done > staged and (now - last_checkpoint >= checkpoint_seconds or done == total):
+        if done > staged and now - last_checkpoint >= checkpoint_seconds and done < total:
+            manifest.complete = done
             store.put_manifest(manifest, staging=True)
+            manifest.complete = None
             staged, last_checkpoint = done, now
         if progress is not None:
             progress(done, staged, stats)

@@ -1,0 +1,106 @@
+"""Durability on the real stack: a worker killed mid-upload resumes from its checkpoint;
+a cancelled backup releases its snapshot and records why."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any, cast
+
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from csbs.model import BackupServerInput, RestoreServerInput
+from starter.client import CsbsClient
+from tests.conftest import MIB, ROOT, Stack
+
+pytestmark = pytest.mark.slow
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def test_worker_killed_mid_upload_resumes_from_its_checkpoint(stack: Stack) -> None:
+    """Activities heartbeat their progress; a retry after kill -9 resumes, not restarts."""
+    queue = f"csbs-kill-{uuid.uuid4().hex[:6]}"
+    env = dict(
+        stack.env,
+        CSBS_TASK_QUEUE=queue,
+        CSBS_CHECKPOINT_SECONDS="0.05",
+        CSBS_TRANSFER_CONCURRENCY="1",
+    )
+    settings = stack.settings.model_copy(update={"task_queue": queue})
+    server = stack.driver.create_server("big", [160 * MIB])
+    disk = server.disks[0]
+    stack.driver.write(server.id, disk.id, 0, os.urandom(160 * MIB))
+    expected = stack.driver.checksum(server.id)
+    client = CsbsClient(stack.client, settings)
+
+    worker = start_worker(env)
+    try:
+        backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+        staging = f"staging/{backup_id}/"
+        for _ in range(600):  # kill as soon as a resume point is saved, mid-upload
+            if list(stack.store.list_keys(staging)):
+                break
+            await asyncio.sleep(0.02)
+        progress = stack.catalog.disk_backups(backup_id)[0].progress
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        assert 0 < progress < 100 or list(stack.store.list_keys(staging)), "killed too late"
+        worker = start_worker(env)
+        result = cast(dict[str, Any], await asyncio.wait_for(handle.result(), timeout=120))
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert result["status"] == "available"
+    # The retried attempt read only what was not yet checkpointed.
+    assert 0 < result["disks"][0]["bytes_read"] < 160 * MIB
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        async for e in handle.fetch_history_events()
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+    assert max(attempts) >= 2
+    assert stack.driver.snapshots(server.id) == []
+    assert not list(stack.store.list_keys(f"staging/{backup_id}/"))
+
+    stack.driver.write(server.id, disk.id, 0, b"changed" * 1000)
+    # Restore through the stack's own worker (on its default queue).
+    restore = await CsbsClient(stack.client, stack.settings).start_restore(
+        RestoreServerInput(backup_id=backup_id)
+    )
+    await restore.result()
+    assert stack.driver.checksum(server.id) == expected
+
+
+async def test_cancelled_backup_releases_its_snapshot_and_records_why(stack: Stack) -> None:
+    """The snapshot is released on every path, cancellation included (T1 reason)."""
+    server = stack.driver.create_server("cancel-me", [128 * MIB])
+    stack.driver.write(server.id, server.disks[0].id, 0, os.urandom(128 * MIB))
+    client = CsbsClient(stack.client, stack.settings)
+    backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    for _ in range(400):
+        if stack.driver.snapshots(server.id):
+            break
+        await asyncio.sleep(0.01)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), timeout=60)
+    assert stack.driver.snapshots(server.id) == []
+    backup = stack.catalog.get_backup(backup_id)
+    assert backup.status == "error" and "cancelled" in (backup.error or "")
+    task = stack.catalog.list_tasks(kind="backup")[0]
+    assert task.status == "failed" and "cancelled" in (task.reason or "")
