@@ -9,16 +9,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from csbs.errors import NotFound
+from csbs.errors import Conflict, NotFound
 from csbs.model import BackupKind, BackupStatus, TaskKind, TaskStatus
 
 
@@ -99,6 +100,16 @@ class TaskRow(SQLModel, table=True):
     progress: int = 0
     reason: str | None = Field(default=None, sa_type=sa.Text)
     detail: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class ServerLockRow(SQLModel, table=True):
+    """The one-backup-per-server slot (B14): the primary key makes a second claim fail."""
+
+    __tablename__ = "server_locks"
+
+    server_id: str = Field(primary_key=True, max_length=64)
+    backup_id: str = Field(max_length=64)
+    claimed_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
 def make_engine(url: str) -> Engine:
@@ -238,6 +249,47 @@ class Catalog:
             row = s.get(BackupRow, backup_id)
             if row is not None:
                 s.delete(row)
+
+    # -- one backup per server (B14) ----------------------------------------------------
+    def claim_server(self, server_id: str, backup_id: str) -> None:
+        """Take the server's backup slot for ``backup_id`` or raise Conflict.
+
+        A slot whose holder is no longer ``creating`` (its workflow was terminated before it
+        could release it) is taken over.
+        """
+        for _ in range(3):
+            with self.session() as s:
+                lock = s.get(ServerLockRow, server_id)
+                if lock is not None and lock.backup_id == backup_id:
+                    return
+                if lock is not None:
+                    holder = s.get(BackupRow, lock.backup_id)
+                    fresh = (_aware(lock.claimed_at) or utcnow()) > utcnow() - timedelta(minutes=10)
+                    if (holder is None and fresh) or (
+                        holder is not None and holder.status == BackupStatus.CREATING.value
+                    ):
+                        name = f"{holder.name}, {holder.id}" if holder else lock.backup_id
+                        raise Conflict(
+                            f"server {server_id} already has a backup running "
+                            f"({name}); only one backup per server "
+                            f"can run at a time"
+                        )
+                    s.delete(lock)
+                    s.flush()
+                s.add(ServerLockRow(server_id=server_id, backup_id=backup_id, claimed_at=utcnow()))
+                try:
+                    s.flush()
+                except IntegrityError:
+                    s.rollback()
+                    continue  # someone claimed it between our read and insert: look again
+                return
+        raise Conflict(f"server {server_id} already has a backup running")
+
+    def release_server(self, server_id: str, backup_id: str) -> None:
+        with self.session() as s:
+            lock = s.get(ServerLockRow, server_id)
+            if lock is not None and lock.backup_id == backup_id:
+                s.delete(lock)
 
     # -- per-disk backups ---------------------------------------------------------------
     def upsert_disk_backup(self, row: DiskBackupRow) -> None:

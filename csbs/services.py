@@ -99,6 +99,7 @@ class CsbsService:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
             self.store.ensure_config()
+            self.catalog.claim_server(server.id, backup_id)
             parent = self.catalog.last_available_backup(server.id)
             name = inp.name or default_name(inp.kind, random.Random(backup_id))
             now = utcnow()
@@ -309,14 +310,17 @@ class CsbsService:
             error=None,
         )
         self.catalog.finish_task(task_id, ok=True)
+        self.catalog.release_server(row.server_id, backup_id)
         return backup_json(row, disks)
 
     def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
         """Leave the backup in ``error`` and its task failed with ``reason``."""
-        if self.catalog.find_backup(backup_id) is not None:
+        backup = self.catalog.find_backup(backup_id)
+        if backup is not None:
             self.catalog.update_backup(
                 backup_id, status=BackupStatus.ERROR.value, error=reason, finished_at=utcnow()
             )
+            self.catalog.release_server(backup.server_id, backup_id)
         with contextlib.suppress(NotFound):
             self.catalog.finish_task(task_id, ok=False, reason=reason)
 

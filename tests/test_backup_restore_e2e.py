@@ -227,3 +227,30 @@ async def test_offline_backup_stops_for_the_snapshot_and_starts_again(stack: Sta
     stack.driver.stop(server.id)
     await backup(stack, server.id, offline=True)
     assert stack.driver.get_server(server.id).state == ServerState.STOPPED
+
+
+async def test_one_backup_per_server_at_a_time(stack: Stack) -> None:
+    """B14: a second backup of a server while one runs is refused, whichever way it was
+    started, and leaves no half-made backup; the next one after it works."""
+    server = make_server(stack, data=96 * MIB)
+    stack.driver.write(server.id, server.disks[1].id, 0, os.urandom(96 * MIB))
+    client = CsbsClient(stack.client, stack.settings)
+    first_id, first = await client.start_backup(BackupServerInput(server_id=server.id))
+    for _ in range(400):
+        if stack.catalog.find_backup(first_id) is not None:
+            break
+        await asyncio.sleep(0.01)
+    # Started the way another service or the Temporal CLI would, with its own workflow id.
+    second = await stack.client.start_workflow(
+        "BackupServer",
+        {"server_id": server.id},
+        id=f"other-{first_id}",
+        task_queue=stack.settings.task_queue,
+    )
+    with pytest.raises(WorkflowFailureError) as info:
+        await second.result()
+    assert "already has a backup running" in str(info.value.cause)
+    assert [b.id for b in stack.catalog.list_backups()] == [first_id]
+    assert cast(dict[str, Any], await first.result())["status"] == "available"
+    third = await backup(stack, server.id)
+    assert third["parent_id"] == first_id

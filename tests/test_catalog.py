@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from csbs.catalog import BackupFilter, BackupRow, Catalog, DiskBackupRow, TaskRow, backup_json
-from csbs.errors import NotFound
+from csbs.errors import Conflict, NotFound
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -99,3 +99,19 @@ def test_disk_rows_tasks_and_delete(catalog: Catalog) -> None:
     catalog.delete_backup("bk-1")
     assert catalog.find_backup("bk-1") is None and catalog.disk_backups("bk-1") == []
     assert catalog.delete_tasks(["t1", "t2", "nope"]) == 2
+
+
+def test_one_backup_slot_per_server(catalog: Catalog) -> None:
+    """B14: the slot is held while the holder is creating, and freed or taken over after."""
+    add(catalog, 1, status="creating", server_id="srv-x")
+    catalog.claim_server("srv-x", "bk-1")
+    catalog.claim_server("srv-x", "bk-1")  # idempotent for the holder
+    with pytest.raises(Conflict, match="already has a backup running"):
+        catalog.claim_server("srv-x", "bk-2")
+    catalog.release_server("srv-x", "bk-2")  # not the holder: no effect
+    with pytest.raises(Conflict):
+        catalog.claim_server("srv-x", "bk-2")
+    catalog.update_backup("bk-1", status="error")  # holder ended without releasing
+    catalog.claim_server("srv-x", "bk-2")
+    catalog.release_server("srv-x", "bk-2")
+    catalog.claim_server("srv-x", "bk-3")
