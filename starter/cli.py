@@ -519,6 +519,31 @@ def task_show(task_id: str, as_json: JsonOpt = False) -> None:
     emit(row, as_json, lambda: _task_table([row]))
 
 
+@task_app.command("delete")
+def task_delete(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Failed tasks to delete.")] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed task.")] = False,
+    yes: YesOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete failed task records (T2): some by id, or all failed ones."""
+    cat = catalog(settings())
+    if bool(task_ids) == all_failed:
+        fail("give task ids or --all-failed (not both)")
+    if all_failed:
+        ids = [t.id for t in cat.list_tasks(status=TaskStatus.FAILED)]
+    else:
+        rows = [guarded(lambda t=t: cat.get_task(t)) for t in task_ids or []]  # type: ignore[misc]
+        not_failed = [f"{r.id} ({r.status})" for r in rows if r.status != TaskStatus.FAILED]
+        if not_failed:
+            fail(f"only failed task records can be deleted: {', '.join(not_failed)}")
+        ids = [r.id for r in rows]
+    if ids:
+        confirm(f"Delete {len(ids)} failed task record(s)?", yes)
+    deleted = cat.delete_tasks(ids)
+    emit({"deleted": ids}, as_json, lambda: console.print(f"deleted {deleted} task record(s)"))
+
+
 # -- dev: driver servers ---------------------------------------------------------------------
 @dev_server_app.command("create")
 def dev_server_create(

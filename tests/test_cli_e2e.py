@@ -197,3 +197,32 @@ async def test_temporal_cli_starts_a_backup_and_bad_input_fails_at_once(stack: S
             break
         await asyncio.sleep(0.2)
     assert "tcli-backup-1" in out
+
+
+async def test_task_delete_only_failed_records(stack: Stack) -> None:
+    """T2: delete one failed task record, or all failed ones; others are refused."""
+    from datetime import UTC, datetime
+
+    from csbs.catalog import TaskRow
+
+    now = datetime.now(UTC)
+    for tid, status in [
+        ("t-f1", "failed"),
+        ("t-f2", "failed"),
+        ("t-f3", "failed"),
+        ("t-ok", "succeeded"),
+    ]:
+        stack.catalog.add_task(
+            TaskRow(
+                id=tid, project="default", kind="backup", status=status, started_at=now, reason="x"
+            )
+        )
+    refused = await stack.cli("task", "delete", "t-ok", "--yes", check=False)
+    assert refused.code != 0 and "only failed task records" in refused.stderr
+    assert (await stack.cli("task", "delete", "t-f1", "--yes", "--json")).json() == {
+        "deleted": ["t-f1"]
+    }
+    out = (await stack.cli("task", "delete", "--all-failed", "--yes", "--json")).json()
+    assert sorted(out["deleted"]) == ["t-f2", "t-f3"]
+    left = (await stack.cli("task", "list", "--json")).json()
+    assert [t["id"] for t in left] == ["t-ok"]
