@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     #: Worker threads for blocking activities.
     max_concurrent_activities: int = Field(default=16, ge=1, le=256)
     zstd_level: int = Field(default=1, ge=1, le=19)
+    #: Quotas per tenant (B15): most backups kept, most bytes stored; None = no limit.
+    quota_backups: int | None = Field(default=None, ge=1)
+    quota_bytes: int | None = Field(default=None, ge=1)
     #: How often a running disk backup saves its resume point (staging manifest) to S3.
     checkpoint_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 

@@ -29,6 +29,10 @@ class Conflict(CsbsError):
     """Another operation holds what this one needs (e.g. a backup already running)."""
 
 
+class QuotaExceeded(CsbsError):
+    """The tenant's backup quota would be exceeded."""
+
+
 class CorruptData(CsbsError):
     """Stored data failed its digest or format check: never retried, never trusted."""
 

@@ -24,7 +24,7 @@ from csbs.catalog import (
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
-from csbs.errors import InvalidInput, InvalidState, NotFound
+from csbs.errors import InvalidInput, InvalidState, NotFound, QuotaExceeded
 from csbs.format import Manifest
 from csbs.model import (
     BackupServerInput,
@@ -98,6 +98,7 @@ class CsbsService:
         if existing is None:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
+            self._check_quota()
             self.store.ensure_config()
             self.catalog.claim_server(server.id, backup_id)
             parent = self.catalog.last_available_backup(server.id)
@@ -156,6 +157,24 @@ class CsbsService:
             parent_id=backup.parent_id,
             server_state=self.driver.get_server(backup.server_id).state.value,
         )
+
+    def _check_quota(self) -> None:
+        """B15: refuse before anything is written when the tenant is at its quota."""
+        s = self.settings
+        if s.quota_backups is None and s.quota_bytes is None:
+            return
+        backups = self.catalog.list_backups()
+        if s.quota_backups is not None and len(backups) >= s.quota_backups:
+            raise QuotaExceeded(
+                f"project {s.project} has {len(backups)} backups and its quota is "
+                f"{s.quota_backups}; delete backups or raise CSBS_QUOTA_BACKUPS"
+            )
+        stored = sum(b.stored_bytes for b in backups)
+        if s.quota_bytes is not None and stored >= s.quota_bytes:
+            raise QuotaExceeded(
+                f"project {s.project} stores {stored} bytes and its quota is {s.quota_bytes} "
+                f"bytes; delete backups or raise CSBS_QUOTA_BYTES"
+            )
 
     @staticmethod
     def _check_backup_allowed(server: Server) -> None:

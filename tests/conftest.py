@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,9 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
     return env
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def stack(
-    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
-) -> AsyncIterator[Stack]:
-    """A worker on its own task queue over a fresh catalog, prefix and servers directory."""
-    settings = make_settings(tmp_path, s3)
+@asynccontextmanager
+async def running_stack(temporal: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Stack]:
+    """Run a worker for ``settings`` while the block runs."""
     service = CsbsService(settings)
     address = temporal.client.service_client.config.target_host
     with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
@@ -201,3 +199,12 @@ async def stack(
         async with worker:
             yield Stack(settings, service, temporal.client, settings_env(settings, address))
     service.catalog.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
+) -> AsyncIterator[Stack]:
+    """A worker on its own task queue over a fresh catalog, prefix and servers directory."""
+    async with running_stack(temporal, make_settings(tmp_path, s3)) as st:
+        yield st

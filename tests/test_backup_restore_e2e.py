@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from temporalio.client import WorkflowFailureError
+from temporalio.testing import WorkflowEnvironment
 
 from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, ServerState
 from starter.client import CsbsClient
-from tests.conftest import MIB, Stack
+from starter.stack import SeaweedS3
+from tests.conftest import MIB, Stack, make_settings, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -254,3 +257,21 @@ async def test_one_backup_per_server_at_a_time(stack: Stack) -> None:
     assert cast(dict[str, Any], await first.result())["status"] == "available"
     third = await backup(stack, server.id)
     assert third["parent_id"] == first_id
+
+
+async def test_quota_refuses_before_anything_is_written(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
+) -> None:
+    """B15: a backup over the tenant's quota is refused with a clear message."""
+    settings = make_settings(tmp_path, s3, quota_backups=2)
+    async with running_stack(temporal, settings) as st:
+        server = make_server(st)
+        await backup(st, server.id)
+        await backup(st, server.id)
+        chunks = st.count_chunks()
+        refused = await st.cli("backup", "create", server.id, "--json", check=False)
+        assert refused.code != 0
+        assert "its quota is 2" in refused.stderr and "CSBS_QUOTA_BACKUPS" in refused.stderr
+        assert len(st.catalog.list_backups()) == 2
+        assert st.count_chunks() == chunks
+        assert st.driver.snapshots(server.id) == []
