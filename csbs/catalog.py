@@ -452,6 +452,7 @@ def task_json(row: TaskRow) -> dict[str, Any]:
         "finished_at": _iso(row.finished_at),
         "progress": row.progress,
         "reason": row.reason,
+        "detail": row.detail,
         "workflow_id": row.workflow_id,
         "project": row.project,
     }

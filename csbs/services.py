@@ -46,6 +46,8 @@ from csbs.transfer import backup_disk, restore_disk
 
 BACKUP_STATES = {ServerState.RUNNING, ServerState.STOPPED}
 RESTORE_REFUSED_STATES = {ServerState.FAULT, ServerState.RESIZING, ServerState.RESIZE_VERIFYING}
+#: Servers larger than this get a warning (B8): their backups take long.
+LARGE_SERVER_BYTES = 4 * 1024**4
 DELETABLE = {BackupStatus.AVAILABLE, BackupStatus.ERROR, BackupStatus.DELETE_FAILED}
 
 #: Called by long steps with resumable details; activities turn it into a heartbeat.
@@ -116,6 +118,7 @@ class CsbsService:
                     server_name=server.name,
                     workflow_id=workflow_id,
                     started_at=now,
+                    detail="; ".join(backup_warnings(server)) or None,
                 )
             )
             self.catalog.add_backup(
@@ -500,6 +503,16 @@ class CsbsService:
                 backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
             )
         self.catalog.finish_task(task_id, ok=False, reason=reason)
+
+
+def backup_warnings(server: Server) -> list[str]:
+    """Warnings a backup of ``server`` carries but does not refuse on (B8)."""
+    if server.size_bytes > LARGE_SERVER_BYTES:
+        return [
+            f"server {server.id} has {server.size_bytes / 1024**4:.1f} TiB of disks (over 4 TiB): "
+            f"its backups will take long"
+        ]
+    return []
 
 
 def plan_disk_mapping(

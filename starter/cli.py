@@ -289,6 +289,10 @@ def backup_create(
             else:
                 while not poll()[1]:
                     time.sleep(0.5)
+    for backup_id in ids:
+        for task in cat.list_tasks(kind=TaskKind.BACKUP, backup_id=backup_id):
+            if task.detail:
+                err_console.print(f"[yellow]warning:[/yellow] {task.detail}", highlight=False)
     views = [_backup_view(cat, b) for b in ids]
     emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
     failed = [v for v in views if v["status"] == BackupStatus.ERROR]

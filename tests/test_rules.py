@@ -126,3 +126,12 @@ def test_mapping_rules() -> None:
     ]:
         with pytest.raises(InvalidInput, match=message):
             plan_disk_mapping(server, disks, mapping)
+
+
+def test_servers_over_4_tib_warn() -> None:
+    """B8: a server larger than 4 TB is backed up with a warning."""
+    from csbs.services import backup_warnings
+
+    assert backup_warnings(_server(1 << 40, 3 << 40)) == []
+    (warning,) = backup_warnings(_server(1 << 40, 3 << 40, 1))
+    assert "over 4 TiB" in warning
