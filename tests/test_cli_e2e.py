@@ -226,3 +226,34 @@ async def test_task_delete_only_failed_records(stack: Stack) -> None:
     assert sorted(out["deleted"]) == ["t-f2", "t-f3"]
     left = (await stack.cli("task", "list", "--json")).json()
     assert [t["id"] for t in left] == ["t-ok"]
+
+
+async def test_preconditions_refuse_with_one_line_and_change_nothing(stack: Stack) -> None:
+    """B8, R2: only running/stopped servers without shared disks are backed up; restore
+    refuses servers in fault/resizing/resize_verifying and backups not available."""
+    drv = stack.driver
+    shared = drv.create_server("clustered", [8 * 1024 * 1024], [8 * 1024 * 1024])
+    refused = await stack.cli("backup", "create", shared.id, check=False)
+    assert refused.code != 0 and "shared disk" in refused.stderr
+    ok = drv.create_server("ok", [8 * 1024 * 1024])
+    drv.write(ok.id, ok.disks[0].id, 0, b"z" * 5000)
+    for state in ("fault", "resizing", "resize_verifying"):
+        drv.set_state(ok.id, state)  # type: ignore[arg-type]
+        refused = await stack.cli("backup", "create", ok.id, check=False)
+        assert refused.code != 0 and "only running or stopped" in refused.stderr
+    assert stack.catalog.list_backups() == []
+    drv.set_state(ok.id, "stopped")  # type: ignore[arg-type]
+    backup = (await stack.cli("backup", "create", ok.id, "--wait", "--json")).json()
+    assert backup["status"] == "available"
+    sums = drv.checksum(ok.id)
+    for state in ("fault", "resizing", "resize_verifying"):
+        drv.set_state(ok.id, state)  # type: ignore[arg-type]
+        refused = await stack.cli("backup", "restore", backup["id"], "--yes", "--wait", check=False)
+        assert refused.code != 0 and f"is {state}" in refused.stderr
+        assert refused.stderr.strip().count("\n") == 0
+    assert drv.checksum(ok.id) == sums
+    stack.catalog.update_backup(backup["id"], status="error")
+    drv.set_state(ok.id, "running")  # type: ignore[arg-type]
+    refused = await stack.cli("backup", "restore", backup["id"], "--yes", check=False)
+    assert refused.code != 0 and "only available backups can be restored" in refused.stderr
+    assert stack.catalog.list_tasks(kind="restore") == []
