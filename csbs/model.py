@@ -143,6 +143,15 @@ class RestoreServerInput(_Input):
     backup_id: str
     disk_mapping: dict[str, str] = Field(default_factory=dict)
     power_on: bool = True
+    #: Restore only these backed-up disks (R7); empty means every disk of the backup.
+    disk_ids: list[str] = Field(default_factory=list)
+
+    @field_validator("disk_ids")
+    @classmethod
+    def _disk_ids(cls, v: list[str]) -> list[str]:
+        for disk_id in v:
+            check_id(disk_id, "disk_ids")
+        return v
 
     @field_validator("backup_id")
     @classmethod

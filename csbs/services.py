@@ -369,7 +369,7 @@ class CsbsService:
                 f"resize_verifying cannot be restored"
             )
         items, warnings = plan_disk_mapping(
-            server, self.catalog.disk_backups(backup.id), inp.disk_mapping
+            server, self.catalog.disk_backups(backup.id), inp.disk_mapping, inp.disk_ids
         )
         if existing is None:
             self.catalog.add_task(
@@ -516,7 +516,10 @@ def backup_warnings(server: Server) -> list[str]:
 
 
 def plan_disk_mapping(
-    server: Server, disks: list[DiskBackupRow], mapping: dict[str, str]
+    server: Server,
+    disks: list[DiskBackupRow],
+    mapping: dict[str, str],
+    only: list[str] | None = None,
 ) -> tuple[list[RestoreItem], list[str]]:
     """Decide which backed-up disk goes onto which disk of the server (R4).
 
@@ -525,14 +528,18 @@ def plan_disk_mapping(
     never goes onto the system disk, and no target is used twice.
     """
     by_id = {d.disk_id: d for d in disks}
-    for src in mapping:
+    for src in [*mapping, *(only or [])]:
         if src not in by_id:
             raise InvalidInput(f"disk_mapping: disk {src} is not in this backup")
+    chosen = [d for d in disks if not only or d.disk_id in only]
+    for src in mapping:
+        if only and src not in only:
+            raise InvalidInput(f"disk_mapping: disk {src} is mapped but not chosen for restore")
     items: list[RestoreItem] = []
     warnings: list[str] = []
     targets_used: set[str] = set()
     server_disks = {d.id: d for d in server.disks}
-    for disk in disks:
+    for disk in chosen:
         target_id = mapping.get(disk.disk_id, disk.disk_id)
         target = server_disks.get(target_id)
         if target is None:
@@ -558,7 +565,12 @@ def plan_disk_mapping(
                 source_disk_id=disk.disk_id, target_disk_id=target_id, size_bytes=disk.size_bytes
             )
         )
-    if len(server.disks) > len(disks):
+    if only:
+        warnings.append(
+            f"only disk(s) {', '.join(only)} restored: the server's other disks keep their "
+            f"current data, so data across disks may not be consistent"
+        )
+    elif len(server.disks) > len(disks):
         warnings.append(
             f"server {server.id} now has {len(server.disks)} disks, the backup {len(disks)}: "
             f"disks not in the backup keep their data, so data across disks may not be consistent"

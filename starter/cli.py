@@ -428,6 +428,9 @@ def _parse_map(pairs: list[str]) -> dict[str, str]:
 def backup_restore(
     backup_id: str,
     map_: Annotated[list[str] | None, typer.Option("--map", help="SRC_DISK=DST_DISK")] = None,
+    disk: Annotated[
+        list[str] | None, typer.Option("--disk", help="Restore only this backed-up disk (R7).")
+    ] = None,
     power_on: Annotated[
         bool, typer.Option("--power-on/--no-power-on", help="Start the server afterwards.")
     ] = True,
@@ -439,7 +442,10 @@ def backup_restore(
     s = settings()
     inp = guarded(
         lambda: RestoreServerInput(
-            backup_id=backup_id, disk_mapping=_parse_map(map_ or []), power_on=power_on
+            backup_id=backup_id,
+            disk_mapping=_parse_map(map_ or []),
+            power_on=power_on,
+            disk_ids=disk or [],
         )
     )
     cat = catalog(s)

@@ -257,3 +257,53 @@ async def test_preconditions_refuse_with_one_line_and_change_nothing(stack: Stac
     refused = await stack.cli("backup", "restore", backup["id"], "--yes", check=False)
     assert refused.code != 0 and "only available backups can be restored" in refused.stderr
     assert stack.catalog.list_tasks(kind="restore") == []
+
+
+async def test_restore_one_disk_and_map_onto_another_disk(stack: Stack) -> None:
+    """R4, R7: restore a single disk of a server backup; map a disk onto a larger one."""
+    drv = stack.driver
+    server = drv.create_server("two", [8 * 1024 * 1024, 8 * 1024 * 1024, 16 * 1024 * 1024])
+    sys_d, data_d, big_d = (d.id for d in server.disks)
+    drv.write(server.id, sys_d, 0, b"s" * 300000)
+    drv.write(server.id, data_d, 4096, b"d" * 300000)
+    backup = (await stack.cli("backup", "create", server.id, "--wait", "--json")).json()
+    at_backup = drv.checksum(server.id)
+    drv.write(server.id, sys_d, 0, b"S" * 1000)
+    drv.write(server.id, data_d, 0, b"D" * 1000)
+    changed = drv.checksum(server.id)
+    out = await stack.cli(
+        "backup", "restore", backup["id"], "--disk", data_d, "--yes", "--wait", "--json"
+    )
+    assert "only disk(s)" in out.stderr  # the cross-disk consistency warning
+    now = drv.checksum(server.id)
+    assert now[data_d] == at_backup[data_d] and now[sys_d] == changed[sys_d]
+
+    # The data disk onto the larger third disk; onto the system disk is refused.
+    refused = await stack.cli(
+        "backup",
+        "restore",
+        backup["id"],
+        "--disk",
+        data_d,
+        "--map",
+        f"{data_d}={sys_d}",
+        "--yes",
+        check=False,
+    )
+    assert refused.code != 0 and "cannot be restored onto system disk" in refused.stderr
+    await stack.cli(
+        "backup",
+        "restore",
+        backup["id"],
+        "--disk",
+        data_d,
+        "--map",
+        f"{data_d}={big_d}",
+        "--yes",
+        "--wait",
+    )
+    import hashlib
+
+    image = bytes(4096) + b"d" * 300000
+    expected = hashlib.sha256(image + bytes(16 * 1024 * 1024 - len(image))).hexdigest()
+    assert drv.checksum(server.id)[big_d] == expected
