@@ -307,3 +307,62 @@ async def test_restore_one_disk_and_map_onto_another_disk(stack: Stack) -> None:
     image = bytes(4096) + b"d" * 300000
     expected = hashlib.sha256(image + bytes(16 * 1024 * 1024 - len(image))).hexdigest()
     assert drv.checksum(server.id)[big_d] == expected
+
+
+async def test_batch_names_listing_filters_and_progress(stack: Stack) -> None:
+    """B7 (numbered names), B9 (progress), B11 (every filter of backup list)."""
+    drv = stack.driver
+    servers = [drv.create_server(f"web-{i}", [8 * 1024 * 1024]) for i in range(2)]
+    for s in servers:
+        drv.write(s.id, s.disks[0].id, 0, b"w" * 100000)
+    made = (
+        await stack.cli(
+            "backup",
+            "create",
+            servers[0].id,
+            servers[1].id,
+            "--name",
+            "nightly",
+            "--description",
+            "before upgrade",
+            "--wait",
+            "--json",
+        )
+    ).json()
+    assert [b["name"] for b in made] == ["nightly-0001", "nightly-0002"]
+    assert {b["description"] for b in made} == {"before upgrade"}
+    default = (
+        await stack.cli("backup", "create", servers[0].id, servers[1].id, "--wait", "--json")
+    ).json()
+    base = default[0]["name"].removesuffix("-0001")
+    assert base.startswith("manualbk_") and default[1]["name"] == f"{base}-0002"
+    too_long = await stack.cli(
+        "backup", "create", servers[0].id, "--description", "d" * 256, check=False
+    )
+    assert too_long.code != 0 and "at most 255" in too_long.stderr
+
+    async def ids(*args: str) -> set[str]:
+        return {b["id"] for b in (await stack.cli("backup", "list", "--json", *args)).json()}
+
+    everything = await ids()
+    assert len(everything) == 4
+    assert await ids("--server-id", servers[1].id) == {made[1]["id"], default[1]["id"]}
+    assert await ids("--server-name", "web-0") == {made[0]["id"], default[0]["id"]}
+    assert await ids("--server-type", "local") == everything
+    assert await ids("--server-type", "qemu") == set()
+    assert await ids("--name", "nightly") == {made[0]["id"], made[1]["id"]}
+    assert await ids("--id", made[0]["id"]) == {made[0]["id"]}
+    assert await ids("--status", "available") == everything
+    assert await ids("--status", "error") == set()
+    assert await ids("--since", made[0]["created_at"], "--until", made[1]["created_at"]) == {
+        made[0]["id"],
+        made[1]["id"],
+    }
+    assert await ids("--since", "2999-01-01") == set()
+    bad = await stack.cli("backup", "list", "--status", "lost", check=False)
+    assert bad.code != 0
+
+    # Progress of a finished backup's workflow, as the Web UI and `temporal` see it.
+    handle = stack.client.get_workflow_handle(f"backup-{made[0]['id']}")
+    progress = await handle.query("progress")
+    assert progress["step"] == "done" and progress["disks_done"] == progress["disks_total"] == 1
