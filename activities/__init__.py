@@ -78,6 +78,7 @@ class CsbsActivities:
             self.prepare_delete,
             self.delete_backup,
             self.fail_delete,
+            self.collect_garbage,
         ]
 
     # -- backup ------------------------------------------------------------------------------
@@ -154,6 +155,11 @@ class CsbsActivities:
     @_typed_errors
     def delete_backup(self, backup_id: str, task_id: str) -> None:
         self.service.delete_backup(backup_id, task_id)
+
+    @activity.defn(name="collect_garbage")
+    @_typed_errors
+    def collect_garbage(self) -> dict[str, int]:
+        return self.service.collect_garbage(heartbeat=_heartbeat)
 
     @activity.defn(name="fail_delete")
     @_typed_errors

@@ -107,7 +107,7 @@ class ServerLockRow(SQLModel, table=True):
 
     __tablename__ = "server_locks"
 
-    server_id: str = Field(primary_key=True, max_length=64)
+    server_id: str = Field(primary_key=True, max_length=80)
     backup_id: str = Field(max_length=64)
     claimed_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
@@ -284,6 +284,48 @@ class Catalog:
                     continue  # someone claimed it between our read and insert: look again
                 return
         raise Conflict(f"server {server_id} already has a backup running")
+
+    def claim_gc(self) -> None:
+        """Take the tenant's garbage-collection slot, or raise Conflict while backups run.
+
+        Backups take their server slot, then look for this one; GC takes this one, then
+        looks for server slots. Each writes before it reads, so at least one of two that
+        race sees the other: a backup and a sweep never overlap.
+        """
+        key = f"gc:{self.project}"
+        with self.session() as s:
+            if s.get(ServerLockRow, key) is None:
+                s.add(ServerLockRow(server_id=key, backup_id="gc", claimed_at=utcnow()))
+        busy = self.running_backup_slots()
+        if busy:
+            self.release_server(key, "gc")
+            raise Conflict(
+                f"garbage collection waits: backups are running ({', '.join(busy)}); "
+                f"it will run again after them"
+            )
+
+    def running_backup_slots(self) -> list[str]:
+        """Backup ids holding a live server slot (of this tenant, or not yet recorded)."""
+        busy = []
+        with self.session() as s:
+            for lock in s.exec(select(ServerLockRow)).all():
+                if lock.server_id.startswith("gc:"):
+                    continue
+                holder = s.get(BackupRow, lock.backup_id)
+                if holder is None:
+                    claimed = _aware(lock.claimed_at) or utcnow()
+                    if claimed > utcnow() - timedelta(minutes=10):
+                        busy.append(lock.backup_id)
+                elif holder.project == self.project and holder.status == BackupStatus.CREATING:
+                    busy.append(holder.id)
+        return busy
+
+    def gc_running(self) -> bool:
+        with self.session() as s:
+            return s.get(ServerLockRow, f"gc:{self.project}") is not None
+
+    def release_gc(self) -> None:
+        self.release_server(f"gc:{self.project}", "gc")
 
     def release_server(self, server_id: str, backup_id: str) -> None:
         with self.session() as s:

@@ -125,11 +125,16 @@ class ChunkStore:
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Every key under ``<root>/<prefix>``."""
+        for key, _size in self.list_objects(prefix):
+            yield key
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``<root>/<prefix>``."""
         paginator = self.s3.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.root}/{prefix}"):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"]
+                    yield obj["Key"], obj.get("Size", 0)
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error(f"LIST {prefix}", exc) from exc
 
@@ -174,13 +179,19 @@ class ChunkStore:
         return decode_chunk(blob, chunk_id), len(blob)
 
     def delete_chunks(self, chunk_ids: list[bytes]) -> None:
-        self._delete([self.chunk_key(c) for c in chunk_ids])
+        if chunk_ids:
+            self._delete([self.chunk_key(c) for c in chunk_ids])
 
     def list_chunk_ids(self) -> Iterator[bytes]:
-        for key in self.list_keys("chunks/"):
+        for chunk_id, _size in self.list_chunks():
+            yield chunk_id
+
+    def list_chunks(self) -> Iterator[tuple[bytes, int]]:
+        """(id, stored size) of every chunk object."""
+        for key, size in self.list_objects("chunks/"):
             name = key.rsplit("/", 1)[-1]
             try:
-                yield bytes.fromhex(name)
+                yield bytes.fromhex(name), size
             except ValueError:
                 continue
 
@@ -217,9 +228,9 @@ class ChunkStore:
         self._delete(keys)
         return len(keys)
 
-    def list_manifest_refs(self) -> Iterator[tuple[str, str]]:
-        """(backup_id, disk_id) of every committed manifest."""
-        for key in self.list_keys("manifests/"):
+    def list_manifest_refs(self, staging: bool = False) -> Iterator[tuple[str, str]]:
+        """(backup_id, disk_id) of every committed (or staging) manifest."""
+        for key in self.list_keys("staging/" if staging else "manifests/"):
             parts = key.rsplit("/", 2)
             yield parts[-2], parts[-1]
 

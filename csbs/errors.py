@@ -33,6 +33,12 @@ class QuotaExceeded(CsbsError):
     """The tenant's backup quota would be exceeded."""
 
 
+class GarbageCollectionRunning(CsbsError):
+    """A sweep holds the tenant's chunks for a moment; retrying soon succeeds."""
+
+    retryable = True
+
+
 class CorruptData(CsbsError):
     """Stored data failed its digest or format check: never retried, never trusted."""
 

@@ -24,7 +24,13 @@ from csbs.catalog import (
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
-from csbs.errors import InvalidInput, InvalidState, NotFound, QuotaExceeded
+from csbs.errors import (
+    GarbageCollectionRunning,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    QuotaExceeded,
+)
 from csbs.format import Manifest
 from csbs.model import (
     BackupServerInput,
@@ -103,6 +109,12 @@ class CsbsService:
             self._check_quota()
             self.store.ensure_config()
             self.catalog.claim_server(server.id, backup_id)
+            if self.catalog.gc_running():
+                self.catalog.release_server(server.id, backup_id)
+                raise GarbageCollectionRunning(
+                    "garbage collection is sweeping this project's chunks; the backup "
+                    "starts when it is done"
+                )
             parent = self.catalog.last_available_backup(server.id)
             name = inp.name or default_name(inp.kind, random.Random(backup_id))
             now = utcnow()
@@ -496,6 +508,33 @@ class CsbsService:
         self.store.delete_backup_objects(backup_id)
         self.catalog.delete_backup(backup_id)
         self.catalog.finish_task(task_id, ok=True)
+
+    def collect_garbage(self, heartbeat: Heartbeat | None = None) -> dict[str, int]:
+        """Delete chunks that no manifest references (D1). Never overlaps a backup."""
+        self.catalog.claim_gc()
+        try:
+            referenced: set[bytes] = set()
+            refs = [(b, d, False) for b, d in self.store.list_manifest_refs()]
+            refs += [(b, d, True) for b, d in self.store.list_manifest_refs(staging=True)]
+            for i, (backup_id, disk_id, staging) in enumerate(refs):
+                referenced |= self.store.get_manifest(backup_id, disk_id, staging).chunk_ids()
+                if heartbeat is not None:
+                    heartbeat({"manifests": i + 1})
+            total, doomed, freed = 0, [], 0
+            for chunk_id, size in self.store.list_chunks():
+                total += 1
+                if chunk_id not in referenced:
+                    doomed.append(chunk_id)
+                    freed += size
+            self.store.delete_chunks(doomed)
+        finally:
+            self.catalog.release_gc()
+        return {
+            "manifests": len(refs),
+            "chunks": total,
+            "chunks_deleted": len(doomed),
+            "bytes_freed": freed,
+        }
 
     def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
         if self.catalog.find_backup(backup_id) is not None:

@@ -164,7 +164,7 @@ async def test_every_backup_restores_after_deleting_the_middle_one(stack: Stack)
     a, b, c = ids
     client = CsbsClient(stack.client, stack.settings)
     handle = await client.start_delete(DeleteBackupsInput(backup_ids=[b]))
-    assert await handle.result() == {"deleted": [b]}
+    assert cast(dict[str, Any], await handle.result())["deleted"] == [b]
     assert stack.catalog.find_backup(b) is None
     assert not list(stack.store.list_keys(f"manifests/{b}/"))
     for backup_id, expected in ((a, sums[0]), (c, sums[2])):
@@ -275,3 +275,43 @@ async def test_quota_refuses_before_anything_is_written(
         assert len(st.catalog.list_backups()) == 2
         assert st.count_chunks() == chunks
         assert st.driver.snapshots(server.id) == []
+
+
+async def test_delete_reclaims_chunks_no_other_backup_uses(stack: Stack) -> None:
+    """D1, B4: deleting a backup frees exactly the chunks only it used; others restore."""
+    server = make_server(stack)
+    data_disk = server.disks[1].id
+    a = await backup(stack, server.id)
+    a_sums = stack.driver.checksum(server.id)
+    stack.driver.write(server.id, data_disk, 12 * MIB, os.urandom(MIB))  # chunk only in B
+    b = await backup(stack, server.id)
+    stack.driver.write(server.id, data_disk, 12 * MIB, os.urandom(MIB))  # replaced in C
+    c = await backup(stack, server.id)
+    c_sums = stack.driver.checksum(server.id)
+    before = stack.count_chunks()
+    client = CsbsClient(stack.client, stack.settings)
+    result = cast(
+        dict[str, Any],
+        await (await client.start_delete(DeleteBackupsInput(backup_ids=[b["id"]]))).result(),
+    )
+    assert result["reclaimed"]["chunks_deleted"] == 1
+    assert stack.count_chunks() == before - 1
+    for backup_id, sums in ((a["id"], a_sums), (c["id"], c_sums)):
+        await restore(stack, backup_id)
+        assert stack.driver.checksum(server.id) == sums
+    # Deleting the rest leaves no chunk behind.
+    await (await client.start_delete(DeleteBackupsInput(backup_ids=[a["id"], c["id"]]))).result()
+    assert stack.count_chunks() == 0
+
+
+async def test_backup_waits_for_a_running_sweep(stack: Stack) -> None:
+    """D1: a backup started while GC sweeps retries its start and then runs."""
+    server = make_server(stack)
+    stack.catalog.claim_gc()
+    client = CsbsClient(stack.client, stack.settings)
+    backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    await asyncio.sleep(2.5)
+    assert stack.catalog.find_backup(backup_id) is None  # nothing made while it waits
+    stack.catalog.release_gc()
+    result = cast(dict[str, Any], await asyncio.wait_for(handle.result(), timeout=60))
+    assert result["status"] == "available"

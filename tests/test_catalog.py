@@ -115,3 +115,17 @@ def test_one_backup_slot_per_server(catalog: Catalog) -> None:
     catalog.claim_server("srv-x", "bk-2")
     catalog.release_server("srv-x", "bk-2")
     catalog.claim_server("srv-x", "bk-3")
+
+
+def test_gc_and_backups_never_overlap(catalog: Catalog) -> None:
+    """D1: a sweep waits for running backups; a backup sees a running sweep."""
+    add(catalog, 1, status="creating", server_id="srv-x")
+    catalog.claim_server("srv-x", "bk-1")
+    with pytest.raises(Conflict, match="backups are running"):
+        catalog.claim_gc()
+    assert not catalog.gc_running()  # the refused sweep left nothing behind
+    catalog.release_server("srv-x", "bk-1")
+    catalog.claim_gc()
+    assert catalog.gc_running()
+    catalog.release_gc()
+    assert not catalog.gc_running()

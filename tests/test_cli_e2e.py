@@ -113,7 +113,7 @@ async def test_readme_story_backup_change_backup_restore(stack: Stack) -> None:
     assert "after-change" in table.stdout
 
     deleted = await stack.cli("backup", "delete", first["id"], "--yes", "--wait", "--json")
-    assert deleted.json() == {"deleted": [first["id"]]}
+    assert deleted.json()["deleted"] == [first["id"]]
     missing = await stack.cli("backup", "show", first["id"], check=False)
     assert (
         missing.code == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr

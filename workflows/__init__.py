@@ -2,8 +2,9 @@
 
 from workflows.backup import BackupServer
 from workflows.delete import DeleteBackups
+from workflows.gc import CollectGarbage
 from workflows.restore import RestoreServer
 
-ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups]
+ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups, CollectGarbage]
 
-__all__ = ["ALL_WORKFLOWS", "BackupServer", "DeleteBackups", "RestoreServer"]
+__all__ = ["ALL_WORKFLOWS", "BackupServer", "CollectGarbage", "DeleteBackups", "RestoreServer"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -71,6 +72,20 @@ class DeleteBackups:
                     start_to_close_timeout=STEP_TIMEOUT,
                     retry_policy=CLEANUP_RETRY,
                 )
+        if self._progress["deleted"]:
+            self._progress["step"] = "reclaiming storage"
+            workflow.set_current_details(self._progress["step"])
+            try:
+                self._progress["reclaimed"] = await workflow.execute_activity(
+                    "collect_garbage",
+                    result_type=dict[str, Any],
+                    start_to_close_timeout=timedelta(hours=6),
+                    heartbeat_timeout=timedelta(minutes=2),
+                    retry_policy=RETRY,
+                )
+            except ActivityError as err:
+                # Backups are running (or S3 failed): the next CollectGarbage reclaims it.
+                self._progress["reclaimed"] = {"deferred": reason_of("reclaim", err).reason}
         self._progress["step"] = "done"
         if self._progress["failed"]:
             raise ApplicationError(
@@ -78,4 +93,4 @@ class DeleteBackups:
                 type="DeleteFailed",
                 non_retryable=True,
             )
-        return {"deleted": self._progress["deleted"]}
+        return {"deleted": self._progress["deleted"], "reclaimed": self._progress.get("reclaimed")}
