@@ -20,7 +20,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from csbs.config import Settings
-from csbs.errors import CorruptData, InvalidInput, NotFound, StorageError
+from csbs.errors import (
+    CorruptData,
+    CsbsError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+)
 from csbs.format import FORMAT_VERSION, HASH_NAME, Manifest, decode_chunk, encode_chunk
 from csbs.model import check_id
 
@@ -52,13 +59,28 @@ def _not_found(exc: ClientError) -> bool:
     return code in {"404", "NoSuchKey", "NotFound"}
 
 
-def _storage_error(action: str, exc: Exception) -> StorageError:
+#: S3 error codes that a retry will not cure: a person must fix bucket or credentials.
+_PERMANENT_CODES = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+}
+
+
+def _storage_error(action: str, exc: Exception) -> CsbsError:
+    code = ""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
-        detail = f"{err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": ")
+        code = str(err.get("Code", "?"))
+        detail = f"{code}: {err.get('Message', '')}".rstrip(": ")
     else:
         detail = str(exc)
-    return StorageError(f"object store: {action} failed ({detail})")
+    message = f"object store: {action} failed ({detail})"
+    if code in _PERMANENT_CODES:
+        return StorageUnavailable(message)
+    return StorageError(message)
 
 
 class ChunkStore:

@@ -49,6 +49,10 @@ class StorageError(CsbsError):
     retryable = True
 
 
+class StorageUnavailable(CsbsError):
+    """The bucket is missing or the credentials are refused: needs a person, not a retry."""
+
+
 class DiskUnavailable(CsbsError):
     """A disk image is missing or may not be opened: needs a person, not a retry."""
 

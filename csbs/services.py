@@ -107,7 +107,6 @@ class CsbsService:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
             self._check_quota()
-            self.store.ensure_config()
             self.catalog.claim_server(server.id, backup_id)
             if self.catalog.gc_running():
                 self.catalog.release_server(server.id, backup_id)
@@ -208,6 +207,7 @@ class CsbsService:
     def take_snapshot(self, backup_id: str) -> list[str]:
         """Group-snapshot all disks of the backup's server; return the disk ids."""
         backup = self.catalog.get_backup(backup_id)
+        self.store.ensure_config()  # fail before the snapshot when the store is unusable
         snapshot = self.driver.group_snapshot(backup.server_id, backup_id)
         if backup.snapshot_at is None:
             self.catalog.update_backup(backup_id, snapshot_at=utcnow())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -315,3 +316,46 @@ async def test_backup_waits_for_a_running_sweep(stack: Stack) -> None:
     stack.catalog.release_gc()
     result = cast(dict[str, Any], await asyncio.wait_for(handle.result(), timeout=60))
     assert result["status"] == "available"
+
+
+def _remove_bucket(store: Any) -> None:
+    s3, bucket = store.s3, store.bucket
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    s3.delete_bucket(Bucket=bucket)
+
+
+async def test_bucket_removed_failures_leave_records_a_person_can_act_on(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
+) -> None:
+    """B10, R6, T1, D1: with the bucket gone, a backup ends in `error`, a restore leaves a
+    failed task, a delete leaves `delete_failed`; each reason names step, disk and cause.
+    The delete is retried once the bucket is back."""
+    settings = make_settings(tmp_path, s3, s3_bucket=f"csbs-gone-{uuid.uuid4().hex[:8]}")
+    async with running_stack(temporal, settings) as st:
+        st.store.ensure_bucket()
+        server = make_server(st)
+        good = await backup(st, server.id)
+        _remove_bucket(st.store)
+
+        with pytest.raises(WorkflowFailureError):
+            await backup(st, server.id)
+        failed = next(b for b in st.catalog.list_backups() if b.id != good["id"])
+        assert failed.status == "error"
+        assert "upload of disk" in (failed.error or "") and "NoSuchBucket" in (failed.error or "")
+        assert st.driver.snapshots(server.id) == []
+
+        refused = await st.cli("backup", "restore", good["id"], "--yes", "--wait", check=False)
+        assert refused.code != 0 and "NoSuchBucket" in refused.stderr
+        (task,) = st.catalog.list_tasks(kind="restore")
+        assert task.status == "failed" and "left stopped" in (task.reason or "")
+        assert st.catalog.get_backup(good["id"]).status == "available"
+
+        refused = await st.cli("backup", "delete", good["id"], "--yes", "--wait", check=False)
+        assert refused.code != 0 and "NoSuchBucket" in refused.stderr
+        assert st.catalog.get_backup(good["id"]).status == "delete_failed"
+        st.store.ensure_bucket()
+        await st.cli("backup", "delete", good["id"], failed.id, "--yes", "--wait")
+        assert st.catalog.list_backups() == []
