@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -228,8 +227,3 @@ class TransferStats(BaseModel):
     data_bytes: int = 0
     read_mode: str = "full"
     seconds: float = 0.0
-
-
-class TimeWindow(BaseModel):
-    since: datetime | None = None
-    until: datetime | None = None

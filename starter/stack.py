@@ -19,10 +19,6 @@ from pathlib import Path
 #: Search attributes of the public contract, registered on the dev server at start.
 SEARCH_ATTRIBUTES = ["CsbsServerId", "CsbsBackupId", "CsbsPolicyId", "CsbsOperation"]
 
-#: Default access keys of the embedded SeaweedFS (loopback only; real stores use their own).
-DEV_ACCESS_KEY = "csbs-dev"
-DEV_SECRET_KEY = "csbs-dev-secret"
-
 #: Every port `weed mini` opens, so that a second instance (tests) can move all of them.
 WEED_PORT_FLAGS = [
     "master.port",
@@ -98,10 +94,10 @@ class SeaweedS3:
 def start_seaweed(
     data_dir: Path,
     bucket: str,
+    access_key: str,
+    secret_key: str,
     log_path: Path | None = None,
     default_ports: bool = False,
-    access_key: str = DEV_ACCESS_KEY,
-    secret_key: str = DEV_SECRET_KEY,
 ) -> SeaweedS3:
     """Start SeaweedFS with an S3 endpoint; every port moved unless ``default_ports``."""
     data_dir.mkdir(parents=True, exist_ok=True)
