@@ -197,6 +197,10 @@ class RestoreItem(BaseModel):
     source_disk_id: str
     target_disk_id: str
     size_bytes: int
+    #: The original disk was removed since the backup: re-create it (R5).
+    create: bool = False
+    name: str = ""
+    role: DiskRole = DiskRole.DATA
 
 
 class RestorePlan(BaseModel):

@@ -36,6 +36,7 @@ from csbs.model import (
     BackupServerInput,
     BackupStatus,
     DeleteBackupsInput,
+    Disk,
     DiskRole,
     PreparedBackup,
     RestoreItem,
@@ -432,6 +433,12 @@ class CsbsService:
         backup = self.catalog.get_backup(backup_id)
         manifest = self.store.get_manifest(backup_id, item.source_disk_id)
         server = self.driver.get_server(backup.server_id)
+        if item.create and not any(d.id == item.target_disk_id for d in server.disks):
+            like = Disk(
+                id=item.target_disk_id, name=item.name, size_bytes=item.size_bytes, role=item.role
+            )
+            self.driver.add_disk(server.id, item.size_bytes, like)
+            server = self.driver.get_server(backup.server_id)
         target = server.disk(item.target_disk_id)
         # Restoring onto the original disk returns it to its size at backup time (R5);
         # onto another (larger) disk, the data goes to its start and the size stays.
@@ -581,10 +588,24 @@ def plan_disk_mapping(
     for disk in chosen:
         target_id = mapping.get(disk.disk_id, disk.disk_id)
         target = server_disks.get(target_id)
+        if target is None and disk.disk_id not in mapping:
+            # R5: the disk was removed since the backup; it comes back as it was.
+            warnings.append(f"disk {disk.disk_id} was removed since the backup: it is re-created")
+            items.append(
+                RestoreItem(
+                    source_disk_id=disk.disk_id,
+                    target_disk_id=disk.disk_id,
+                    size_bytes=disk.size_bytes,
+                    create=True,
+                    name=disk.disk_name,
+                    role=DiskRole(disk.role),
+                )
+            )
+            targets_used.add(disk.disk_id)
+            continue
         if target is None:
             raise InvalidInput(
                 f"disk_mapping: disk {target_id} is not a disk of server {server.id}"
-                + ("" if disk.disk_id in mapping else "; map the backed-up disk to another disk")
             )
         if target_id != disk.disk_id and target.size_bytes < disk.size_bytes:
             raise InvalidInput(

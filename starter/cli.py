@@ -622,6 +622,42 @@ def _urandom(n: int) -> bytes:
     return os.urandom(n)
 
 
+@dev_server_app.command("add-disk")
+def dev_server_add_disk(
+    server_id: str,
+    size: Annotated[str, typer.Option(help="Size of the new data disk.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Attach a new empty data disk."""
+    n = guarded(lambda: parse_size(size, "size"))
+    disk = guarded(lambda: driver(settings()).add_disk(server_id, n))
+    emit(disk.model_dump(mode="json"), as_json, lambda: console.print(f"added {disk.id}"))
+
+
+@dev_server_app.command("resize-disk")
+def dev_server_resize_disk(
+    server_id: str,
+    disk: Annotated[str, typer.Option(help="Disk id.")],
+    size: Annotated[str, typer.Option(help="New, larger size.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Grow a disk."""
+    n = guarded(lambda: parse_size(size, "size"))
+    grown = guarded(lambda: driver(settings()).resize_disk(server_id, disk, n))
+    emit(grown.model_dump(mode="json"), as_json, lambda: console.print(f"resized {disk}"))
+
+
+@dev_server_app.command("remove-disk")
+def dev_server_remove_disk(
+    server_id: str, disk: Annotated[str, typer.Option(help="Disk id.")], as_json: JsonOpt = False
+) -> None:
+    """Detach and delete a data disk."""
+    guarded(lambda: driver(settings()).remove_disk(server_id, disk))
+    emit(
+        {"server_id": server_id, "removed": disk}, as_json, lambda: console.print(f"removed {disk}")
+    )
+
+
 @dev_server_app.command("checksum")
 def dev_server_checksum(server_id: str, as_json: JsonOpt = True) -> None:
     """sha256 of every disk of a server, as a JSON object {disk_id: hex}."""

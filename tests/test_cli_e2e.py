@@ -366,3 +366,53 @@ async def test_batch_names_listing_filters_and_progress(stack: Stack) -> None:
     handle = stack.client.get_workflow_handle(f"backup-{made[0]['id']}")
     progress = await handle.query("progress")
     assert progress["step"] == "done" and progress["disks_done"] == progress["disks_total"] == 1
+
+
+async def test_restore_after_disks_were_added_grown_and_removed(stack: Stack) -> None:
+    """R5, R4: a server changed since the backup returns to its disks at backup time;
+    an added disk keeps its data (with a warning), a removed one is re-created."""
+    mib = 1024 * 1024
+    server = (
+        await stack.cli(
+            "dev", "server", "create", "--name", "chg", "--disk", "8MiB", "--disk", "8MiB", "--json"
+        )
+    ).json()
+    sid, (d0, d1) = server["id"], (d["id"] for d in server["disks"])
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", d0, "--offset", "0", "--length", "1MiB"
+    )
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", d1, "--offset", "7MiB", "--length", "1MiB"
+    )
+    at_backup = (await stack.cli("dev", "server", "checksum", sid)).json()
+    backup = (await stack.cli("backup", "create", sid, "--wait", "--json")).json()
+
+    added = (await stack.cli("dev", "server", "add-disk", sid, "--size", "4MiB", "--json")).json()
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", added["id"], "--offset", "0", "--length", "4096"
+    )
+    await stack.cli("dev", "server", "resize-disk", sid, "--disk", d1, "--size", "12MiB")
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", d1, "--offset", "10MiB", "--length", "1MiB"
+    )
+    added_sum = (await stack.cli("dev", "server", "checksum", sid)).json()[added["id"]]
+    out = await stack.cli("backup", "restore", backup["id"], "--yes", "--wait", "--json")
+    assert "now has 3 disks" in out.stderr
+    now = (await stack.cli("dev", "server", "checksum", sid)).json()
+    assert now == {**at_backup, added["id"]: added_sum}
+    assert stack.driver.get_server(sid).disk(d1).size_bytes == 8 * mib
+
+    await stack.cli("dev", "server", "remove-disk", sid, "--disk", d1)
+    out = await stack.cli("backup", "restore", backup["id"], "--yes", "--wait", "--json")
+    assert "re-created" in out.stderr
+    now = (await stack.cli("dev", "server", "checksum", sid)).json()
+    assert now[d0] == at_backup[d0] and now[d1] == at_backup[d1]
+    disk = stack.driver.get_server(sid).disk(d1)
+    assert (disk.role.value, disk.size_bytes) == ("data", 8 * mib)
+    # A later backup of the changed server is correct too (it cannot trust changed blocks).
+    later = (await stack.cli("backup", "create", sid, "--wait", "--json")).json()
+    await stack.cli(
+        "dev", "server", "write", sid, "--disk", d1, "--offset", "0", "--length", "1MiB"
+    )
+    await stack.cli("backup", "restore", later["id"], "--yes", "--wait")
+    assert (await stack.cli("dev", "server", "checksum", sid)).json() == now

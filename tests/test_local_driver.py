@@ -132,3 +132,21 @@ def test_restore_writer_needs_a_stopped_server_and_restores_size(drv: LocalDrive
     assert drv.get_server(server.id).disks[0].size_bytes == 2 * MIB
     expected = hashlib.sha256(b"r" * MIB + bytes(MIB)).hexdigest()
     assert drv.checksum(server.id)[disk] == expected
+
+
+def test_disks_are_added_grown_and_removed(drv: LocalDriver) -> None:
+    server = drv.create_server("db", [4 * MIB, 4 * MIB])
+    system, data = server.disks
+    added = drv.add_disk(server.id, 2 * MIB)
+    assert added.role.value == "data" and len(drv.get_server(server.id).disks) == 3
+    with pytest.raises(InvalidInput, match="not smaller"):
+        drv.resize_disk(server.id, data.id, MIB)
+    assert drv.resize_disk(server.id, data.id, 8 * MIB).size_bytes == 8 * MIB
+    with pytest.raises(InvalidInput, match="system disk"):
+        drv.remove_disk(server.id, system.id)
+    drv.remove_disk(server.id, data.id)
+    assert not drv._disk_path(server.id, data.id).exists()
+    again = drv.add_disk(server.id, 4 * MIB, like=data)
+    assert again.id == data.id and again.size_bytes == 4 * MIB
+    with pytest.raises(InvalidInput, match="already"):
+        drv.add_disk(server.id, 4 * MIB, like=data)

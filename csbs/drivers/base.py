@@ -6,7 +6,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from csbs.model import Server, ServerState
+from csbs.model import Disk, Server, ServerState
 
 
 class SnapshotDisk(BaseModel):
@@ -100,6 +100,13 @@ class ComputeDriver(Protocol):
     def release_snapshot(self, server_id: str, snapshot_id: str, committed: bool) -> None:
         """Drop the snapshot. If it was not committed as a backup, its changed blocks are
         folded back so the next incremental still sees them. Idempotent."""
+
+    def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
+        """Attach a new data disk, or re-create ``like`` (restore of a removed disk)."""
+
+    def resize_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk: ...
+
+    def remove_disk(self, server_id: str, disk_id: str) -> None: ...
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
         """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""

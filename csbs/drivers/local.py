@@ -468,6 +468,64 @@ class LocalDriver:
         """Ids of the snapshots currently held (for tests and diagnostics)."""
         return [p.name for p in self._active_snapshots(server_id)]
 
+    # -- disk changes (R5) ---------------------------------------------------------------
+    def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
+        """Attach a new empty data disk, or re-create ``like`` (same id, name and role)."""
+        if size_bytes <= 0 or size_bytes % 512:
+            raise InvalidInput(f"size must be a positive multiple of 512 (got {size_bytes})")
+        with self._lock(server_id, exclusive=True):
+            server = self.get_server(server_id)
+            disk = (
+                like.model_copy(update={"size_bytes": size_bytes})
+                if like is not None
+                else Disk(
+                    id=f"disk-{uuid.uuid4().hex[:12]}",
+                    name=f"data-{len(server.disks)}",
+                    size_bytes=size_bytes,
+                    role=DiskRole.DATA,
+                )
+            )
+            if any(d.id == disk.id for d in server.disks):
+                raise InvalidInput(f"disk {disk.id} is already a disk of server {server_id}")
+            with open(self._disk_path(server_id, disk.id), "wb") as f:
+                f.truncate(size_bytes)
+            self._set_checkpoint(server_id, disk.id, None)
+            self._cbt_bits(server_id, disk.id).path.unlink(missing_ok=True)
+            server.disks.append(disk)
+            self._save(server)
+            return disk
+
+    def resize_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk:
+        """Grow a disk (disks are never shrunk in place, as on a cloud)."""
+        with self._lock(server_id, exclusive=True):
+            server = self.get_server(server_id)
+            disk = self._find_disk(server, disk_id)
+            if size_bytes < disk.size_bytes or size_bytes % 512:
+                raise InvalidInput(
+                    f"size must be a multiple of 512 not smaller than the disk's "
+                    f"{disk.size_bytes} bytes (got {size_bytes})"
+                )
+            with open(self._disk_path(server_id, disk_id), "r+b") as f:
+                f.truncate(size_bytes)
+            disk.size_bytes = size_bytes
+            self._save(server)
+            return disk
+
+    def remove_disk(self, server_id: str, disk_id: str) -> None:
+        """Detach and delete a data disk."""
+        with self._lock(server_id, exclusive=True):
+            server = self.get_server(server_id)
+            disk = self._find_disk(server, disk_id)
+            if disk.role == DiskRole.SYSTEM:
+                raise InvalidInput(f"disk {disk_id} is the system disk; it cannot be removed")
+            if self._active_snapshots(server_id):
+                raise InvalidState(f"server {server_id} has a snapshot in use; try again later")
+            server.disks = [d for d in server.disks if d.id != disk_id]
+            self._save(server)
+            self._disk_path(server_id, disk_id).unlink(missing_ok=True)
+            self._cbt_meta(server_id, disk_id).unlink(missing_ok=True)
+            self._cbt_bits(server_id, disk_id).path.unlink(missing_ok=True)
+
     # -- restore ---------------------------------------------------------------------------
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> _LocalDiskWriter:
         with self._lock(server_id, exclusive=True):
