@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from csbs.catalog import (
+    BackupFilter,
     BackupRow,
     Catalog,
     DiskBackupRow,
@@ -25,6 +26,7 @@ from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import (
+    Conflict,
     GarbageCollectionRunning,
     InvalidInput,
     InvalidState,
@@ -104,9 +106,13 @@ class CsbsService:
     ) -> PreparedBackup:
         """Validate the server and create the backup (``creating``) and its task."""
         existing = self.catalog.find_backup(backup_id)
+        if existing is not None and existing.status != BackupStatus.CREATING:
+            raise InvalidState(f"backup {backup_id} is {existing.status}; it cannot be made again")
         if existing is None:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
+            if self.catalog.list_tasks(TaskKind.RESTORE, TaskStatus.RUNNING, server_id=server.id):
+                raise Conflict(f"server {server.id} is being restored; back it up afterwards")
             self._check_quota()
             self.catalog.claim_server(server.id, backup_id)
             if self.catalog.gc_running():
@@ -261,6 +267,9 @@ class CsbsService:
             )
         finally:
             reader.close()
+        if self.catalog.get_backup(backup_id).status != BackupStatus.CREATING:
+            # A stale attempt that outlived its workflow must not overwrite anything.
+            raise InvalidState(f"backup {backup_id} is no longer being created")
         self.store.put_manifest(manifest)
         stats.data_bytes = manifest.data_bytes()
         self.catalog.update_disk_backup(
@@ -376,6 +385,17 @@ class CsbsService:
                 f"backup {backup.id} is {backup.status}; only available backups can be restored"
             )
         server = self.driver.get_server(backup.server_id)
+        if existing is None:
+            busy = self.catalog.list_backups(
+                BackupFilter(status=BackupStatus.CREATING.value, server_id=server.id)
+            )
+            if busy:
+                raise Conflict(
+                    f"server {server.id} is being backed up ({busy[0].name}); restore it "
+                    f"when the backup has finished"
+                )
+            if self.catalog.list_tasks(TaskKind.RESTORE, TaskStatus.RUNNING, server_id=server.id):
+                raise Conflict(f"server {server.id} is already being restored")
         if server.state in RESTORE_REFUSED_STATES:
             raise InvalidState(
                 f"server {server.id} is {server.state.value}; servers in fault, resizing or "

@@ -150,3 +150,22 @@ def test_disks_are_added_grown_and_removed(drv: LocalDriver) -> None:
     assert again.id == data.id and again.size_bytes == 4 * MIB
     with pytest.raises(InvalidInput, match="already"):
         drv.add_disk(server.id, 4 * MIB, like=data)
+
+
+def test_restore_writes_wait_for_snapshots_and_released_snapshots_cannot_be_read(
+    drv: LocalDriver,
+) -> None:
+    """A restore never resizes or rewrites disks under a held snapshot, and a stale reader
+    of a released snapshot fails instead of silently reading live data."""
+    server = drv.create_server("db", [4 * MIB])
+    disk = server.disks[0].id
+    drv.group_snapshot(server.id, "held")
+    reader = drv.open_snapshot(server.id, "held", disk)
+    drv.stop(server.id)
+    with pytest.raises(InvalidState, match="being backed up"):
+        drv.open_disk_writer(server.id, disk, 2 * MIB)
+    drv.release_snapshot(server.id, "held", committed=True)
+    with pytest.raises(InvalidState, match="was released"):
+        reader.read(0, MIB)
+    reader.close()
+    drv.open_disk_writer(server.id, disk, 4 * MIB).close()

@@ -81,7 +81,7 @@ class BackupServer:
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
 
-        committed = False
+        committed = released = False
         # B12: an offline backup stops a running server for the snapshot only.
         restart = inp.offline and prepared.server_state == "running"
         try:
@@ -129,6 +129,9 @@ class BackupServer:
         except BaseException as err:
             failed = reason_of("backup", err)
             self._at("failed", reason=failed.reason)
+            # Release first: the failure record frees the server for the next backup.
+            released = True
+            await self._release(inp.server_id, backup_id, committed=False)
             await self._record_failure(backup_id, task_id, failed.reason)
             if isinstance(err, asyncio.CancelledError):
                 raise
@@ -136,12 +139,16 @@ class BackupServer:
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
         finally:
-            await workflow.execute_activity(
-                "release_snapshot",
-                args=[inp.server_id, backup_id, committed],
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=CLEANUP_RETRY,
-            )
+            if not released:
+                await self._release(inp.server_id, backup_id, committed)
+
+    async def _release(self, server_id: str, backup_id: str, committed: bool) -> None:
+        await workflow.execute_activity(
+            "release_snapshot",
+            args=[server_id, backup_id, committed],
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=CLEANUP_RETRY,
+        )
 
     def _act(self, name: str, *args: Any) -> Any:
         return workflow.execute_activity(

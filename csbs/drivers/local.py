@@ -350,11 +350,12 @@ class LocalDriver:
             finally:
                 os.close(cow_fd)
             cow_map.set(todo)
+        # Mark before writing: a writer that dies in between over-reports, never misses.
+        self._cbt_bits(server_id, disk_id).set(blocks)
         if data is None:
             punch_hole(fd, offset, length)
         else:
             os.pwrite(fd, data, offset)
-        self._cbt_bits(server_id, disk_id).set(blocks)
 
     def write(self, server_id: str, disk_id: str, offset: int, data: bytes) -> None:
         with self._lock(server_id, exclusive=True):
@@ -411,10 +412,12 @@ class LocalDriver:
             disks = []
             for disk in server.disks:
                 since = self._checkpoint(server_id, disk.id)
+                # Name the new checkpoint before moving the bits: if we die in between, a
+                # retry sees its own id as `since` and reads the disk whole (never too little).
+                self._set_checkpoint(server_id, disk.id, snapshot_id)
                 bits = self._cbt_bits(server_id, disk.id).path
                 if bits.exists():
                     os.replace(bits, snap / f"{disk.id}.cbt")
-                self._set_checkpoint(server_id, disk.id, snapshot_id)
                 disks.append(
                     SnapshotDisk(disk_id=disk.id, size_bytes=disk.size_bytes, changed_since=since)
                 )
@@ -532,6 +535,11 @@ class LocalDriver:
             server = self.get_server(server_id)
             if server.state == ServerState.RUNNING:
                 raise InvalidState(f"server {server_id} is running; stop it before restoring")
+            if self._active_snapshots(server_id):
+                raise InvalidState(
+                    f"server {server_id} is being backed up (a snapshot is held); restore it "
+                    f"when the backup has finished"
+                )
             disk = self._find_disk(server, disk_id)
             if disk.size_bytes != size_bytes:
                 with open(self._disk_path(server_id, disk_id), "r+b") as f:
@@ -594,6 +602,11 @@ class _LocalSnapshotReader:
         blocks = _blocks(offset, length)
         out = bytearray()
         with self.driver._lock(self.server_id, exclusive=False):
+            if not (self.snap / "snapshot.json").exists():
+                raise InvalidState(
+                    f"snapshot {self.snap.name} of server {self.server_id} was released; "
+                    f"its data can no longer be read"
+                )
             preserved = self.map.test(blocks)
             pos, end = offset, offset + length
             for b, from_cow in zip(blocks, preserved, strict=True):
