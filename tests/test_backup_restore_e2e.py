@@ -359,3 +359,15 @@ async def test_bucket_removed_failures_leave_records_a_person_can_act_on(
         st.store.ensure_bucket()
         await st.cli("backup", "delete", good["id"], failed.id, "--yes", "--wait")
         assert st.catalog.list_backups() == []
+
+
+async def test_failed_offline_backup_still_starts_the_server_again(stack: Stack) -> None:
+    """B12 on the failure path: the server is running again after a failed offline backup."""
+    server = make_server(stack)
+    disk_file = stack.driver._disk_path(server.id, server.disks[1].id)
+    disk_file.rename(disk_file.with_suffix(".gone"))
+    with pytest.raises(WorkflowFailureError):
+        await backup(stack, server.id, offline=True)
+    assert stack.driver.get_server(server.id).state == ServerState.RUNNING
+    assert stack.catalog.list_backups()[0].status == "error"
+    assert stack.driver.snapshots(server.id) == []

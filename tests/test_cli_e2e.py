@@ -416,3 +416,42 @@ async def test_restore_after_disks_were_added_grown_and_removed(stack: Stack) ->
     )
     await stack.cli("backup", "restore", later["id"], "--yes", "--wait")
     assert (await stack.cli("dev", "server", "checksum", sid)).json() == now
+
+
+async def test_states_progress_and_refused_deletes_while_running(stack: Stack) -> None:
+    """B9: `creating` with progress in list/show and in the workflow's progress query and
+    current details; D1: a backup that is not available/error/delete_failed is not deleted;
+    destructive commands ask for confirmation."""
+    import os
+
+    mib = 1024 * 1024
+    drv = stack.driver
+    server = drv.create_server("busy", [512 * mib])
+    for offset in range(0, 512 * mib, 64 * mib):
+        drv.write(server.id, server.disks[0].id, offset, os.urandom(64 * mib))
+    from csbs.model import BackupServerInput
+    from starter.client import CsbsClient
+
+    client = CsbsClient(stack.client, stack.settings)
+    backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    seen: set[int] = set()
+    for _ in range(300):
+        row = stack.catalog.find_backup(backup_id)
+        if row is not None and row.status == "creating":
+            seen.add(row.progress)
+            if 0 < row.progress < 100:
+                listed = (
+                    await stack.cli("backup", "list", "--json", "--status", "creating")
+                ).json()
+                assert listed[0]["id"] == backup_id and 0 < listed[0]["progress"] < 100
+                progress = await handle.query("progress")
+                assert progress["step"] == "uploading"
+                refused = await stack.cli("backup", "delete", backup_id, "--yes", check=False)
+                assert refused.code != 0 and "creating" in refused.stderr
+                break
+        await asyncio.sleep(0.05)
+    assert any(0 < p < 100 for p in seen), seen
+    await handle.result()
+    unconfirmed = await stack.cli("backup", "delete", backup_id, check=False)
+    assert unconfirmed.code != 0 and "--yes" in unconfirmed.stderr
+    assert stack.catalog.get_backup(backup_id).status == "available"
