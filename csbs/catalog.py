@@ -112,6 +112,31 @@ class ServerLockRow(SQLModel, table=True):
     claimed_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
+class PolicyRow(SQLModel, table=True):
+    """A backup policy; ``spec`` is the JSON of :class:`csbs.policy.PolicySpec`."""
+
+    __tablename__ = "policies"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=255)
+    enabled: bool = True
+    spec: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    updated_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+
+
+class BindingRow(SQLModel, table=True):
+    """A server bound to a policy; the key makes it one policy per server (P6)."""
+
+    __tablename__ = "policy_bindings"
+
+    server_id: str = Field(primary_key=True, max_length=64)
+    policy_id: str = Field(index=True, max_length=64, foreign_key="policies.id")
+    project: str = Field(index=True, max_length=64)
+    bound_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+
+
 def make_engine(url: str) -> Engine:
     """An engine for SQLite (WAL, waits on locks) or PostgreSQL (pre-ping)."""
     if url.startswith("sqlite"):
@@ -413,6 +438,85 @@ class Catalog:
     def delete_tasks(self, task_ids: Sequence[str]) -> int:
         with self.session() as s:
             rows = s.exec(select(TaskRow).where(col(TaskRow.id).in_(list(task_ids)))).all()
+            for row in rows:
+                s.delete(row)
+            return len(rows)
+
+
+class PolicyCatalog:
+    """Policies and bindings of one tenant, over the same engine as :class:`Catalog`."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.project = catalog.project
+
+    def add(self, row: PolicyRow) -> PolicyRow:
+        with self.catalog.session() as s:
+            s.add(row)
+        return row
+
+    def get(self, policy_id: str) -> PolicyRow:
+        with self.catalog.session() as s:
+            row = s.get(PolicyRow, policy_id)
+            if row is None or row.project != self.project:
+                raise NotFound(f"policy {policy_id} does not exist")
+            return row
+
+    def all(self) -> list[PolicyRow]:
+        q = select(PolicyRow).where(PolicyRow.project == self.project)
+        with self.catalog.session() as s:
+            return list(s.exec(q.order_by(col(PolicyRow.created_at), col(PolicyRow.id))).all())
+
+    def update(self, policy_id: str, **fields: Any) -> PolicyRow:
+        with self.catalog.session() as s:
+            row = s.get(PolicyRow, policy_id)
+            if row is None or row.project != self.project:
+                raise NotFound(f"policy {policy_id} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = utcnow()
+            s.add(row)
+            return row
+
+    def delete(self, policy_id: str) -> None:
+        with self.catalog.session() as s:
+            for binding in s.exec(select(BindingRow).where(BindingRow.policy_id == policy_id)):
+                s.delete(binding)
+            s.flush()
+            row = s.get(PolicyRow, policy_id)
+            if row is not None:
+                s.delete(row)
+
+    def bindings(self, policy_id: str | None = None) -> list[BindingRow]:
+        q = select(BindingRow).where(BindingRow.project == self.project)
+        if policy_id is not None:
+            q = q.where(BindingRow.policy_id == policy_id)
+        with self.catalog.session() as s:
+            return list(s.exec(q.order_by(col(BindingRow.bound_at), col(BindingRow.server_id))))
+
+    def bind(self, policy_id: str, server_ids: Sequence[str]) -> None:
+        """Bind servers in one transaction; a server bound elsewhere moves here (P6)."""
+        with self.catalog.session() as s:
+            for server_id in server_ids:
+                row = s.get(BindingRow, server_id)
+                if row is None:
+                    row = BindingRow(
+                        server_id=server_id,
+                        policy_id=policy_id,
+                        project=self.project,
+                        bound_at=utcnow(),
+                    )
+                elif row.policy_id != policy_id:
+                    row.policy_id, row.bound_at = policy_id, utcnow()
+                s.add(row)
+
+    def unbind(self, policy_id: str, server_ids: Sequence[str]) -> int:
+        with self.catalog.session() as s:
+            rows = s.exec(
+                select(BindingRow)
+                .where(BindingRow.policy_id == policy_id)
+                .where(col(BindingRow.server_id).in_(list(server_ids)))
+            ).all()
             for row in rows:
                 s.delete(row)
             return len(rows)
