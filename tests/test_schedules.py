@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -37,7 +38,7 @@ async def test_weekly_and_every_n_days_schedules(temporal: WorkflowEnvironment) 
     assert all(t.hour == 2 and t.minute == 0 for t in times)
     # The guide's days: 1, 4, 7, ..., 28 (31), then the 1st again; none in between.
     assert all(t.day in next_run_days(3, t.year, t.month) for t in times)
-    for a, b in zip(times, times[1:], strict=False):
+    for a, b in itertools.pairwise(times):
         if a.month == b.month:
             assert b.day - a.day == 3
         else:
