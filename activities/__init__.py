@@ -18,12 +18,14 @@ from csbs.errors import CsbsError
 from csbs.model import (
     BackupServerInput,
     DeleteBackupsInput,
+    PolicyRunPlan,
     PreparedBackup,
     RestoreItem,
     RestorePlan,
     RestoreServerInput,
     TransferStats,
 )
+from csbs.policy_service import PolicyService
 from csbs.services import CsbsService
 
 P = ParamSpec("P")
@@ -61,6 +63,7 @@ class CsbsActivities:
 
     def __init__(self, service: CsbsService) -> None:
         self.service = service
+        self.policies = PolicyService(service.catalog, service.driver)
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -79,6 +82,9 @@ class CsbsActivities:
             self.delete_backup,
             self.fail_delete,
             self.collect_garbage,
+            self.plan_policy_run,
+            self.record_policy_skips,
+            self.policy_expired_backups,
         ]
 
     # -- backup ------------------------------------------------------------------------------
@@ -165,3 +171,19 @@ class CsbsActivities:
     @_typed_errors
     def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
         self.service.fail_delete(backup_id, task_id, reason)
+
+    # -- policies ----------------------------------------------------------------------------
+    @activity.defn(name="plan_policy_run")
+    @_typed_errors
+    def plan_policy_run(self, policy_id: str, trigger: str) -> PolicyRunPlan:
+        return self.policies.plan_run(policy_id, trigger)
+
+    @activity.defn(name="record_policy_skips")
+    @_typed_errors
+    def record_policy_skips(self, policy_id: str, skipped: dict[str, str], run_id: str) -> None:
+        self.policies.record_skips(policy_id, skipped, run_id)
+
+    @activity.defn(name="policy_expired_backups")
+    @_typed_errors
+    def policy_expired_backups(self, policy_id: str) -> list[str]:
+        return self.policies.expired(policy_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,6 +64,8 @@ class TaskStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: A scheduled backup not made because the server was busy (P8).
+    SKIPPED = "skipped"
 
 
 class Disk(BaseModel):
@@ -164,6 +167,28 @@ class RestoreServerInput(_Input):
             check_id(src, "disk_mapping source disk id")
             check_id(dst, "disk_mapping target disk id")
         return v
+
+
+class RunPolicyInput(_Input):
+    """Input of the ``RunPolicy`` workflow (started by the policy's schedule or by hand)."""
+
+    policy_id: str
+    trigger: Literal["manual", "scheduled"] = "manual"
+    #: Servers backed up at the same time.
+    concurrency: int = Field(default=8, ge=1, le=64)
+
+    @field_validator("policy_id")
+    @classmethod
+    def _policy_id(cls, v: str) -> str:
+        return check_id(v, "policy_id")
+
+
+class PolicyRunPlan(BaseModel):
+    """Which bound servers a policy run backs up, and which it skips with why."""
+
+    policy_id: str
+    server_ids: list[str]
+    skipped: dict[str, str] = {}
 
 
 class DeleteBackupsInput(_Input):

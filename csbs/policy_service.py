@@ -7,12 +7,28 @@ of each policy in step with what these methods return.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
-from csbs.catalog import BindingRow, Catalog, PolicyCatalog, PolicyRow, utcnow
+from csbs.catalog import (
+    BackupFilter,
+    BindingRow,
+    Catalog,
+    PolicyCatalog,
+    PolicyRow,
+    TaskRow,
+    utcnow,
+)
 from csbs.drivers import ComputeDriver
-from csbs.errors import InvalidInput, NotFound, QuotaExceeded
-from csbs.policy import MAX_POLICIES_PER_TENANT, MAX_SERVERS_PER_POLICY, PolicySpec
+from csbs.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from csbs.model import BackupStatus, PolicyRunPlan, TaskKind, TaskStatus
+from csbs.policy import (
+    MAX_POLICIES_PER_TENANT,
+    MAX_SERVERS_PER_POLICY,
+    PolicySpec,
+    RetainedBackup,
+    select_expired,
+)
 from csbs.services import BACKUP_STATES
 
 
@@ -116,6 +132,61 @@ class PolicyService:
             raise InvalidInput(f"server(s) {', '.join(missing)} are not bound to {policy_id}")
         self.policies.unbind(policy_id, server_ids)
         return [b.server_id for b in self.policies.bindings(policy_id)]
+
+    def plan_run(self, policy_id: str, trigger: str) -> PolicyRunPlan:
+        """P8: run now is refused while a bound server has a backup running; a scheduled
+        run skips such servers (the caller records the skips)."""
+        self.policies.get(policy_id)
+        server_ids = [b.server_id for b in self.policies.bindings(policy_id)]
+        running = {
+            b.server_id: b
+            for b in self.policies.catalog.list_backups(
+                BackupFilter(status=BackupStatus.CREATING.value)
+            )
+        }
+        busy = {s: running[s] for s in server_ids if s in running}
+        if busy and trigger == "manual":
+            listing = ", ".join(f"{s} ({b.name})" for s, b in busy.items())
+            raise Conflict(f"policy {policy_id} cannot run now: backups are running on {listing}")
+        return PolicyRunPlan(
+            policy_id=policy_id,
+            server_ids=[s for s in server_ids if s not in busy],
+            skipped={
+                s: f"skipped: server {s} had backup {b.name} ({b.id}) running"
+                for s, b in busy.items()
+            },
+        )
+
+    def record_skips(self, policy_id: str, skipped: dict[str, str], run_id: str) -> None:
+        """Leave a ``skipped`` backup task per skipped server (P8)."""
+        now = utcnow()
+        for i, (server_id, reason) in enumerate(sorted(skipped.items())):
+            self.policies.catalog.add_task(
+                TaskRow(
+                    id=f"{run_id}-skip-{i}",
+                    project=self.policies.project,
+                    kind=TaskKind.BACKUP.value,
+                    status=TaskStatus.SKIPPED.value,
+                    server_id=server_id,
+                    workflow_id=run_id,
+                    started_at=now,
+                    finished_at=now,
+                    reason=reason,
+                    detail=f"policy {policy_id}",
+                )
+            )
+
+    def expired(self, policy_id: str, now: datetime | None = None) -> list[str]:
+        """Backups of this policy's schedule that retention deletes now (P4)."""
+        spec = self.spec(policy_id)
+        rows = self.policies.catalog.list_backups(BackupFilter(policy_id=policy_id))
+        backups = [
+            RetainedBackup(r.id, r.server_id, r.kind, r.status, r.created_at)  # type: ignore[arg-type]
+            for r in rows
+        ]
+        return sorted(
+            select_expired(backups, spec.retention, spec.retention_value, now or utcnow())
+        )
 
     def view(self, policy_id: str) -> dict[str, Any]:
         return policy_json(self.policies.get(policy_id), self.policies.bindings(policy_id))

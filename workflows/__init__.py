@@ -3,8 +3,16 @@
 from workflows.backup import BackupServer
 from workflows.delete import DeleteBackups
 from workflows.gc import CollectGarbage
+from workflows.policy import RunPolicy
 from workflows.restore import RestoreServer
 
-ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups, CollectGarbage]
+ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups, CollectGarbage, RunPolicy]
 
-__all__ = ["ALL_WORKFLOWS", "BackupServer", "CollectGarbage", "DeleteBackups", "RestoreServer"]
+__all__ = [
+    "ALL_WORKFLOWS",
+    "BackupServer",
+    "CollectGarbage",
+    "DeleteBackups",
+    "RestoreServer",
+    "RunPolicy",
+]

@@ -1,0 +1,126 @@
+"""``RunPolicy``: back up every server bound to a policy, then apply its retention (P4-P8)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from csbs.model import (
+        BackupKind,
+        BackupServerInput,
+        DeleteBackupsInput,
+        PolicyRunPlan,
+        RunPolicyInput,
+    )
+
+from workflows.common import (
+    RETRY,
+    SA_OPERATION,
+    SA_POLICY_ID,
+    STEP_TIMEOUT,
+    reason_of,
+    tag,
+)
+
+
+@workflow.defn(name="RunPolicy", failure_exception_types=[ValidationError])
+class RunPolicy:
+    """Back up bound servers as child ``BackupServer`` runs (bounded), skip busy ones with a
+    recorded reason, then delete what the policy's retention expires."""
+
+    def __init__(self) -> None:
+        self._progress: dict[str, Any] = {"step": "starting", "done": 0, "total": 0}
+
+    @workflow.query(name="progress")
+    def progress(self) -> dict[str, Any]:
+        return self._progress
+
+    @workflow.run
+    async def run(self, inp: RunPolicyInput) -> dict[str, Any]:
+        tag(SA_POLICY_ID.value_set(inp.policy_id), SA_OPERATION.value_set("policy"))
+        try:
+            plan: PolicyRunPlan = await workflow.execute_activity(
+                "plan_policy_run",
+                args=[inp.policy_id, inp.trigger],
+                result_type=PolicyRunPlan,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+        except Exception as err:
+            failed = reason_of("policy run", err)
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
+        if plan.skipped:
+            await workflow.execute_activity(
+                "record_policy_skips",
+                args=[inp.policy_id, plan.skipped, workflow.info().workflow_id],
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+        kind = BackupKind.SCHEDULED if inp.trigger == "scheduled" else BackupKind.POLICY_MANUAL
+        ids = {s: f"bk-{workflow.uuid4().hex[:16]}" for s in plan.server_ids}
+        self._progress.update(step="backing up", total=len(ids))
+        workflow.set_current_details(f"backing up {len(ids)} server(s)")
+        limit = asyncio.Semaphore(inp.concurrency)
+        outcomes: dict[str, str] = {}
+
+        async def one(server_id: str) -> None:
+            async with limit:
+                backup_id = ids[server_id]
+                try:
+                    await workflow.execute_child_workflow(
+                        "BackupServer",
+                        BackupServerInput(
+                            server_id=server_id,
+                            backup_id=backup_id,
+                            kind=kind,
+                            policy_id=inp.policy_id,
+                        ),
+                        id=f"backup-{backup_id}",
+                        result_type=dict[str, Any],
+                    )
+                    outcomes[server_id] = "available"
+                except ChildWorkflowError as err:
+                    outcomes[server_id] = reason_of(f"backup of {server_id}", err).reason
+                self._progress["done"] += 1
+                workflow.set_current_details(
+                    f"backing up: {self._progress['done']}/{len(ids)} done"
+                )
+
+        await asyncio.gather(*(one(s) for s in plan.server_ids))
+
+        self._progress["step"] = "retention"
+        workflow.set_current_details("applying retention")
+        expired: list[str] = await workflow.execute_activity(
+            "policy_expired_backups",
+            args=[inp.policy_id],
+            result_type=list[str],
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        retention: dict[str, Any] = {"expired": expired}
+        if expired:
+            try:
+                retention["result"] = await workflow.execute_child_workflow(
+                    "DeleteBackups",
+                    DeleteBackupsInput(backup_ids=expired),
+                    id=f"retention-{workflow.info().workflow_id}",
+                    result_type=dict[str, Any],
+                )
+            except ChildWorkflowError as err:
+                retention["error"] = reason_of("retention", err).reason
+        self._progress["step"] = "done"
+        return {
+            "policy_id": inp.policy_id,
+            "trigger": inp.trigger,
+            "backups": {s: {"backup_id": ids[s], "outcome": outcomes[s]} for s in ids},
+            "skipped": plan.skipped,
+            "retention": retention,
+        }
