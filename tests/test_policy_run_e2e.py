@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -19,10 +19,12 @@ from tests.conftest import MIB, Stack
 pytestmark = pytest.mark.slow
 
 
-async def run_policy(stack: Stack, policy_id: str, trigger: str, n: int) -> dict[str, Any]:
+async def run_policy(
+    stack: Stack, policy_id: str, trigger: Literal["manual", "scheduled"], n: int
+) -> dict[str, Any]:
     handle = await stack.client.start_workflow(
         "RunPolicy",
-        RunPolicyInput(policy_id=policy_id, trigger=trigger),  # type: ignore[arg-type]
+        RunPolicyInput(policy_id=policy_id, trigger=trigger),
         id=f"runpolicy-{policy_id}-{n}",
         task_queue=stack.settings.task_queue,
     )
