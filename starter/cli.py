@@ -38,6 +38,13 @@ from csbs.naming import default_name, numbered
 from csbs.units import format_size, parse_size
 from starter.client import CsbsClient, connect
 
+
+def _policy_app() -> typer.Typer:
+    from starter.policy_cli import policy_app
+
+    return policy_app
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cloud Server Backup Service")
 server_app = typer.Typer(no_args_is_help=True, help="Servers the compute driver knows.")
 backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore, delete backups.")
@@ -48,6 +55,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(backup_app, name="backup")
 app.add_typer(task_app, name="task")
 app.add_typer(dev_app, name="dev")
+app.add_typer(_policy_app(), name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
 console = Console()

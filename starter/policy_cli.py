@@ -1,0 +1,283 @@
+"""``csbs policy ...``: policy CRUD, bindings and run-now, each kept in step with its
+Temporal Schedule (the catalog is written first; the schedule follows it)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from temporalio.client import Client, ScheduleHandle
+
+from csbs.catalog import Catalog
+from csbs.config import Settings
+from csbs.drivers import make_driver
+from csbs.model import RunPolicyInput
+from csbs.policy import RETENTION_PRESETS, PolicySpec, RetentionKind
+from csbs.policy_service import PolicyService
+from starter.client import connect
+from starter.schedules import schedule_id, upsert_policy_schedule
+
+policy_app = typer.Typer(no_args_is_help=True, help="Backup policies on Temporal Schedules.")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _cli() -> Any:
+    from starter import cli
+
+    return cli
+
+
+def _service() -> tuple[Settings, PolicyService]:
+    s = _cli().settings()
+    return s, PolicyService(Catalog(s.effective_database_url, s.project), make_driver(s))
+
+
+def _retention(
+    keep_count: int | None, keep_days: str | None, keep_forever: bool
+) -> dict[str, Any] | None:
+    given = [x for x in (keep_count is not None, keep_days is not None, keep_forever) if x]
+    if len(given) > 1:
+        _cli().fail("give one of --keep-count, --keep-days or --keep-forever")
+    if keep_count is not None:
+        return {"retention": RetentionKind.COUNT, "retention_value": keep_count}
+    if keep_days is not None:
+        days = RETENTION_PRESETS.get(keep_days) or (int(keep_days) if keep_days.isdigit() else None)
+        if days is None:
+            _cli().fail(f"--keep-days must be 1-99999 or 1m, 3m, 6m, 1y (got {keep_days!r})")
+        return {"retention": RetentionKind.DAYS, "retention_value": days}
+    if keep_forever:
+        return {"retention": RetentionKind.FOREVER, "retention_value": None}
+    return None
+
+
+async def _sync(
+    s: Settings, svc: PolicyService, policy_id: str, client: Client | None = None
+) -> None:
+    client = client or await connect(s)
+    await upsert_policy_schedule(client, policy_id, svc.spec(policy_id), s.task_queue)
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    table = Table("id", "name", "enabled", "times", "period", "retention", "servers")
+    for p in rows:
+        period = (
+            f"weekly {','.join(p['weekdays'])}"
+            if p["weekdays"]
+            else f"every {p['every_days']} days"
+        )
+        keep = p["retention"] + (f" {p['retention_value']}" if p["retention_value"] else "")
+        table.add_row(
+            p["id"],
+            p["name"],
+            str(p["enabled"]),
+            " ".join(p["times"]),
+            period,
+            keep,
+            str(len(p["server_ids"])),
+        )
+    _cli().console.print(table)
+
+
+@policy_app.command("create")
+def policy_create(
+    time: Annotated[list[str], typer.Option("--time", help="HH:MM, repeat for several.")],
+    name: Annotated[str, typer.Option(help="Policy name.")] = "backup_policy",
+    weekdays: Annotated[str | None, typer.Option(help="mon,wed,... (weekly period)")] = None,
+    every_days: Annotated[int | None, typer.Option(help="Every N days, 1-30.")] = None,
+    keep_count: Annotated[int | None, typer.Option(help="Keep N backups per server.")] = None,
+    keep_days: Annotated[str | None, typer.Option(help="Keep N days, or 1m, 3m, 6m, 1y.")] = None,
+    keep_forever: Annotated[bool, typer.Option(help="Never expire backups.")] = False,
+    disabled: Annotated[bool, typer.Option(help="Create it disabled.")] = False,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the times.")] = "UTC",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a policy and its schedule (P1-P3)."""
+    cli = _cli()
+    s, svc = _service()
+    retention = _retention(keep_count, keep_days, keep_forever) or cli.fail(
+        "give --keep-count, --keep-days or --keep-forever"
+    )
+    spec = cli.guarded(
+        lambda: PolicySpec(
+            name=name,
+            enabled=not disabled,
+            times=time,
+            weekdays=weekdays.split(",") if weekdays else None,
+            every_days=every_days,
+            timezone=timezone,
+            **retention,
+        )
+    )
+    row = cli.guarded(lambda: svc.create(spec))
+    cli.run_async(_sync(s, svc, row.id))
+    view = svc.view(row.id)
+    cli.emit(view, as_json, lambda: _table([view]))
+
+
+@policy_app.command("update")
+def policy_update(
+    policy_id: str,
+    time: Annotated[list[str] | None, typer.Option("--time", help="HH:MM, replaces all.")] = None,
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    weekdays: Annotated[str | None, typer.Option(help="mon,wed,...")] = None,
+    every_days: Annotated[int | None, typer.Option(help="Every N days, 1-30.")] = None,
+    keep_count: Annotated[int | None, typer.Option()] = None,
+    keep_days: Annotated[str | None, typer.Option()] = None,
+    keep_forever: Annotated[bool, typer.Option()] = False,
+    timezone: Annotated[str | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a policy; its schedule is rewritten (P7)."""
+    cli = _cli()
+    s, svc = _service()
+    changes: dict[str, Any] = _retention(keep_count, keep_days, keep_forever) or {}
+    if time:
+        changes["times"] = time
+    if name:
+        changes["name"] = name
+    if weekdays:
+        changes.update(weekdays=weekdays.split(","), every_days=None)
+    if every_days is not None:
+        changes.update(every_days=every_days, weekdays=None)
+    if timezone:
+        changes["timezone"] = timezone
+    cli.guarded(lambda: svc.update(policy_id, changes))
+    cli.run_async(_sync(s, svc, policy_id))
+    view = svc.view(policy_id)
+    cli.emit(view, as_json, lambda: _table([view]))
+
+
+def _set_enabled(policy_id: str, enabled: bool, as_json: bool) -> None:
+    cli = _cli()
+    s, svc = _service()
+    cli.guarded(lambda: svc.set_enabled(policy_id, enabled))
+    cli.run_async(_sync(s, svc, policy_id))
+    view = svc.view(policy_id)
+    cli.emit(view, as_json, lambda: _table([view]))
+
+
+@policy_app.command("enable")
+def policy_enable(policy_id: str, as_json: JsonOpt = False) -> None:
+    """Enable a policy (its schedule is unpaused)."""
+    _set_enabled(policy_id, True, as_json)
+
+
+@policy_app.command("disable")
+def policy_disable(policy_id: str, as_json: JsonOpt = False) -> None:
+    """Disable a policy: no future runs; runs in progress finish (P7)."""
+    _set_enabled(policy_id, False, as_json)
+
+
+@policy_app.command("list")
+def policy_list(as_json: JsonOpt = False) -> None:
+    """List policies."""
+    _, svc = _service()
+    rows = [svc.view(p.id) for p in svc.policies.all()]
+    _cli().emit(rows, as_json, lambda: _table(rows))
+
+
+@policy_app.command("show")
+def policy_show(policy_id: str, as_json: JsonOpt = False) -> None:
+    """Show a policy with its servers and next run times."""
+    cli = _cli()
+    s, svc = _service()
+    view = cli.guarded(lambda: svc.view(policy_id))
+
+    async def next_runs() -> list[str]:
+        handle: ScheduleHandle = (await connect(s)).get_schedule_handle(schedule_id(policy_id))
+        desc = await handle.describe()
+        return [t.isoformat() for t in desc.info.next_action_times]
+
+    view["next_runs"] = cli.run_async(next_runs())
+
+    def render() -> None:
+        _table([view])
+        cli.console.print("next runs: " + ", ".join(view["next_runs"][:5]))
+
+    cli.emit(view, as_json, render)
+
+
+@policy_app.command("delete")
+def policy_delete(
+    policy_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a policy and its schedule; its backups stay (P7)."""
+    cli = _cli()
+    s, svc = _service()
+    cli.guarded(lambda: svc.policies.get(policy_id))
+    cli.confirm(f"Delete policy {policy_id}? Its backups are kept.", yes)
+    cli.guarded(lambda: svc.delete(policy_id))
+
+    async def drop() -> None:
+        from temporalio.service import RPCError
+
+        with contextlib.suppress(RPCError):  # already gone is fine
+            await (await connect(s)).get_schedule_handle(schedule_id(policy_id)).delete()
+
+    cli.run_async(drop())
+    cli.emit({"deleted": policy_id}, as_json, lambda: cli.console.print(f"deleted {policy_id}"))
+
+
+@policy_app.command("bind")
+def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
+    """Bind servers (a server bound elsewhere moves here) (P6)."""
+    cli = _cli()
+    _, svc = _service()
+    bound = cli.guarded(lambda: svc.bind(policy_id, server_ids))
+    cli.emit(
+        {"policy_id": policy_id, "server_ids": bound},
+        as_json,
+        lambda: cli.console.print(f"{policy_id}: {len(bound)} server(s) bound"),
+    )
+
+
+@policy_app.command("unbind")
+def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
+    """Unbind servers; their backups stay (P9)."""
+    cli = _cli()
+    _, svc = _service()
+    bound = cli.guarded(lambda: svc.unbind(policy_id, server_ids))
+    cli.emit(
+        {"policy_id": policy_id, "server_ids": bound},
+        as_json,
+        lambda: cli.console.print(f"{policy_id}: {len(bound)} server(s) bound"),
+    )
+
+
+@policy_app.command("run")
+def policy_run(
+    policy_id: str,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a policy now: back up every bound server (names backup_xxxx) (P8)."""
+    import uuid
+
+    from temporalio.client import WorkflowFailureError
+
+    cli = _cli()
+    s, svc = _service()
+    cli.guarded(lambda: svc.plan_run(policy_id, "manual"))  # refuse at once while busy
+
+    async def go() -> dict[str, Any]:
+        handle = await (await connect(s)).start_workflow(
+            "RunPolicy",
+            RunPolicyInput(policy_id=policy_id, trigger="manual"),
+            id=f"runpolicy-{policy_id}-{uuid.uuid4().hex[:8]}",
+            task_queue=s.task_queue,
+        )
+        if not wait:
+            return {"workflow_id": handle.id, "policy_id": policy_id, "status": "running"}
+        try:
+            result: dict[str, Any] = await handle.result()
+        except WorkflowFailureError as exc:
+            cli.fail(cli._workflow_error(exc))
+        return result
+
+    result = cli.run_async(go())
+    cli.emit(result, as_json, lambda: cli.console.print(result))
