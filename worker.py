@@ -31,8 +31,27 @@ def build_worker(client: object, settings: Settings, executor: ThreadPoolExecuto
     )
 
 
+async def reconcile(client: object, settings: Settings) -> None:
+    """Bring policy schedules in line with the catalog before taking work (issue 4)."""
+    from csbs.catalog import Catalog
+    from csbs.drivers import make_driver
+    from csbs.policy_service import PolicyService
+    from starter.schedules import reconcile_schedules
+
+    catalog = Catalog(settings.effective_database_url, settings.project)
+    try:
+        svc = PolicyService(catalog, make_driver(settings))
+        result = await reconcile_schedules(client, svc, settings)  # type: ignore[arg-type]
+        logging.info("schedules reconciled: %s", result)
+    except Exception:
+        logging.exception("could not reconcile policy schedules; will retry at next start")
+    finally:
+        catalog.dispose()
+
+
 async def run(settings: Settings) -> None:
     client = await connect(settings)
+    await reconcile(client, settings)
     with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
         worker = build_worker(client, settings, executor)
         stop = asyncio.Event()

@@ -85,6 +85,7 @@ class CsbsActivities:
             self.plan_policy_run,
             self.record_policy_skips,
             self.policy_expired_backups,
+            self.list_policy_ids,
         ]
 
     # -- backup ------------------------------------------------------------------------------
@@ -187,3 +188,8 @@ class CsbsActivities:
     @_typed_errors
     def policy_expired_backups(self, policy_id: str) -> list[str]:
         return self.policies.expired(policy_id)
+
+    @activity.defn(name="list_policy_ids")
+    @_typed_errors
+    def list_policy_ids(self) -> list[str]:
+        return [p.id for p in self.policies.policies.all()]

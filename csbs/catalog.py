@@ -487,6 +487,11 @@ class PolicyCatalog:
             if row is not None:
                 s.delete(row)
 
+    def exists_in_any_project(self, policy_id: str) -> bool:
+        """Whether any tenant has this policy (reconcile never drops another's schedule)."""
+        with self.catalog.session() as s:
+            return s.get(PolicyRow, policy_id) is not None
+
     def bindings(self, policy_id: str | None = None) -> list[BindingRow]:
         q = select(BindingRow).where(BindingRow.project == self.project)
         if policy_id is not None:

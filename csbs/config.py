@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     #: Quotas per tenant (B15): most backups kept, most bytes stored; None = no limit.
     quota_backups: int | None = Field(default=None, ge=1)
     quota_bytes: int | None = Field(default=None, ge=1)
+    #: Daily retention cleanup (P5): time of day and time zone of its schedule.
+    retention_time: str = "00:00"
+    retention_timezone: str = "UTC"
     #: How often a running disk backup saves its resume point (staging manifest) to S3.
     checkpoint_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 

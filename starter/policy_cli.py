@@ -249,6 +249,21 @@ def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = Fals
     )
 
 
+@policy_app.command("reconcile")
+def policy_reconcile(as_json: JsonOpt = False) -> None:
+    """Repair drift: create missing policy schedules, delete orphans, ensure daily cleanup."""
+    from starter.schedules import reconcile_schedules
+
+    cli = _cli()
+    s, svc = _service()
+
+    async def go() -> dict[str, list[str]]:
+        return await reconcile_schedules(await connect(s), svc, s)
+
+    result = cli.run_async(go())
+    cli.emit(result, as_json, lambda: cli.console.print(result))
+
+
 @policy_app.command("run")
 def policy_run(
     policy_id: str,

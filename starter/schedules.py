@@ -22,7 +22,9 @@ from temporalio.client import (
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
+from csbs.config import Settings
 from csbs.policy import Calendar, PolicySpec, schedule_calendars
+from csbs.policy_service import PolicyService
 from workflows.common import SA_OPERATION, SA_POLICY_ID
 
 #: A run missed by more than this (worker or server down) is skipped, not made up later.
@@ -70,15 +72,77 @@ def policy_schedule(policy_id: str, spec: PolicySpec, task_queue: str) -> Schedu
     )
 
 
+RETENTION_SCHEDULE_ID = "csbs-retention-cleanup"
+
+
+def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Schedule:
+    """The daily ``RetentionCleanup`` schedule (P5), default 00:00."""
+    from csbs.policy import parse_time_of_day
+
+    minutes = parse_time_of_day(time_of_day)
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            "RetentionCleanup",
+            {},
+            id="retention-cleanup",
+            task_queue=task_queue,
+            typed_search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(SA_OPERATION, "retention")]
+            ),
+        ),
+        spec=ScheduleSpec(
+            calendars=[
+                ScheduleCalendarSpec(
+                    hour=[ScheduleRange(minutes // 60)], minute=[ScheduleRange(minutes % 60)]
+                )
+            ],
+            time_zone_name=timezone,
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=CATCHUP_WINDOW),
+    )
+
+
+async def _upsert(client: Client, sid: str, schedule: Schedule) -> None:
+    from temporalio.client import ScheduleAlreadyRunningError, ScheduleUpdate
+
+    try:
+        await client.create_schedule(sid, schedule)
+    except ScheduleAlreadyRunningError:
+        handle = client.get_schedule_handle(sid)
+        await handle.update(lambda _input: ScheduleUpdate(schedule=schedule))
+
+
+async def reconcile_schedules(
+    client: Client, svc: PolicyService, settings: Settings
+) -> dict[str, list[str]]:
+    """Make Temporal's schedules match the catalog: every policy has its schedule (rewritten
+    from the policy), a schedule whose policy is gone is deleted, and the daily retention
+    cleanup exists. Run at worker start and by ``csbs policy reconcile``."""
+    created, removed = [], []
+    existing = {s.id async for s in await client.list_schedules()}
+    for row in svc.policies.all():
+        sid = schedule_id(row.id)
+        if sid not in existing:
+            created.append(row.id)
+        await _upsert(client, sid, policy_schedule(row.id, svc.spec(row.id), settings.task_queue))
+    for sid in existing:
+        if sid.startswith("policy-"):
+            policy_id = sid.removeprefix("policy-")
+            if not svc.policies.exists_in_any_project(policy_id):
+                await client.get_schedule_handle(sid).delete()
+                removed.append(policy_id)
+    await _upsert(
+        client,
+        RETENTION_SCHEDULE_ID,
+        retention_schedule(
+            settings.retention_time, settings.retention_timezone, settings.task_queue
+        ),
+    )
+    return {"created": created, "removed": removed}
+
+
 async def upsert_policy_schedule(
     client: Client, policy_id: str, spec: PolicySpec, task_queue: str
 ) -> None:
     """Create the policy's schedule, or rewrite it to match the policy (P7)."""
-    from temporalio.client import ScheduleAlreadyRunningError, ScheduleUpdate
-
-    schedule = policy_schedule(policy_id, spec, task_queue)
-    try:
-        await client.create_schedule(schedule_id(policy_id), schedule)
-    except ScheduleAlreadyRunningError:
-        handle = client.get_schedule_handle(schedule_id(policy_id))
-        await handle.update(lambda _input: ScheduleUpdate(schedule=schedule))
+    await _upsert(client, schedule_id(policy_id), policy_schedule(policy_id, spec, task_queue))

@@ -77,3 +77,62 @@ async def test_policy_lifecycle_through_the_cli(stack: Stack) -> None:
     with pytest.raises(RPCError):
         await stack.client.get_schedule_handle(schedule_id(pid)).describe()
     assert stack.catalog.find_backup(outcome["backup_id"]) is not None  # backups stay
+
+
+async def test_reconcile_and_daily_retention_cleanup(stack: Stack) -> None:
+    """Catalog and schedules cannot drift; RetentionCleanup deletes expired scheduled
+    backups at controlled timestamps, never manual ones (P4, P5)."""
+    from datetime import timedelta
+
+    from csbs.catalog import utcnow
+    from csbs.policy import PolicySpec
+    from csbs.policy_service import PolicyService
+    from starter.schedules import RETENTION_SCHEDULE_ID, policy_schedule
+
+    svc = PolicyService(stack.catalog, stack.driver)
+    spec = PolicySpec(times=["04:00"], weekdays=["sun"], retention="days", retention_value=2)
+    orphan_free = svc.create(spec)  # a policy whose schedule was never made
+    await stack.client.create_schedule(
+        "policy-pol-ghost", policy_schedule("pol-ghost", spec, stack.settings.task_queue)
+    )
+    out = (await stack.cli("policy", "reconcile", "--json")).json()
+    assert out == {"created": [orphan_free.id], "removed": ["pol-ghost"]}
+    await stack.client.get_schedule_handle(schedule_id(orphan_free.id)).describe()
+    desc = await stack.client.get_schedule_handle(RETENTION_SCHEDULE_ID).describe()
+    assert desc.schedule.spec.calendars[0].hour[0].start == 0
+
+    server = stack.driver.create_server("ret", [4 * MIB])
+    stack.driver.write(server.id, server.disks[0].id, 0, b"r" * 5000)
+    svc.bind(orphan_free.id, [server.id])
+    run = await stack.client.execute_workflow(
+        "RunPolicy",
+        {"policy_id": orphan_free.id, "trigger": "scheduled"},
+        id="ret-run-1",
+        task_queue=stack.settings.task_queue,
+    )
+    old_auto = next(iter(run["backups"].values()))["backup_id"]
+    manual = (await stack.cli("backup", "create", server.id, "--wait", "--json")).json()
+    for backup_id in (old_auto, manual["id"]):  # both made "3 days ago"
+        stack.catalog.update_backup(backup_id, created_at=utcnow() - timedelta(days=3))
+    run = await stack.client.execute_workflow(
+        "RunPolicy",
+        {"policy_id": orphan_free.id, "trigger": "scheduled"},
+        id="ret-run-2",
+        task_queue=stack.settings.task_queue,
+    )
+    fresh_auto = next(iter(run["backups"].values()))["backup_id"]
+    # The run's own cleanup already expired the old one; the daily cleanup finds nothing more.
+    assert run["retention"]["expired"] == [old_auto]
+    report = await stack.client.execute_workflow(
+        "RetentionCleanup", {}, id="ret-daily-1", task_queue=stack.settings.task_queue
+    )
+    assert report[orphan_free.id]["expired"] == []
+    assert {b.id for b in stack.catalog.list_backups()} == {manual["id"], fresh_auto}
+    stack.catalog.update_backup(fresh_auto, created_at=utcnow() - timedelta(days=3))
+    report = await stack.client.execute_workflow(
+        "RetentionCleanup", {}, id="ret-daily-2", task_queue=stack.settings.task_queue
+    )
+    assert report[orphan_free.id]["expired"] == [fresh_auto]
+    assert {b.id for b in stack.catalog.list_backups()} == {manual["id"]}
+    for sid in (schedule_id(orphan_free.id), RETENTION_SCHEDULE_ID):
+        await stack.client.get_schedule_handle(sid).delete()

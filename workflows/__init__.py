@@ -5,8 +5,16 @@ from workflows.delete import DeleteBackups
 from workflows.gc import CollectGarbage
 from workflows.policy import RunPolicy
 from workflows.restore import RestoreServer
+from workflows.retention import RetentionCleanup
 
-ALL_WORKFLOWS = [BackupServer, RestoreServer, DeleteBackups, CollectGarbage, RunPolicy]
+ALL_WORKFLOWS = [
+    BackupServer,
+    RestoreServer,
+    DeleteBackups,
+    CollectGarbage,
+    RunPolicy,
+    RetentionCleanup,
+]
 
 __all__ = [
     "ALL_WORKFLOWS",
@@ -14,5 +22,6 @@ __all__ = [
     "CollectGarbage",
     "DeleteBackups",
     "RestoreServer",
+    "RetentionCleanup",
     "RunPolicy",
 ]
