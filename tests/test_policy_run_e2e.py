@@ -10,7 +10,7 @@ from typing import Any, Literal, cast
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from csbs.model import BackupServerInput, RunPolicyInput
+from csbs.model import BackupServerInput, RestoreServerInput, RunPolicyInput
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
 from starter.client import CsbsClient
@@ -78,3 +78,12 @@ async def test_policy_run_backs_up_skips_busy_and_applies_retention(stack: Stack
     assert manual_id in left
     assert {v["backup_id"] for v in now_run["backups"].values()} <= left
     assert {v["backup_id"] for v in second["backups"].values()} <= left
+
+    # Every backup left after retention still restores bit-identical (B4).
+    expected = drv.checksum(small[0].id)
+    for b in stack.catalog.list_backups():
+        if b.server_id == small[0].id:
+            drv.write(small[0].id, small[0].disks[0].id, 0, os.urandom(MIB))
+            handle = await client.start_restore(RestoreServerInput(backup_id=b.id))
+            await handle.result()
+            assert drv.checksum(small[0].id) == expected
