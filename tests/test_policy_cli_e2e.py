@@ -136,3 +136,31 @@ async def test_reconcile_and_daily_retention_cleanup(stack: Stack) -> None:
     assert {b.id for b in stack.catalog.list_backups()} == {manual["id"]}
     for sid in (schedule_id(orphan_free.id), RETENTION_SCHEDULE_ID):
         await stack.client.get_schedule_handle(sid).delete()
+
+
+async def test_a_triggered_schedule_runs_the_policy(stack: Stack) -> None:
+    """The schedule starts RunPolicy with trigger `scheduled`: autobk_ backups appear."""
+    import asyncio
+
+    from csbs.policy import PolicySpec
+    from csbs.policy_service import PolicyService
+    from starter.schedules import upsert_policy_schedule
+
+    svc = PolicyService(stack.catalog, stack.driver)
+    policy = svc.create(PolicySpec(times=["05:00"], every_days=1, retention_value=5))
+    server = stack.driver.create_server("sched", [4 * MIB])
+    stack.driver.write(server.id, server.disks[0].id, 0, b"s" * 5000)
+    svc.bind(policy.id, [server.id])
+    await upsert_policy_schedule(
+        stack.client, policy.id, svc.spec(policy.id), stack.settings.task_queue
+    )
+    handle = stack.client.get_schedule_handle(schedule_id(policy.id))
+    await handle.trigger()
+    for _ in range(300):
+        done = [b for b in stack.catalog.list_backups() if b.status == "available"]
+        if done:
+            break
+        await asyncio.sleep(0.1)
+    assert [b.name[:7] for b in done] == ["autobk_"]
+    assert done[0].policy_id == policy.id and done[0].kind == "scheduled"
+    await handle.delete()
