@@ -30,16 +30,16 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 
-from csbs.config import Settings  # noqa: E402
-from csbs.drivers.local import LocalDriver  # noqa: E402
-from csbs.model import BackupServerInput, RestoreServerInput  # noqa: E402
-from starter.client import CsbsClient  # noqa: E402
-from starter.stack import start_seaweed, tool  # noqa: E402
-from worker import build_worker  # noqa: E402
-from workflows.common import SEARCH_ATTRIBUTES  # noqa: E402
+from csbs.config import Settings
+from csbs.drivers.local import LocalDriver
+from csbs.model import BackupServerInput, RestoreServerInput
+from starter.client import CsbsClient
+from starter.stack import start_seaweed, tool
+from worker import build_worker
+from workflows.common import SEARCH_ATTRIBUTES
 
 MIB = 1024 * 1024
 REGION = 4 * MIB
