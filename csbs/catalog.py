@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -137,6 +137,9 @@ class BindingRow(SQLModel, table=True):
     bound_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
+_Row = TypeVar("_Row", bound=SQLModel)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for SQLite (WAL, waits on locks) or PostgreSQL (pre-ping)."""
     if url.startswith("sqlite"):
@@ -212,15 +215,19 @@ class Catalog:
         except NotFound:
             return None
 
-    def update_backup(self, backup_id: str, **fields: Any) -> BackupRow:
+    def update_row(self, model: type[_Row], key: Any, what: str, fields: dict[str, Any]) -> _Row:
+        """Set ``fields`` on the row of ``model`` with primary key ``key`` in one transaction."""
         with self.session() as s:
-            row = s.get(BackupRow, backup_id)
-            if row is None:
-                raise NotFound(f"backup {backup_id} does not exist")
-            for key, value in fields.items():
-                setattr(row, key, value)
+            row = s.get(model, key)
+            if row is None or getattr(row, "project", self.project) != self.project:
+                raise NotFound(f"{what} does not exist")
+            for name, value in fields.items():
+                setattr(row, name, value)
             s.add(row)
-            return _fix_backup(row)
+            return row
+
+    def update_backup(self, backup_id: str, **fields: Any) -> BackupRow:
+        return _fix_backup(self.update_row(BackupRow, backup_id, f"backup {backup_id}", fields))
 
     def list_backups(self, flt: BackupFilter | None = None) -> list[BackupRow]:
         flt = flt or BackupFilter()
@@ -364,13 +371,8 @@ class Catalog:
             s.merge(row)
 
     def update_disk_backup(self, backup_id: str, disk_id: str, **fields: Any) -> None:
-        with self.session() as s:
-            row = s.get(DiskBackupRow, (backup_id, disk_id))
-            if row is None:
-                raise NotFound(f"disk {disk_id} of backup {backup_id} does not exist")
-            for key, value in fields.items():
-                setattr(row, key, value)
-            s.add(row)
+        what = f"disk {disk_id} of backup {backup_id}"
+        self.update_row(DiskBackupRow, (backup_id, disk_id), what, fields)
 
     def disk_backups(self, backup_id: str) -> list[DiskBackupRow]:
         q = select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)
@@ -396,14 +398,7 @@ class Catalog:
             return _fix_task(row)
 
     def update_task(self, task_id: str, **fields: Any) -> TaskRow:
-        with self.session() as s:
-            row = s.get(TaskRow, task_id)
-            if row is None:
-                raise NotFound(f"task {task_id} does not exist")
-            for key, value in fields.items():
-                setattr(row, key, value)
-            s.add(row)
-            return _fix_task(row)
+        return _fix_task(self.update_row(TaskRow, task_id, f"task {task_id}", fields))
 
     def finish_task(self, task_id: str, ok: bool, reason: str | None = None) -> TaskRow:
         fields: dict[str, Any] = {
@@ -468,15 +463,8 @@ class PolicyCatalog:
             return list(s.exec(q.order_by(col(PolicyRow.created_at), col(PolicyRow.id))).all())
 
     def update(self, policy_id: str, **fields: Any) -> PolicyRow:
-        with self.catalog.session() as s:
-            row = s.get(PolicyRow, policy_id)
-            if row is None or row.project != self.project:
-                raise NotFound(f"policy {policy_id} does not exist")
-            for key, value in fields.items():
-                setattr(row, key, value)
-            row.updated_at = utcnow()
-            s.add(row)
-            return row
+        fields["updated_at"] = utcnow()
+        return self.catalog.update_row(PolicyRow, policy_id, f"policy {policy_id}", fields)
 
     def delete(self, policy_id: str) -> None:
         with self.catalog.session() as s:

@@ -223,30 +223,27 @@ def policy_delete(
     cli.emit({"deleted": policy_id}, as_json, lambda: cli.console.print(f"deleted {policy_id}"))
 
 
-@policy_app.command("bind")
-def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
-    """Bind servers (a server bound elsewhere moves here) (P6)."""
+def _emit_bound(policy_id: str, bound: list[str], as_json: bool) -> None:
     cli = _cli()
-    _, svc = _service()
-    bound = cli.guarded(lambda: svc.bind(policy_id, server_ids))
     cli.emit(
         {"policy_id": policy_id, "server_ids": bound},
         as_json,
         lambda: cli.console.print(f"{policy_id}: {len(bound)} server(s) bound"),
     )
+
+
+@policy_app.command("bind")
+def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
+    """Bind servers (a server bound elsewhere moves here) (P6)."""
+    _, svc = _service()
+    _emit_bound(policy_id, _cli().guarded(lambda: svc.bind(policy_id, server_ids)), as_json)
 
 
 @policy_app.command("unbind")
 def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
     """Unbind servers; their backups stay (P9)."""
-    cli = _cli()
     _, svc = _service()
-    bound = cli.guarded(lambda: svc.unbind(policy_id, server_ids))
-    cli.emit(
-        {"policy_id": policy_id, "server_ids": bound},
-        as_json,
-        lambda: cli.console.print(f"{policy_id}: {len(bound)} server(s) bound"),
-    )
+    _emit_bound(policy_id, _cli().guarded(lambda: svc.unbind(policy_id, server_ids)), as_json)
 
 
 @policy_app.command("reconcile")

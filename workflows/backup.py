@@ -15,7 +15,6 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import BackupServerInput, PreparedBackup, TransferStats
 
 from workflows.common import (
-    CLEANUP_RETRY,
     HEARTBEAT_TIMEOUT,
     RETRY,
     SA_BACKUP_ID,
@@ -25,6 +24,7 @@ from workflows.common import (
     STEP_TIMEOUT,
     TRANSFER_TIMEOUT,
     StepFailed,
+    act,
     all_or_cancel,
     reason_of,
     step,
@@ -76,7 +76,7 @@ class BackupServer:
         except Exception as err:
             failed = reason_of("validate", err)
             # Refused before anything was written: there is no backup to mark.
-            await self._record_failure(backup_id, task_id, failed.reason)
+            await act("fail_backup", backup_id, task_id, failed.reason, cleanup=True)
             raise ApplicationError(
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
@@ -87,7 +87,7 @@ class BackupServer:
         try:
             if restart:
                 self._at("stopping server")
-                await step("stop server", self._act("stop_server", inp.server_id))
+                await step("stop server", act("stop_server", inp.server_id))
             self._at("snapshot", name=prepared.name)
             try:
                 disk_ids: list[str] = await step(
@@ -103,12 +103,7 @@ class BackupServer:
             finally:
                 if restart:
                     self._at("starting server")
-                    await workflow.execute_activity(
-                        "start_server",
-                        args=[inp.server_id],
-                        start_to_close_timeout=STEP_TIMEOUT,
-                        retry_policy=CLEANUP_RETRY,
-                    )
+                    await act("start_server", inp.server_id, cleanup=True)
             self._progress["disks_total"] = len(disk_ids)
             self._at("uploading")
             await all_or_cancel([self._disk(backup_id, d) for d in disk_ids])
@@ -131,8 +126,8 @@ class BackupServer:
             self._at("failed", reason=failed.reason)
             # Release first: the failure record frees the server for the next backup.
             released = True
-            await self._release(inp.server_id, backup_id, committed=False)
-            await self._record_failure(backup_id, task_id, failed.reason)
+            await act("release_snapshot", inp.server_id, backup_id, False, cleanup=True)
+            await act("fail_backup", backup_id, task_id, failed.reason, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(
@@ -140,20 +135,7 @@ class BackupServer:
             ) from err
         finally:
             if not released:
-                await self._release(inp.server_id, backup_id, committed)
-
-    async def _release(self, server_id: str, backup_id: str, committed: bool) -> None:
-        await workflow.execute_activity(
-            "release_snapshot",
-            args=[server_id, backup_id, committed],
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=CLEANUP_RETRY,
-        )
-
-    def _act(self, name: str, *args: Any) -> Any:
-        return workflow.execute_activity(
-            name, args=list(args), start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY
-        )
+                await act("release_snapshot", inp.server_id, backup_id, committed, cleanup=True)
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
         try:
@@ -175,11 +157,3 @@ class BackupServer:
         self._progress["disks_done"] += 1
         self._at("uploading")
         return stats
-
-    async def _record_failure(self, backup_id: str, task_id: str, reason: str) -> None:
-        await workflow.execute_activity(
-            "fail_backup",
-            args=[backup_id, task_id, reason],
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=CLEANUP_RETRY,
-        )

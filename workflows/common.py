@@ -40,6 +40,17 @@ CLEANUP_RETRY = RetryPolicy(
 T = TypeVar("T")
 
 
+def act(name: str, *args: Any, result_type: type | None = None, cleanup: bool = False) -> Any:
+    """Run a short bookkeeping activity; clean-up steps (``cleanup``) retry far longer."""
+    return workflow.execute_activity(
+        name,
+        args=list(args),
+        result_type=result_type,
+        start_to_close_timeout=STEP_TIMEOUT,
+        retry_policy=CLEANUP_RETRY if cleanup else RETRY,
+    )
+
+
 def tag(*pairs: SearchAttributeUpdate[Any]) -> None:
     """Upsert search attributes so the run is found by server, backup and operation."""
     workflow.upsert_search_attributes(list(pairs))

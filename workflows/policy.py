@@ -14,7 +14,6 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import (
         BackupKind,
         BackupServerInput,
-        DeleteBackupsInput,
         PolicyRunPlan,
         RunPolicyInput,
     )
@@ -27,6 +26,7 @@ from workflows.common import (
     reason_of,
     tag,
 )
+from workflows.retention import apply_retention
 
 
 @workflow.defn(name="RunPolicy", failure_exception_types=[ValidationError])
@@ -98,24 +98,7 @@ class RunPolicy:
 
         self._progress["step"] = "retention"
         workflow.set_current_details("applying retention")
-        expired: list[str] = await workflow.execute_activity(
-            "policy_expired_backups",
-            args=[inp.policy_id],
-            result_type=list[str],
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        retention: dict[str, Any] = {"expired": expired}
-        if expired:
-            try:
-                retention["result"] = await workflow.execute_child_workflow(
-                    "DeleteBackups",
-                    DeleteBackupsInput(backup_ids=expired),
-                    id=f"retention-{workflow.info().workflow_id}",
-                    result_type=dict[str, Any],
-                )
-            except ChildWorkflowError as err:
-                retention["error"] = reason_of("retention", err).reason
+        retention = await apply_retention(inp.policy_id, f"retention-{workflow.info().workflow_id}")
         self._progress["step"] = "done"
         return {
             "policy_id": inp.policy_id,

@@ -15,7 +15,6 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import RestoreItem, RestorePlan, RestoreServerInput, TransferStats
 
 from workflows.common import (
-    CLEANUP_RETRY,
     HEARTBEAT_TIMEOUT,
     RETRY,
     SA_BACKUP_ID,
@@ -23,6 +22,7 @@ from workflows.common import (
     SA_SERVER_ID,
     STEP_TIMEOUT,
     TRANSFER_TIMEOUT,
+    act,
     all_or_cancel,
     reason_of,
     step,
@@ -74,14 +74,14 @@ class RestoreServer:
         stopped = False
         try:
             self._at("stopping server")
-            await step("stop server", self._act("stop_server", plan.server_id))
+            await step("stop server", act("stop_server", plan.server_id))
             stopped = True
             self._at("restoring")
             await all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
             if inp.power_on:
                 self._at("starting server")
-                await step("start server", self._act("start_server", plan.server_id))
-            await self._finish(plan, True, None)
+                await step("start server", act("start_server", plan.server_id))
+            await act("finish_restore", plan.backup_id, plan.task_id, True, None, cleanup=True)
             self._at("done")
             return {
                 "backup_id": plan.backup_id,
@@ -97,15 +97,10 @@ class RestoreServer:
             if stopped:
                 reason += "; the server was left stopped"
             self._at("failed")
-            await self._finish(plan, False, reason)
+            await act("finish_restore", plan.backup_id, plan.task_id, False, reason, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(reason, type=failed.error_type, non_retryable=True) from err
-
-    def _act(self, name: str, *args: Any) -> Any:
-        return workflow.execute_activity(
-            name, args=list(args), start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY
-        )
 
     async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
         stats: TransferStats = await step(
@@ -124,11 +119,3 @@ class RestoreServer:
         self._progress["disks_done"] += 1
         self._at("restoring")
         return stats
-
-    async def _finish(self, plan: RestorePlan, ok: bool, reason: str | None) -> None:
-        await workflow.execute_activity(
-            "finish_restore",
-            args=[plan.backup_id, plan.task_id, ok, reason],
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=CLEANUP_RETRY,
-        )

@@ -12,11 +12,28 @@ with workflow.unsafe.imports_passed_through():
 
     from csbs.model import DeleteBackupsInput
 
-from workflows.common import RETRY, SA_OPERATION, STEP_TIMEOUT, reason_of, tag
+from workflows.common import SA_OPERATION, act, reason_of, tag
 
 
 class RetentionCleanupInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, Any]:
+    """Delete what one policy's retention expires now, via a ``DeleteBackups`` child."""
+    expired: list[str] = await act("policy_expired_backups", policy_id, result_type=list[str])
+    entry: dict[str, Any] = {"expired": expired}
+    if expired:
+        try:
+            entry["result"] = await workflow.execute_child_workflow(
+                "DeleteBackups",
+                DeleteBackupsInput(backup_ids=expired),
+                id=delete_workflow_id,
+                result_type=dict[str, Any],
+            )
+        except ChildWorkflowError as err:
+            entry["error"] = reason_of("retention", err).reason
+    return entry
 
 
 @workflow.defn(name="RetentionCleanup", failure_exception_types=[ValidationError])
@@ -26,32 +43,11 @@ class RetentionCleanup:
     @workflow.run
     async def run(self, inp: RetentionCleanupInput | None = None) -> dict[str, Any]:
         tag(SA_OPERATION.value_set("retention"))
-        policy_ids: list[str] = await workflow.execute_activity(
-            "list_policy_ids",
-            result_type=list[str],
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
+        policy_ids: list[str] = await act("list_policy_ids", result_type=list[str])
         report: dict[str, Any] = {}
         for policy_id in policy_ids:
-            expired: list[str] = await workflow.execute_activity(
-                "policy_expired_backups",
-                args=[policy_id],
-                result_type=list[str],
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
+            workflow.set_current_details(f"policy {policy_id}")
+            report[policy_id] = await apply_retention(
+                policy_id, f"retention-{workflow.info().workflow_id}-{policy_id}"
             )
-            entry: dict[str, Any] = {"expired": expired}
-            if expired:
-                workflow.set_current_details(f"policy {policy_id}: deleting {len(expired)}")
-                try:
-                    await workflow.execute_child_workflow(
-                        "DeleteBackups",
-                        DeleteBackupsInput(backup_ids=expired),
-                        id=f"retention-{workflow.info().workflow_id}-{policy_id}",
-                        result_type=dict[str, Any],
-                    )
-                except ChildWorkflowError as err:
-                    entry["error"] = reason_of("retention", err).reason
-            report[policy_id] = entry
         return report
