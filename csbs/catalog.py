@@ -79,6 +79,8 @@ class DiskBackupRow(SQLModel, table=True):
     chunks_reused: int = 0
     chunks_zero: int = 0
     read_mode: str = Field(default="", max_length=32)
+    #: Why the disk was read in full instead of by changed blocks (empty when it was not).
+    read_note: str = Field(default="", max_length=500)
     progress: int = 0
     done: bool = False
 
@@ -568,6 +570,7 @@ def backup_json(row: BackupRow, disks: list[DiskBackupRow]) -> dict[str, Any]:
                 "chunks_zero": d.chunks_zero,
                 "bytes_read": d.bytes_read,
                 "read_mode": d.read_mode,
+                "read_note": d.read_note,
             }
             for d in disks
         ],

@@ -33,8 +33,11 @@ class Settings(BaseSettings):
     s3_bucket: str = "csbs"
     s3_region: str = "us-east-1"
     s3_prefix: str = "csbs"
-    compute_driver: Literal["local"] = "local"
+    compute_driver: Literal["local", "qemu"] = "local"
     servers_dir: Path | None = None
+    #: The QEMU binaries the ``qemu`` driver runs (names on PATH or absolute paths).
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
     project: str = "default"
     chunk_size: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
     #: Chunks hashed/compressed/uploaded (or fetched on restore) at once per disk.

@@ -24,7 +24,7 @@ from csbs.catalog import (
 )
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
-from csbs.drivers import ComputeDriver, make_driver
+from csbs.drivers import ComputeDriver, SnapshotReader, make_driver
 from csbs.errors import (
     Conflict,
     GarbageCollectionRunning,
@@ -232,13 +232,11 @@ class CsbsService:
         reader = self.driver.open_snapshot(backup.server_id, backup_id, disk_id)
         try:
             parent = self._parent_manifest(backup.parent_id, disk_id)
-            changed = None
-            if (
-                parent is not None
-                and reader.changed_since == backup.parent_id
-                and parent.size_bytes == reader.size_bytes
-            ):
+            changed, note = None, full_read_note(reader, parent, backup.parent_id)
+            if note is None:
                 changed = reader.changed_ranges()
+                if changed is None:
+                    note = "the driver reported no changed-block map for this disk"
             manifest, staged = None, 0
             if resume:
                 with contextlib.suppress(NotFound):
@@ -284,6 +282,7 @@ class CsbsService:
             chunks_reused=stats.chunks_reused,
             chunks_zero=stats.chunks_zero,
             read_mode=stats.read_mode,
+            read_note=note or "",
             progress=100,
             done=True,
         )
@@ -569,6 +568,29 @@ class CsbsService:
                 backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
             )
         self.catalog.finish_task(task_id, ok=False, reason=reason)
+
+
+def full_read_note(
+    reader: SnapshotReader, parent: Manifest | None, parent_id: str | None
+) -> str | None:
+    """Why a disk must be read in full (allocated ranges, diffed by chunk id) rather than
+    by its changed blocks; None when the changed blocks since the parent can be trusted."""
+    if parent_id is None:
+        return "first backup of this server: every allocated range is read"
+    if parent is None:
+        return "the disk is not in the parent backup: every allocated range is read"
+    if parent.size_bytes != reader.size_bytes:
+        return (
+            f"the disk changed size since the parent backup ({parent.size_bytes} -> "
+            f"{reader.size_bytes} bytes): every allocated range is read"
+        )
+    if reader.changed_since != parent_id:
+        why = reader.full_read_reason or (
+            f"changed blocks are tracked since {reader.changed_since}, not since the parent "
+            f"backup {parent_id}"
+        )
+        return f"{why}: every allocated range is read and diffed by chunk"
+    return None
 
 
 def backup_warnings(server: Server) -> list[str]:

@@ -281,6 +281,16 @@ def _wait_bucket(settings: object, env: dict[str, str], timeout: float = 60) -> 
 def down(settings: object) -> None:
     """Stop the worker, SeaweedFS and Temporal started by :func:`up`."""
     var_dir = Path(getattr(settings, "var_dir", "var")).resolve()
+    if getattr(settings, "compute_driver", "local") == "qemu":
+        from csbs.config import Settings
+        from csbs.drivers import make_driver
+
+        assert isinstance(settings, Settings)
+        drv = make_driver(settings)
+        for server in drv.list_servers():
+            if server.state.value == "running":
+                drv.stop(server.id)  # QEMU quits cleanly; its dirty bitmaps are kept
+                print(f"stopped QEMU server {server.id}")
     for name in ("worker", "seaweedfs", "temporal"):
         pid_file = var_dir / "run" / f"{name}.pid"
         if not _pid_alive(pid_file):

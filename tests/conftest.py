@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -26,9 +27,12 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
+from csbs.drivers.base import ComputeDriver
 from csbs.drivers.local import LocalDriver
+from csbs.drivers.qemu import QemuDriver
 from csbs.services import CsbsService
 from starter.stack import SeaweedS3, start_seaweed, tool
+from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON, qemu_version
 from worker import build_worker
 from workflows.common import SEARCH_ATTRIBUTES
 
@@ -130,6 +134,11 @@ class Stack:
         return drv
 
     @property
+    def compute(self) -> ComputeDriver:
+        """The driver, whichever it is (``driver`` is the local one's full API)."""
+        return self.service.driver
+
+    @property
     def catalog(self) -> Catalog:
         return self.service.catalog
 
@@ -184,6 +193,7 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
         CSBS_CHUNK_SIZE=str(settings.chunk_size),
         CSBS_TRANSFER_CONCURRENCY=str(settings.transfer_concurrency),
         CSBS_PROJECT=settings.project,
+        CSBS_COMPUTE_DRIVER=settings.compute_driver,
         COLUMNS="200",
     )
     return env
@@ -208,3 +218,37 @@ async def stack(
     """A worker on its own task queue over a fresh catalog, prefix and servers directory."""
     async with running_stack(temporal, make_settings(tmp_path, s3)) as st:
         yield st
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"qemu driver: {qemu_version()}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not QEMU_AVAILABLE:
+        terminalreporter.write_line("!" * 88, red=True)
+        terminalreporter.write_line(SKIP_REASON, red=True, bold=True)
+        terminalreporter.write_line("!" * 88, red=True)
+
+
+def kill_qemu(driver: QemuDriver) -> None:
+    """Tests stop what they start: kill every QEMU process of the driver's servers."""
+    for server in driver.list_servers():
+        pid = driver.pid(server.id)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def qemu_stack(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
+) -> AsyncIterator[Stack]:
+    """Like ``stack``, with the qemu driver: every server is a real QEMU process."""
+    if not QEMU_AVAILABLE:
+        pytest.skip(SKIP_REASON)
+    async with running_stack(temporal, make_settings(tmp_path, s3, compute_driver="qemu")) as st:
+        try:
+            yield st
+        finally:
+            assert isinstance(st.compute, QemuDriver)
+            kill_qemu(st.compute)

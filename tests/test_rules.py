@@ -9,9 +9,10 @@ from pydantic import ValidationError
 
 from csbs.catalog import DiskBackupRow
 from csbs.errors import InvalidInput
+from csbs.format import Manifest
 from csbs.model import BackupServerInput, Disk, DiskRole, Server, ServerState, check_id
 from csbs.naming import check_description, check_name, default_name, numbered
-from csbs.services import plan_disk_mapping
+from csbs.services import full_read_note, plan_disk_mapping
 from csbs.units import parse_size
 
 MIB = 1024 * 1024
@@ -135,3 +136,37 @@ def test_servers_over_4_tib_warn() -> None:
     assert backup_warnings(_server(1 << 40, 3 << 40)) == []
     (warning,) = backup_warnings(_server(1 << 40, 3 << 40, 1))
     assert "over 4 TiB" in warning
+
+
+class _Reader:
+    def __init__(self, size: int, since: str | None, reason: str | None = None) -> None:
+        self.size_bytes, self.changed_since, self.full_read_reason = size, since, reason
+
+    def allocated_ranges(self) -> list[tuple[int, int]]:
+        return []
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def close(self) -> None:
+        pass
+
+
+def test_full_read_notes_say_why_changed_blocks_were_not_used() -> None:
+    """B3: a backup reads by changed blocks only when they are tracked since its parent;
+    otherwise each disk's record says why it was read in full."""
+    parent = Manifest("bk-1", "disk-a", 8 * MIB, MIB)
+    assert full_read_note(_Reader(8 * MIB, "bk-1"), parent, "bk-1") is None
+    cases = [
+        (_Reader(8 * MIB, None), None, None, "first backup"),
+        (_Reader(8 * MIB, None), None, "bk-1", "not in the parent backup"),
+        (_Reader(16 * MIB, "bk-1"), parent, "bk-1", "changed size"),
+        (_Reader(8 * MIB, "bk-0"), parent, "bk-1", "tracked since bk-0"),
+        (_Reader(8 * MIB, None, "bitmap lost: QEMU exited uncleanly"), parent, "bk-1", "uncleanly"),
+    ]
+    for reader, manifest, parent_id, needle in cases:
+        note = full_read_note(reader, manifest, parent_id)
+        assert note is not None and needle in note, (needle, note)

@@ -12,6 +12,15 @@ def make_driver(settings: Settings) -> ComputeDriver:
         from csbs.drivers.local import LocalDriver
 
         return LocalDriver(settings.effective_servers_dir, project=settings.project)
+    if settings.compute_driver == "qemu":
+        from csbs.drivers.qemu import QemuDriver
+
+        return QemuDriver(
+            settings.effective_servers_dir,
+            project=settings.project,
+            qemu_binary=settings.qemu_binary,
+            qemu_img=settings.qemu_img,
+        )
     raise ValueError(f"compute_driver {settings.compute_driver!r} is not known")
 
 

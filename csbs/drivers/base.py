@@ -17,6 +17,8 @@ class SnapshotDisk(BaseModel):
     #: Name of the checkpoint that the changed-block map of this snapshot starts from; None
     #: when the driver cannot tell what changed (then every allocated range must be read).
     changed_since: str | None = None
+    #: Why the driver has no changed-block map for this disk (recorded with the backup).
+    full_read_reason: str | None = None
 
 
 class Snapshot(BaseModel):
@@ -41,6 +43,8 @@ class SnapshotReader(Protocol):
     size_bytes: int
     #: The checkpoint that ``changed_ranges`` starts from (None: unknown).
     changed_since: str | None
+    #: Why ``changed_since`` is None, when the driver knows (bitmap lost, disk resized, ...).
+    full_read_reason: str | None
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) ranges that may hold data; everything else reads as zeros."""
@@ -100,6 +104,9 @@ class ComputeDriver(Protocol):
     def release_snapshot(self, server_id: str, snapshot_id: str, committed: bool) -> None:
         """Drop the snapshot. If it was not committed as a backup, its changed blocks are
         folded back so the next incremental still sees them. Idempotent."""
+
+    def snapshots(self, server_id: str) -> list[str]:
+        """Ids of the snapshots the server holds now (diagnostics, reconciliation)."""
 
     def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
         """Attach a new data disk, or re-create ``like`` (restore of a removed disk)."""

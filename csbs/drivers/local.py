@@ -21,22 +21,18 @@ on a file, so they hold between the worker and ``csbs dev server write`` process
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
+from csbs.drivers.common import DirectoryDriver, hash_zeros, merge_ranges, write_json
 from csbs.errors import (
     CsbsError,
     DiskUnavailable,
@@ -45,8 +41,12 @@ from csbs.errors import (
     InvalidState,
     NotFound,
 )
-from csbs.model import Disk, DiskRole, Server, ServerState, check_id
+from csbs.model import Disk, Server, ServerState, check_id
 
+#: Why a disk without a checkpoint is read whole.
+NO_CHECKPOINT = (
+    "no changed-block checkpoint: the disk is new, was resized or restored, or was never backed up"
+)
 #: Granularity of changed-block tracking and copy-before-write.
 BLOCK_SIZE = 64 * 1024
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -149,112 +149,20 @@ def _blocks_to_ranges(blocks: list[int], size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-class LocalDriver:
+class LocalDriver(DirectoryDriver):
     """Servers as directories; see the module docstring."""
 
     name = "local"
 
-    def __init__(self, root: Path, project: str = "default") -> None:
-        self.root = Path(root)
-        self.project = project
-
-    # -- paths and locking ---------------------------------------------------------------
-    def _dir(self, server_id: str) -> Path:
-        return self.root / check_id(server_id, "server_id")
-
     def _disk_path(self, server_id: str, disk_id: str) -> Path:
         return self._dir(server_id) / "disks" / f"{check_id(disk_id, 'disk_id')}.raw"
-
-    def _snap_dir(self, server_id: str, snapshot_id: str) -> Path:
-        return self._dir(server_id) / "snapshots" / check_id(snapshot_id, "snapshot_id")
-
-    @contextlib.contextmanager
-    def _lock(self, server_id: str, exclusive: bool) -> Iterator[None]:
-        path = self._dir(server_id) / "lock"
-        if not path.parent.is_dir():
-            raise NotFound(f"server {server_id} does not exist")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
-    # -- servers ----------------------------------------------------------------------------
-    def _load(self, server_id: str) -> Server:
-        path = self._dir(server_id) / "server.json"
-        try:
-            return Server.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(f"server {server_id} does not exist") from None
-
-    def _save(self, server: Server) -> None:
-        _write_json(self._dir(server.id) / "server.json", server.model_dump(mode="json"))
-
-    def list_servers(self) -> list[Server]:
-        if not self.root.is_dir():
-            return []
-        servers = []
-        for path in sorted(self.root.glob("*/server.json")):
-            server = Server.model_validate_json(path.read_text())
-            if server.project == self.project:
-                servers.append(server)
-        return servers
-
-    def get_server(self, server_id: str) -> Server:
-        server = self._load(server_id)
-        if server.project != self.project:
-            raise NotFound(f"server {server_id} does not exist")
-        return server
 
     def create_server(
         self, name: str, disk_sizes: list[int], shared_disk_sizes: list[int] | None = None
     ) -> Server:
-        if not name or len(name) > 255:
-            raise InvalidInput("name must be 1-255 characters")
-        if not disk_sizes:
-            raise InvalidInput("disk: a server needs at least one disk (the system disk)")
-        for size in [*disk_sizes, *(shared_disk_sizes or [])]:
-            if size <= 0 or size % 512:
-                raise InvalidInput(f"disk size must be a positive multiple of 512 (got {size})")
-        server_id = f"srv-{uuid.uuid4().hex[:12]}"
-        disks = [
-            Disk(
-                id=f"disk-{uuid.uuid4().hex[:12]}",
-                name="system" if i == 0 else f"data-{i}",
-                size_bytes=size,
-                role=DiskRole.SYSTEM if i == 0 else DiskRole.DATA,
-            )
-            for i, size in enumerate(disk_sizes)
-        ]
-        disks += [
-            Disk(
-                id=f"disk-{uuid.uuid4().hex[:12]}",
-                name=f"shared-{i + 1}",
-                size_bytes=size,
-                role=DiskRole.DATA,
-                shared=True,
-            )
-            for i, size in enumerate(shared_disk_sizes or [])
-        ]
-        server = Server(
-            id=server_id,
-            name=name,
-            type="local",
-            state=ServerState.RUNNING,
-            disks=disks,
-            project=self.project,
-        )
-        base = self._dir(server_id)
-        for sub in ("disks", "cbt", "snapshots"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        for disk in disks:
+        server = self._new_server(name, disk_sizes, shared_disk_sizes)
+        server_id = server.id
+        for disk in server.disks:
             with open(self._disk_path(server_id, disk.id), "wb") as f:
                 f.truncate(disk.size_bytes)
             self._set_checkpoint(server_id, disk.id, None)
@@ -303,13 +211,9 @@ class LocalDriver:
         return str(value) if value else None
 
     def _set_checkpoint(self, server_id: str, disk_id: str, name: str | None) -> None:
-        _write_json(self._cbt_meta(server_id, disk_id), {"checkpoint": name})
+        write_json(self._cbt_meta(server_id, disk_id), {"checkpoint": name})
 
     # -- writes -----------------------------------------------------------------------------
-    def _active_snapshots(self, server_id: str) -> list[Path]:
-        snaps = self._dir(server_id) / "snapshots"
-        return [p for p in sorted(snaps.iterdir()) if (p / "snapshot.json").exists()]
-
     def _write_locked(
         self,
         server_id: str,
@@ -371,13 +275,6 @@ class LocalDriver:
             finally:
                 os.close(fd)
 
-    @staticmethod
-    def _find_disk(server: Server, disk_id: str) -> Disk:
-        try:
-            return server.disk(disk_id)
-        except KeyError:
-            raise NotFound(f"disk {disk_id} is not a disk of server {server.id}") from None
-
     def checksum(self, server_id: str) -> dict[str, str]:
         with self._lock(server_id, exclusive=False):
             server = self.get_server(server_id)
@@ -388,7 +285,7 @@ class LocalDriver:
                     fd = f.fileno()
                     pos = 0
                     for start, length in data_ranges(fd, disk.size_bytes):
-                        _hash_zeros(digest, start - pos)
+                        hash_zeros(digest, start - pos)
                         f.seek(start)
                         remaining = length
                         while remaining:
@@ -396,7 +293,7 @@ class LocalDriver:
                             digest.update(block)
                             remaining -= len(block)
                         pos = start + length
-                    _hash_zeros(digest, disk.size_bytes - pos)
+                    hash_zeros(digest, disk.size_bytes - pos)
                 sums[disk.id] = digest.hexdigest()
             return sums
 
@@ -419,7 +316,12 @@ class LocalDriver:
                 if bits.exists():
                     os.replace(bits, snap / f"{disk.id}.cbt")
                 disks.append(
-                    SnapshotDisk(disk_id=disk.id, size_bytes=disk.size_bytes, changed_since=since)
+                    SnapshotDisk(
+                        disk_id=disk.id,
+                        size_bytes=disk.size_bytes,
+                        changed_since=since,
+                        full_read_reason=None if since else NO_CHECKPOINT,
+                    )
                 )
             snapshot = Snapshot(
                 id=snapshot_id,
@@ -430,7 +332,7 @@ class LocalDriver:
             )
             record = snapshot.model_dump(mode="json")
             record["sizes"] = {d.disk_id: d.size_bytes for d in disks}
-            _write_json(snap / "snapshot.json", record)
+            write_json(snap / "snapshot.json", record)
             return snapshot
 
     def _read_snapshot(self, server_id: str, snapshot_id: str) -> Snapshot:
@@ -467,29 +369,12 @@ class LocalDriver:
                     self._set_checkpoint(server_id, disk.disk_id, disk.changed_since)
             shutil.rmtree(snap)
 
-    def snapshots(self, server_id: str) -> list[str]:
-        """Ids of the snapshots currently held (for tests and diagnostics)."""
-        return [p.name for p in self._active_snapshots(server_id)]
-
     # -- disk changes (R5) ---------------------------------------------------------------
     def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
         """Attach a new empty data disk, or re-create ``like`` (same id, name and role)."""
-        if size_bytes <= 0 or size_bytes % 512:
-            raise InvalidInput(f"size must be a positive multiple of 512 (got {size_bytes})")
         with self._lock(server_id, exclusive=True):
             server = self.get_server(server_id)
-            disk = (
-                like.model_copy(update={"size_bytes": size_bytes})
-                if like is not None
-                else Disk(
-                    id=f"disk-{uuid.uuid4().hex[:12]}",
-                    name=f"data-{len(server.disks)}",
-                    size_bytes=size_bytes,
-                    role=DiskRole.DATA,
-                )
-            )
-            if any(d.id == disk.id for d in server.disks):
-                raise InvalidInput(f"disk {disk.id} is already a disk of server {server_id}")
+            disk = self._new_disk(server, size_bytes, like)
             with open(self._disk_path(server_id, disk.id), "wb") as f:
                 f.truncate(size_bytes)
             self._set_checkpoint(server_id, disk.id, None)
@@ -503,11 +388,7 @@ class LocalDriver:
         with self._lock(server_id, exclusive=True):
             server = self.get_server(server_id)
             disk = self._find_disk(server, disk_id)
-            if size_bytes < disk.size_bytes or size_bytes % 512:
-                raise InvalidInput(
-                    f"size must be a multiple of 512 not smaller than the disk's "
-                    f"{disk.size_bytes} bytes (got {size_bytes})"
-                )
+            self._check_grow(disk, size_bytes)
             with open(self._disk_path(server_id, disk_id), "r+b") as f:
                 f.truncate(size_bytes)
             disk.size_bytes = size_bytes
@@ -519,8 +400,7 @@ class LocalDriver:
         with self._lock(server_id, exclusive=True):
             server = self.get_server(server_id)
             disk = self._find_disk(server, disk_id)
-            if disk.role == DiskRole.SYSTEM:
-                raise InvalidInput(f"disk {disk_id} is the system disk; it cannot be removed")
+            self._check_removable(disk)
             if self._active_snapshots(server_id):
                 raise InvalidState(f"server {server_id} has a snapshot in use; try again later")
             server.disks = [d for d in server.disks if d.id != disk_id]
@@ -558,14 +438,6 @@ def _disk_error(disk_id: str, purpose: str, exc: OSError) -> CsbsError:
     return DriverError(message)
 
 
-def _hash_zeros(digest: Any, count: int) -> None:
-    zeros = bytes(min(count, 8 * 1024 * 1024))
-    while count > 0:
-        n = min(count, len(zeros))
-        digest.update(zeros[:n] if n != len(zeros) else zeros)
-        count -= n
-
-
 class _LocalSnapshotReader:
     """Reads a snapshot disk: preserved blocks from the COW file, the rest from the disk."""
 
@@ -575,6 +447,7 @@ class _LocalSnapshotReader:
         self.disk = disk
         self.size_bytes = disk.size_bytes
         self.changed_since = disk.changed_since
+        self.full_read_reason = disk.full_read_reason
         self.snap = driver._snap_dir(server_id, snapshot_id)
         self.map = _Bitmap(self.snap / f"{disk.disk_id}.map")
         try:
@@ -587,7 +460,7 @@ class _LocalSnapshotReader:
         with self.driver._lock(self.server_id, exclusive=False):
             live = data_ranges(self.fd, self.size_bytes)
             preserved = _blocks_to_ranges(self.map.all_set(), self.size_bytes)
-        return _merge_ranges(live + preserved)
+        return merge_ranges(live + preserved)
 
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         if self.changed_since is None:
@@ -619,17 +492,6 @@ class _LocalSnapshotReader:
     def close(self) -> None:
         os.close(self.fd)
         os.close(self.cow_fd)
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, length in sorted(ranges):
-        if merged and start <= merged[-1][0] + merged[-1][1]:
-            last_start, last_len = merged[-1]
-            merged[-1] = (last_start, max(last_len, start + length - last_start))
-        else:
-            merged.append((start, length))
-    return merged
 
 
 class _LocalDiskWriter:
