@@ -252,3 +252,12 @@ async def qemu_stack(
         finally:
             assert isinstance(st.compute, QemuDriver)
             kill_qemu(st.compute)
+
+
+@pytest.fixture(params=["local", "qemu"])
+def any_stack(request: pytest.FixtureRequest) -> Stack:
+    """The end-to-end stack with each driver in turn (the qemu one skips loudly without QEMU)."""
+    name = "stack" if request.param == "local" else "qemu_stack"
+    st = request.getfixturevalue(name)
+    assert isinstance(st, Stack)
+    return st
