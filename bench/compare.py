@@ -1,6 +1,7 @@
 """csbs against restic on the same VM image, same SeaweedFS, same run (not part of the tests).
 
-Usage: .venv/bin/python bench/compare.py [--disk-gib 4] [--data-gib 2] [--changed 0.10] [--repeat 1]
+Usage: .venv/bin/python bench/compare.py [--disk-gib 4] [--data-gib 2] [--changed 0.10]
+       [--repeat 1] [--skip-restic] [--no-qemu]
 
 Builds a local-driver server with one sparse disk holding mixed data (half random, half
 compressible text per 4 MiB region), starts its own SeaweedFS and Temporal dev server on
@@ -8,7 +9,11 @@ free loopback ports, runs a worker in this process, and times through Temporal (
 start to result) a full backup, an incremental after changing a fraction of the written
 regions (chunk diffing and changed-block tracking), and a restore. restic 0.14 (Debian
 package `restic`) backs up and restores the same raw image file into the same SeaweedFS.
-It also measures the raw S3 PUT ceiling of 4 MiB objects. Prints medians and ratios.
+With QEMU installed it also puts the same data on a ``qemu``-driver server and times a full
+backup, an incremental after changing 1 % of the regions (dirty bitmaps) and an unchanged
+backup; restic backs up the raw image with the same 1 % changed. It measures the raw S3 PUT
+ceiling of 4 MiB objects and the CPU seconds of csbs, restic and SeaweedFS per step.
+Prints medians and ratios.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
+from csbs.drivers.qemu import QemuDriver
 from csbs.model import BackupServerInput, RestoreServerInput
 from starter.client import CsbsClient
 from starter.stack import start_seaweed, tool
@@ -75,12 +81,41 @@ def restic(env: dict[str, str], *args: str) -> float:
     return time.monotonic() - began
 
 
+class Cpu:
+    """CPU seconds used by this process, its children (restic) and SeaweedFS over a step."""
+
+    def __init__(self, weed_pid: int) -> None:
+        self.weed_pid = weed_pid
+        self.steps: dict[str, tuple[float, float, float]] = {}
+
+    def _now(self) -> tuple[float, float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        fields = Path(f"/proc/{self.weed_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        weed = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime, weed
+
+    def start(self) -> tuple[float, float, float]:
+        return self._now()
+
+    def stop(self, step: str, began: tuple[float, float, float]) -> None:
+        now = self._now()
+        self.steps[step] = (now[0] - began[0], now[1] - began[1], now[2] - began[2])
+
+
+def write_image(drv: Any, server: Any, offsets: list[int], salt: int = 0) -> None:
+    disk = server.disks[0]
+    for i, off in enumerate(offsets):
+        drv.write(server.id, disk.id, off, mixed_region(salt + i))
+
+
 async def one_round(
     args: argparse.Namespace,
     env_temporal: WorkflowEnvironment,
     endpoint: str,
     bucket: str,
     work: Path,
+    cpu: Cpu,
 ) -> dict[str, float]:
     settings = Settings(
         var_dir=work / "var",
@@ -96,50 +131,79 @@ async def one_round(
     regions = int(args.data_gib * 1024 * MIB) // REGION
     stride = max(1, (disk.size_bytes // REGION) // regions)
     offsets = [i * stride * REGION for i in range(regions)]
-    for i, off in enumerate(offsets):
-        drv.write(server.id, disk.id, off, mixed_region(i))
-    data_mb = regions * REGION / 1e6
+    write_image(drv, server, offsets)
     image = drv._disk_path(server.id, disk.id)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"_data_mb": regions * REGION / 1e6}
+    changed = offsets[:: max(1, int(1 / args.changed))]
 
     renv = dict(
         os.environ,
         RESTIC_PASSWORD="bench",
         RESTIC_REPOSITORY=f"s3:{endpoint}/{bucket}/restic-{uuid.uuid4().hex[:8]}",
     )
-    restic(renv, "init")
-    out["restic full"] = restic(renv, "backup", str(image))
+
+    def run_restic(step: str, *restic_args: str) -> None:
+        if not args.skip_restic:
+            began = cpu.start()
+            out[step] = restic(renv, *restic_args)
+            cpu.stop(step, began)
+
+    if not args.skip_restic:
+        restic(renv, "init")
+    run_restic("restic full", "backup", str(image))
+
+    async def backup(client: CsbsClient, server_id: str, step: str) -> dict[str, Any]:
+        began, t0 = cpu.start(), time.monotonic()
+        _, handle = await client.start_backup(BackupServerInput(server_id=server_id))
+        result = cast(dict[str, Any], await handle.result())
+        out[step] = time.monotonic() - t0
+        cpu.stop(step, began)
+        out[f"_{step} stored"] = result["stored_bytes"]
+        return result
 
     with ThreadPoolExecutor(settings.max_concurrent_activities) as pool:
         async with build_worker(env_temporal.client, settings, pool):
             client = CsbsClient(env_temporal.client, settings)
-
-            async def backup() -> tuple[float, dict[str, Any]]:
-                began = time.monotonic()
-                _, handle = await client.start_backup(BackupServerInput(server_id=server.id))
-                result = cast(dict[str, Any], await handle.result())
-                return time.monotonic() - began, result
-
-            out["csbs full"], _ = await backup()
-            changed = offsets[:: max(1, int(1 / args.changed))]
-            for i, off in enumerate(changed):
-                drv.write(server.id, disk.id, off, mixed_region(10**6 + i))
-            out["restic incremental"] = restic(renv, "backup", str(image))
-            out["csbs incremental (cbt)"], incr = await backup()
+            await backup(client, server.id, "csbs full")
+            write_image(drv, server, changed, 10**6)
+            run_restic("restic incremental", "backup", str(image))
+            await backup(client, server.id, "csbs incremental (cbt)")
             # Chunk diffing without changed-block tracking: drop the CBT checkpoint.
-            for i, off in enumerate(changed):
-                drv.write(server.id, disk.id, off, mixed_region(2 * 10**6 + i))
+            write_image(drv, server, changed, 2 * 10**6)
             drv._set_checkpoint(server.id, disk.id, None)
-            out["csbs incremental (diff)"], incr = await backup()
-
-            began = time.monotonic()
+            incr = await backup(client, server.id, "csbs incremental (diff)")
+            began, t0 = cpu.start(), time.monotonic()
             handle = await client.start_restore(RestoreServerInput(backup_id=incr["id"]))
             await handle.result()
-            out["csbs restore"] = time.monotonic() - began
+            out["csbs restore"] = time.monotonic() - t0
+            cpu.stop("csbs restore", began)
     target = work / "restic-restore"
-    out["restic restore"] = restic(renv, "restore", "latest", "--target", str(target))
+    run_restic("restic restore", "restore", "latest", "--target", str(target))
     shutil.rmtree(target, ignore_errors=True)
-    out["_data_mb"] = data_mb
+    if args.qemu:
+        # The same image on a QEMU server: dirty-bitmap incrementals at 1 % changed; restic
+        # backs up the raw image with the same 1 % changed.
+        one_pct = offsets[:: max(1, int(1 / 0.01))]
+        write_image(drv, server, one_pct, 3 * 10**6)
+        run_restic("restic incremental 1%", "backup", str(image))
+        qsettings = settings.model_copy(
+            update={"compute_driver": "qemu", "task_queue": f"{settings.task_queue}-q"}
+        )
+        qdrv = QemuDriver(qsettings.effective_servers_dir)
+        qserver = qdrv.create_server("bench-qemu", [disk.size_bytes])
+        try:
+            write_image(qdrv, qserver, offsets)
+            with ThreadPoolExecutor(settings.max_concurrent_activities) as pool:
+                async with build_worker(env_temporal.client, qsettings, pool):
+                    qclient = CsbsClient(env_temporal.client, qsettings)
+                    await backup(qclient, qserver.id, "csbs qemu full")
+                    write_image(qdrv, qserver, one_pct, 4 * 10**6)
+                    await backup(qclient, qserver.id, "csbs qemu bitmap 1%")
+                    await backup(qclient, qserver.id, "csbs qemu unchanged")
+        finally:
+            pid = qdrv.pid(qserver.id)
+            if pid is not None:
+                os.kill(pid, 9)
     from csbs.chunkstore import ChunkStore
 
     out["_put_ceiling"] = put_ceiling(ChunkStore(settings))
@@ -153,8 +217,17 @@ async def main() -> None:
     parser.add_argument("--data-gib", type=float, default=2)
     parser.add_argument("--changed", type=float, default=0.10)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--skip-restic", action="store_true", help="csbs only (profiling)")
+    parser.add_argument(
+        "--no-qemu", dest="qemu", action="store_false", help="skip the QEMU dirty-bitmap steps"
+    )
     args = parser.parse_args()
-    if not shutil.which("restic"):
+    if args.qemu and not shutil.which("qemu-system-x86_64"):
+        sys.exit(
+            "QEMU is needed for the dirty-bitmap steps (apt-get install qemu-system-x86 "
+            "qemu-utils), or pass --no-qemu"
+        )
+    if not args.skip_restic and not shutil.which("restic"):
         sys.exit("restic is needed: apt-get install -y restic")
     os.environ["AWS_ACCESS_KEY_ID"] = "bench"
     os.environ["AWS_SECRET_ACCESS_KEY"] = uuid.uuid4().hex
@@ -182,31 +255,49 @@ async def main() -> None:
                 search_attributes=SEARCH_ATTRIBUTES,
                 data_converter=pydantic_data_converter,
             )
-            rounds = [
-                await one_round(args, env, weed.endpoint, bucket, work) for _ in range(args.repeat)
-            ]
+            cpus = [Cpu(weed.proc.pid) for _ in range(args.repeat)]
+            rounds = [await one_round(args, env, weed.endpoint, bucket, work, cpu) for cpu in cpus]
             await env.shutdown()
         finally:
             weed.stop()
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     mb = med.pop("_data_mb")
     ceiling = med.pop("_put_ceiling")
+    stored = {k[1:].removesuffix(" stored"): v for k, v in med.items() if k.endswith(" stored")}
+    cpu = {
+        k: tuple(statistics.median(c.steps[k][i] for c in cpus) for i in range(3))
+        for k in cpus[0].steps
+    }
     print(
         f"data {mb:.0f} MB on a {args.disk_gib:g} GiB sparse disk, {args.changed:.0%} of regions "
-        f"changed, median of {args.repeat}"
+        f"changed, median of {args.repeat}; 2 cores shared by all"
     )
-    print(f"{'step':28} {'seconds':>8} {'MB/s':>8}")
+    print(f"{'step':28} {'seconds':>8} {'MB/s':>8}   cpu-s: {'csbs':>5} {'restic':>6} {'weed':>5}")
     for key, secs in med.items():
-        print(f"{key:28} {secs:8.2f} {mb / secs:8.1f}")
+        if key.startswith("_"):
+            continue
+        c = cpu.get(key, (0.0, 0.0, 0.0))
+        print(f"{key:28} {secs:8.2f} {mb / secs:8.1f}          {c[0]:5.1f} {c[1]:6.1f} {c[2]:5.1f}")
     print(f"raw S3 PUT ceiling (4 MiB, 8 threads): {ceiling:.1f} MB/s")
-    for step, peer in [
+    full_rate = stored["csbs full"] / 1e6 / med["csbs full"]
+    print(
+        f"csbs full uploads {stored['csbs full'] / 1e6:.0f} MB at {full_rate:.1f} MB/s = "
+        f"{full_rate / ceiling:.0%} of the PUT ceiling"
+    )
+    pairs = [
         ("full", "full"),
         ("incremental (diff)", "incremental"),
         ("incremental (cbt)", "incremental"),
         ("restore", "restore"),
-    ]:
-        print(f"ratio {step:22} csbs is {med[f'restic {peer}'] / med[f'csbs {step}']:.2f}x restic")
-    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        ("qemu bitmap 1%", "incremental 1%"),
+    ]
+    for step, peer in pairs:
+        if f"restic {peer}" in med and f"csbs {step}" in med:
+            ratio = med[f"restic {peer}"] / med[f"csbs {step}"]
+            print(f"ratio {step:22} csbs is {ratio:.2f}x restic")
+    print(
+        f"process peak RSS (bench + worker + client): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
     os._exit(0)
 
 

@@ -30,7 +30,7 @@ _MANIFEST_HEADER = struct.Struct(">4sBBH")  # magic, version, codec, reserved
 _U32 = struct.Struct(">I")
 
 
-def chunk_digest(data: bytes | memoryview, key: bytes | None = None) -> bytes:
+def chunk_digest(data: bytes | bytearray | memoryview, key: bytes | None = None) -> bytes:
     """The id of a chunk: BLAKE3 of its plaintext (keyed per tenant when a key is given)."""
     hasher = blake3.blake3(key=key, max_threads=1) if key else blake3.blake3(max_threads=1)
     hasher.update(data)
@@ -40,7 +40,7 @@ def chunk_digest(data: bytes | memoryview, key: bytes | None = None) -> bytes:
 _zeros = bytes(4 * 1024 * 1024)
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray) -> bool:
     """True when every byte is zero (such chunks are never stored)."""
     global _zeros
     if len(data) > len(_zeros):
@@ -48,13 +48,11 @@ def is_zero(data: bytes) -> bool:
     return data == _zeros[: len(data)] if len(data) != len(_zeros) else data == _zeros
 
 
-def encode_chunk(data: bytes, level: int = 1) -> bytes:
+def encode_chunk(data: bytes | bytearray, level: int = 1) -> bytes:
     """Serialize a chunk object: header + zstd payload (raw when zstd does not help)."""
     compressed = zstandard.ZstdCompressor(level=level).compress(data)
-    if len(compressed) < len(data):
-        codec, payload = CODEC_ZSTD, compressed
-    else:
-        codec, payload = CODEC_RAW, data
+    codec = CODEC_ZSTD if len(compressed) < len(data) else CODEC_RAW
+    payload = compressed if codec == CODEC_ZSTD else bytes(data)
     return _CHUNK_HEADER.pack(CHUNK_MAGIC, FORMAT_VERSION, codec, 0, len(data)) + payload
 
 

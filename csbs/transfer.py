@@ -1,13 +1,21 @@
 """The data plane: back up one snapshot disk into chunks, restore one disk from a manifest.
 
-Reading is sequential in the calling thread; hashing, compressing, existence checks and
-uploads (or fetches and verification on restore) run in a bounded thread pool, so at most
-``2 x concurrency`` chunks are in memory whatever the disk size. Results are applied in
-position order, which gives a simple resume point: every position below ``done`` is final.
+Backup: reading is sequential in the calling thread; hashing, compressing, existence checks
+and uploads run in a pool of ``concurrency`` threads. At most ``2 x concurrency`` chunks are
+in memory at once (a semaphore taken before each read and given back when the chunk's work
+ends), whatever the disk size. Results are applied in position order as they become ready,
+without waiting for a slow upload to let the reader go on: a position is cheap to keep
+pending, a chunk's bytes are not. Every position below ``done`` is final, which is the
+resume point saved in the staging manifest.
+
+Restore: each worker fetches, verifies and writes one chunk (``pwrite`` at its offset), so
+at most ``concurrency`` chunks are in memory; zero positions are punched as holes in runs.
+Positions below ``done`` are written; a retry resumes there (every write is idempotent).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +30,11 @@ from csbs.model import TransferStats
 
 #: Called with (positions done, positions safely checkpointed, stats). It may raise to stop.
 ProgressFn = Callable[[int, int, TransferStats], None]
+
+#: Most positions pending (read or reused, not yet applied) at once; they cost a few bytes.
+WINDOW = 1024
+#: How often a blocked loop wakes to report progress (heartbeats keep flowing).
+WAKE_SECONDS = 0.5
 
 
 @dataclass
@@ -39,6 +52,11 @@ def parent_entry_valid(parent: Manifest | None, index: int, size_bytes: int) -> 
     if parent.size_bytes == size_bytes:
         return index < parent.chunk_count
     return (index + 1) * parent.chunk_size <= min(parent.size_bytes, size_bytes)
+
+
+def _acquire(slots: threading.Semaphore, while_waiting: Callable[[], None]) -> None:
+    while not slots.acquire(timeout=WAKE_SECONDS):
+        while_waiting()
 
 
 def backup_disk(
@@ -68,13 +86,18 @@ def backup_disk(
     allocated = ranges_to_chunks(reader.allocated_ranges(), cs)
     known: set[bytes] = parent.chunk_ids() if parent is not None else set()
 
-    def work(index: int, data: bytes) -> _Result:
-        if is_zero(data):
-            return _Result(index, None, 0, len(data))
-        chunk_id = chunk_digest(data)
-        if chunk_id in known or store.has_chunk(chunk_id):
-            return _Result(index, chunk_id, 0, len(data))
-        return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
+    slots = threading.Semaphore(2 * concurrency)  # chunks whose bytes are in memory
+
+    def work(index: int, data: bytes | bytearray) -> _Result:
+        try:
+            if is_zero(data):
+                return _Result(index, None, 0, len(data))
+            chunk_id = chunk_digest(data)
+            if chunk_id in known or store.has_chunk(chunk_id):
+                return _Result(index, chunk_id, 0, len(data))
+            return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
+        finally:
+            slots.release()
 
     inflight: deque[Future[_Result] | _Result] = deque()
     done = staged = start
@@ -96,10 +119,14 @@ def backup_disk(
         done = result.index + 1
 
     def drain(limit: int) -> None:
+        """Apply every ready result at the head; block on the head only above ``limit``."""
         nonlocal staged, last_checkpoint
-        while len(inflight) > limit:
-            item = inflight.popleft()
-            apply(item.result() if isinstance(item, Future) else item)
+        while inflight:
+            head = inflight[0]
+            if isinstance(head, Future) and not head.done() and len(inflight) <= limit:
+                break
+            inflight.popleft()
+            apply(head.result() if isinstance(head, Future) else head)
         now = time.monotonic()
         if done > staged and now - last_checkpoint >= checkpoint_seconds and done < total:
             manifest.complete = done
@@ -124,13 +151,19 @@ def backup_disk(
                 elif index not in allocated:
                     inflight.append(_Result(index, None, 0, length))
                 else:
-                    data = reader.read(offset, length)
-                    if len(data) != length:
-                        raise CorruptData(f"short read at {offset}: {len(data)} of {length}")
+                    _acquire(slots, lambda: drain(WINDOW))
+                    try:
+                        data = reader.read(offset, length)
+                        if len(data) != length:
+                            raise CorruptData(f"short read at {offset}: {len(data)} of {length}")
+                    except BaseException:
+                        slots.release()
+                        raise
                     stats.chunks_read += 1
                     stats.bytes_read += length
                     inflight.append(pool.submit(work, index, data))
-                drain(2 * concurrency)
+                    del data
+                drain(WINDOW)
             drain(0)
         except BaseException:
             for item in inflight:
@@ -151,7 +184,7 @@ def restore_disk(
 ) -> TransferStats:
     """Write every position of ``manifest`` from ``start`` on to ``writer``.
 
-    Chunks are fetched and verified in parallel and written in order; zero positions are
+    Workers fetch, verify and write chunks at their offsets in parallel; zero positions are
     punched as holes (runs of them in one call). Every position is idempotent, so a retry
     resumes at the last reported position.
     """
@@ -159,60 +192,71 @@ def restore_disk(
     size, cs = manifest.size_bytes, manifest.chunk_size
     total = manifest.chunk_count
     stats = TransferStats(chunks_total=total, read_mode="restore")
-    inflight: deque[tuple[int, Future[tuple[bytes, int]] | None]] = deque()
+    stats_lock = threading.Lock()
+    inflight: deque[tuple[int, Future[None] | None]] = deque()
     zero_run: list[int] = []  # [offset, length] of pending zero positions
+    zeroed_until = 0  # every zero position ending at or below this offset is punched
     done = start
 
-    def fetch(chunk_id: bytes, length: int) -> tuple[bytes, int]:
+    def fetch_and_write(chunk_id: bytes, offset: int, length: int) -> None:
         data, stored = store.get_chunk(chunk_id)
         if len(data) != length:
             raise CorruptData(
                 f"chunk {chunk_id.hex()} holds {len(data)} bytes where the manifest needs {length}"
             )
-        return data, stored
+        writer.write(offset, data)
+        with stats_lock:
+            stats.chunks_fetched += 1
+            stats.bytes_fetched += stored
+            stats.bytes_written += length
+            stats.data_bytes += length
 
     def flush_zeros() -> None:
+        nonlocal zeroed_until
         if zero_run:
             writer.zero(zero_run[0], zero_run[1])
+            zeroed_until = zero_run[0] + zero_run[1]
             zero_run.clear()
 
     def drain(limit: int) -> None:
+        """Advance ``done`` over finished positions; block on the head only above ``limit``."""
         nonlocal done
-        while len(inflight) > limit:
-            index, future = inflight.popleft()
-            offset, length = chunk_span(index, size, cs)
+        while inflight:
+            index, future = inflight[0]
             if future is None:
-                stats.chunks_zero += 1
-                if zero_run and zero_run[0] + zero_run[1] == offset:
-                    zero_run[1] += length
-                else:
+                if sum(chunk_span(index, size, cs)) > zeroed_until:
+                    if len(inflight) <= limit:
+                        break  # its run is still growing; punch it in one call later
                     flush_zeros()
-                    zero_run.extend([offset, length])
+            elif not future.done() and len(inflight) <= limit:
+                break
             else:
-                flush_zeros()
-                data, stored = future.result()
-                writer.write(offset, data)
-                stats.chunks_fetched += 1
-                stats.bytes_fetched += stored
-                stats.bytes_written += length
-                stats.data_bytes += length
+                future.result()
+            inflight.popleft()
             done = index + 1
         if progress is not None:
-            if zero_run:
-                flush_zeros()
             progress(done, done, stats)
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="csbs-down") as pool:
         try:
             for index in range(start, total):
                 chunk_id = manifest.entry(index)
-                length = chunk_span(index, size, cs)[1]
-                inflight.append(
-                    (index, None if chunk_id is None else pool.submit(fetch, chunk_id, length))
-                )
-                drain(2 * concurrency)
-            drain(0)
+                offset, length = chunk_span(index, size, cs)
+                if chunk_id is None:
+                    stats.chunks_zero += 1
+                    if zero_run and zero_run[0] + zero_run[1] == offset:
+                        zero_run[1] += length
+                    else:
+                        flush_zeros()
+                        zero_run.extend([offset, length])
+                    inflight.append((index, None))
+                else:
+                    inflight.append((index, pool.submit(fetch_and_write, chunk_id, offset, length)))
+                # A pending future holds no chunk until it runs: ``concurrency`` workers
+                # bound the memory; the window only bounds the bookkeeping.
+                drain(max(WINDOW, 4 * concurrency))
             flush_zeros()
+            drain(0)
         except BaseException:
             for _, item in inflight:
                 if item is not None:

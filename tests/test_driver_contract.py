@@ -50,7 +50,7 @@ def qemu(tmp_path: Path) -> Iterator[QemuDriver]:
 def read_all(drv: ComputeDriver, server_id: str, snap: str, disk_id: str) -> bytes:
     reader = drv.open_snapshot(server_id, snap, disk_id)
     try:
-        return reader.read(0, reader.size_bytes)
+        return bytes(reader.read(0, reader.size_bytes))
     finally:
         reader.close()
 

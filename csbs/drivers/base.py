@@ -52,7 +52,8 @@ class SnapshotReader(Protocol):
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         """Ranges written since ``changed_since``, or None when unknown."""
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The bytes at a range (a bytearray is fine: it is only read)."""
 
     def close(self) -> None: ...
 

@@ -468,12 +468,13 @@ class _LocalSnapshotReader:
         frozen = _Bitmap(self.snap / f"{self.disk.disk_id}.cbt").all_set()
         return _blocks_to_ranges(frozen, self.size_bytes)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         length = min(length, self.size_bytes - offset)
         if length <= 0:
             return b""
         blocks = _blocks(offset, length)
-        out = bytearray()
+        out = bytearray(length)  # zeros: what a short read past a file's end must give
+        view = memoryview(out)
         with self.driver._lock(self.server_id, exclusive=False):
             if not (self.snap / "snapshot.json").exists():
                 raise InvalidState(
@@ -481,13 +482,18 @@ class _LocalSnapshotReader:
                     f"its data can no longer be read"
                 )
             preserved = self.map.test(blocks)
-            pos, end = offset, offset + length
-            for b, from_cow in zip(blocks, preserved, strict=True):
-                stop = min((b + 1) * BLOCK_SIZE, end)
-                piece = os.pread(self.cow_fd if from_cow else self.fd, stop - pos, pos)
-                out += piece.ljust(stop - pos, b"\0")
-                pos = stop
-        return bytes(out)
+            # One preadv per run of blocks that come from the same file, straight into
+            # the output buffer.
+            pos, end, i = offset, offset + length, 0
+            while i < len(preserved):
+                j = i
+                while j + 1 < len(preserved) and preserved[j + 1] == preserved[i]:
+                    j += 1
+                stop = min((blocks[j] + 1) * BLOCK_SIZE, end)
+                fd = self.cow_fd if preserved[i] else self.fd
+                os.preadv(fd, [view[pos - offset : stop - offset]], pos)
+                pos, i = stop, j + 1
+        return out
 
     def close(self) -> None:
         os.close(self.fd)
