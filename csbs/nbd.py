@@ -55,6 +55,10 @@ CMD_BLOCK_STATUS = 7
 TFLAG_READ_ONLY = 1 << 1
 TFLAG_SEND_FLUSH = 1 << 2
 TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TFLAG_SEND_DF = 1 << 7
+
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
 
 REPLY_FLAG_DONE = 1
 REPLY_NONE = 0
@@ -121,7 +125,7 @@ class NbdClient:
         try:
             self._sock.connect(path)
             self.info = self._handshake(export, meta_contexts or [])
-        except OSError as exc:
+        except (OSError, struct.error) as exc:
             self._sock.close()
             raise NbdError(f"cannot connect to NBD export {export!r}: {exc}") from exc
         except BaseException:
@@ -140,8 +144,9 @@ class NbdClient:
             got += k
         return bytes(buf)
 
-    def _send(self, *parts: bytes) -> None:
-        self._sock.sendall(b"".join(parts) if len(parts) > 1 else parts[0])
+    def _send(self, *parts: bytes | memoryview) -> None:
+        for part in parts:
+            self._sock.sendall(part)
 
     # -- handshake ----------------------------------------------------------------------
     def _option(self, option: int, data: bytes) -> None:
@@ -211,7 +216,7 @@ class NbdClient:
 
     # -- transmission -------------------------------------------------------------------
     def _request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b""
+        self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes | memoryview = b""
     ) -> int:
         self._cookie += 1
         header = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, self._cookie, offset, length)
@@ -252,7 +257,13 @@ class NbdClient:
             raise NbdError(f"NBD reply for request {got}, expected {want}")
 
     def _call(
-        self, cmd: int, offset: int, length: int, what: str, flags: int = 0, data: bytes = b""
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        what: str,
+        flags: int = 0,
+        data: bytes | memoryview = b"",
     ) -> list[tuple[int, bytes]]:
         with self._lock:
             if self._closed:
@@ -260,8 +271,16 @@ class NbdClient:
             try:
                 cookie = self._request(cmd, offset, length, flags, data)
                 return self._replies(cookie, what)
-            except OSError as exc:
-                raise NbdError(f"NBD {what} failed: {exc}") from exc
+            except BaseException as exc:
+                # Part of a reply may still be unread: the stream cannot be trusted any
+                # more, so the connection is closed (the caller reconnects or gives up).
+                self._closed = True
+                self._sock.close()
+                if isinstance(exc, NbdError):
+                    raise
+                if isinstance(exc, OSError | struct.error):
+                    raise NbdError(f"NBD {what} failed: {exc}") from exc
+                raise
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.info.size:
@@ -269,36 +288,51 @@ class NbdClient:
                 f"range {offset}+{length} is outside the export ({self.info.size} bytes)"
             )
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Read a range; holes the server reports come back as zeros."""
+    @property
+    def max_request(self) -> int:
+        return max(self.info.min_block, min(MAX_REQUEST, self.info.max_block))
+
+    def read(self, offset: int, length: int, whole: bool = False) -> bytearray:
+        """Read a range; holes the server reports come back as zeros.
+
+        ``whole`` asks the server not to fragment the reply (NBD_CMD_FLAG_DF), so it sends
+        the bytes it reads instead of deciding holes from block status; QEMU reads those
+        serialised with copy-before-write, which matters when reading a fleecing image.
+        """
         self._check_range(offset, length)
         out = bytearray(length)
+        flags = CMD_FLAG_DF if whole and self.info.flags & TFLAG_SEND_DF else 0
         pos = 0
         while pos < length:
-            n = min(MAX_REQUEST, length - pos)
+            n = min(self.max_request, length - pos)
             base = offset + pos
-            for rtype, payload in self._call(CMD_READ, base, n, "read"):
-                (at,) = struct.unpack(">Q", payload[:8])
-                rel = at - offset
+            covered = 0
+            for rtype, payload in self._call(CMD_READ, base, n, "read", flags=flags):
                 if rtype == REPLY_OFFSET_DATA:
-                    piece = payload[8:]
-                    if at < base or at + len(piece) > base + n:
+                    (at,) = struct.unpack(">Q", payload[:8])
+                    size = len(payload) - 8
+                    if at < base or at + size > base + n:
                         raise NbdError("NBD read reply outside the requested range")
-                    out[rel : rel + len(piece)] = piece
+                    out[at - offset : at - offset + size] = memoryview(payload)[8:]
                 elif rtype == REPLY_OFFSET_HOLE:
-                    (hole,) = struct.unpack(">I", payload[8:12])
-                    if at < base or at + hole > base + n:
+                    at, size = struct.unpack(">QI", payload[:12])
+                    if at < base or at + size > base + n:
                         raise NbdError("NBD hole reply outside the requested range")
-                    # ``out`` starts zeroed and every byte is covered once.
+                    # ``out`` starts zeroed.
+                else:
+                    continue
+                covered += size
+            if covered != n:
+                raise NbdError(f"NBD read at {base} covered {covered} of {n} bytes")
             pos += n
-        return bytes(out)
+        return out
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
         view = memoryview(data)
         pos = 0
         while pos < len(data):
-            piece = bytes(view[pos : pos + MAX_REQUEST])
+            piece = view[pos : pos + self.max_request]
             self._call(CMD_WRITE, offset + pos, len(piece), "write", data=piece)
             pos += len(piece)
 
@@ -308,11 +342,11 @@ class NbdClient:
         if not self.info.flags & TFLAG_SEND_WRITE_ZEROES:
             pos = 0
             while pos < length:
-                n = min(MAX_REQUEST, length - pos)
+                n = min(self.max_request, length - pos)
                 self.write(offset + pos, bytes(n))
                 pos += n
             return
-        flags = 0 if allow_hole else 2  # NBD_CMD_FLAG_NO_HOLE
+        flags = 0 if allow_hole else CMD_FLAG_NO_HOLE
         pos = 0
         while pos < length:
             n = min(MAX_RANGE, length - pos)

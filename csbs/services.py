@@ -215,7 +215,13 @@ class CsbsService:
         """Group-snapshot all disks of the backup's server; return the disk ids."""
         backup = self.catalog.get_backup(backup_id)
         self.store.ensure_config()  # fail before the snapshot when the store is unusable
+        self.release_stale_snapshots(backup.server_id, keep=backup_id)
         snapshot = self.driver.group_snapshot(backup.server_id, backup_id)
+        if self.catalog.get_backup(backup_id).status != BackupStatus.CREATING:
+            # A stale attempt that outlived its workflow (cancelled, timed out) must not
+            # leave a snapshot behind that nothing would release.
+            self.driver.release_snapshot(backup.server_id, backup_id, committed=False)
+            raise InvalidState(f"backup {backup_id} is no longer being created")
         if backup.snapshot_at is None:
             self.catalog.update_backup(backup_id, snapshot_at=utcnow())
         return [d.disk_id for d in snapshot.disks]
@@ -367,6 +373,25 @@ class CsbsService:
         with contextlib.suppress(NotFound):
             self.catalog.finish_task(task_id, ok=False, reason=reason)
 
+    def release_stale_snapshots(self, server_id: str, keep: str | None = None) -> list[str]:
+        """Release the snapshots of a server that no running backup owns (a crash or a
+        failed clean-up left them), so they never block later backups or restores. A
+        snapshot whose backup was committed keeps its changed-block chain."""
+        released = []
+        for snapshot_id in self.driver.snapshots(server_id):
+            if snapshot_id == keep:
+                continue
+            try:
+                status = self.catalog.get_backup(snapshot_id).status
+            except NotFound:
+                status = None
+            if status == BackupStatus.CREATING:
+                continue
+            committed = status not in (None, BackupStatus.ERROR)
+            self.driver.release_snapshot(server_id, snapshot_id, committed)
+            released.append(snapshot_id)
+        return released
+
     def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
         # A server that is gone took its snapshot with it.
         with contextlib.suppress(NotFound):
@@ -464,6 +489,7 @@ class CsbsService:
         size = (
             manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
         )
+        self.release_stale_snapshots(backup.server_id)
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
         throttle = _Throttle(1.0)
 

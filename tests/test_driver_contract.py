@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,3 +347,42 @@ def test_a_stopped_server_keeps_no_process(qemu: QemuDriver) -> None:
     assert qemu.pid(server.id) is None
     qemu.checksum(server.id)
     assert qemu.pid(server.id) is None
+
+
+@QEMU_SKIP
+def test_guest_write_failures_are_reported_not_swallowed(qemu: QemuDriver) -> None:
+    """qemu-io reports on QEMU's stdout; the driver reads it back for every command."""
+    server = qemu.create_server("db", [4 * MIB])
+    disk = server.disks[0].id
+    with qemu._lock(server.id, exclusive=True), qemu._session(server.id) as qmp:
+        said = qemu._qemu_io(qmp, server.id, disk, "write -s /nonexistent/source 0 4096")
+    assert "No such file" in said
+    qemu.write(server.id, disk, 0, b"fine")
+    assert qemu.checksum(server.id)[disk] == sha(b"fine" + bytes(4 * MIB - 4))
+
+
+@QEMU_SKIP
+def test_processes_are_found_whatever_the_callers_tmpdir(
+    qemu: QemuDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI and the worker may see different TMPDIRs: the socket paths come from the
+    process record, and a stop that reached QEMU is the only stop recorded."""
+    server = qemu.create_server("db", [4 * MIB])
+    other = tmp_path / "other-tmp"
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    qemu.write(server.id, server.disks[0].id, 0, b"x")
+    assert qemu.stop(server.id).state == ServerState.STOPPED
+    assert qemu.pid(server.id) is None
+    assert qemu.start(server.id).state == ServerState.RUNNING
+
+
+@QEMU_SKIP
+def test_a_snapshot_left_held_refuses_a_new_one_until_released(qemu: QemuDriver) -> None:
+    server = qemu.create_server("db", [4 * MIB])
+    qemu.group_snapshot(server.id, "old")
+    with pytest.raises(InvalidState, match="still holds snapshot old"):
+        qemu.group_snapshot(server.id, "new")
+    qemu.release_snapshot(server.id, "old", committed=False)
+    qemu.group_snapshot(server.id, "new")
+    qemu.release_snapshot(server.id, "new", committed=True)

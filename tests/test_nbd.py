@@ -88,6 +88,7 @@ def test_reads_holes_as_zeros_and_reports_allocation(served: tuple[str, Path]) -
         assert nbd.info.size == 16 * MIB
         data = nbd.read(MIB - 10, MIB + 20)
         assert data == bytes(10) + b"\x5a" * MIB + bytes(10)
+        assert nbd.read(MIB - 10, MIB + 20, whole=True) == data  # unfragmented reply
         # A read larger than one request is split and reassembled.
         whole = nbd.read(0, 16 * MIB)
         assert (

@@ -113,3 +113,29 @@ async def test_cancelled_backup_releases_its_snapshot_and_records_why(any_stack:
     assert backup.status == "error" and "cancelled" in (backup.error or "")
     task = stack.catalog.list_tasks(kind="backup")[0]
     assert task.status == "failed" and "cancelled" in (task.reason or "")
+
+
+async def test_a_leaked_snapshot_never_blocks_later_backups_or_restores(any_stack: Stack) -> None:
+    """A snapshot that a crash left behind (no running backup owns it) is released by the
+    next backup or restore of the server, which then succeed."""
+    stack = any_stack
+    drv = stack.compute
+    server = drv.create_server("leaky", [8 * MIB])
+    disk = server.disks[0].id
+    drv.write(server.id, disk, 0, os.urandom(2 * MIB))
+    client = CsbsClient(stack.client, stack.settings)
+    _, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    first = cast(dict[str, Any], await handle.result())
+    drv.group_snapshot(server.id, "bk-leaked0000001")  # as if its workflow had died
+    drv.write(server.id, disk, 4 * MIB, os.urandom(MIB))
+    expected = drv.checksum(server.id)
+    _, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    second = cast(dict[str, Any], await handle.result())
+    assert second["status"] == "available" and second["parent_id"] == first["id"]
+    assert drv.snapshots(server.id) == []
+    drv.group_snapshot(server.id, "bk-leaked0000002")
+    drv.write(server.id, disk, 0, b"overwritten")
+    restore = await client.start_restore(RestoreServerInput(backup_id=second["id"]))
+    await restore.result()
+    assert drv.snapshots(server.id) == []
+    assert drv.checksum(server.id) == expected

@@ -55,8 +55,21 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
-from csbs.drivers.common import DirectoryDriver, check_disk_size, hash_zeros, write_json
-from csbs.errors import DiskUnavailable, DriverError, InvalidInput, InvalidState, NotFound
+from csbs.drivers.common import (
+    DirectoryDriver,
+    check_disk_size,
+    hash_zeros,
+    merge_ranges,
+    write_json,
+)
+from csbs.errors import (
+    CsbsError,
+    DiskUnavailable,
+    DriverError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+)
 from csbs.model import Disk, Server, ServerState, check_id
 from csbs.nbd import ALLOCATION, STATE_DIRTY, STATE_ZERO, NbdClient, NbdError, dirty_bitmap_context
 
@@ -75,6 +88,12 @@ REASON_RESIZED = "the disk was resized since the last backup, which drops its bi
 def _short(disk_id: str) -> str:
     """A short stable token for QEMU ids (node names are limited to 31 characters)."""
     return hashlib.sha1(disk_id.encode()).hexdigest()[:12]
+
+
+def _snap_token(snapshot_id: str, disk_id: str) -> str:
+    """Token of one disk of one snapshot: its overlay, job and export never collide with
+    those of another snapshot, even one leaked by a crash."""
+    return _short(f"{snapshot_id}/{disk_id}")
 
 
 def drive_id(disk_id: str) -> str:
@@ -101,6 +120,30 @@ def _pid_alive(pid: int, marker: str) -> bool:
     return state not in ("Z", "X") and marker.encode() in cmdline
 
 
+#: QEMU processes this process started, so it can reap them (no zombies in the worker).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap(pid: int) -> None:
+    proc = _children.get(pid)
+    if proc is not None and proc.poll() is not None:
+        del _children[pid]
+
+
+def _launch_error(server_id: str, log: Path) -> CsbsError:
+    """Why QEMU did not start, from the end of its log; a locked or missing image is a
+    case for a person, not for a retry."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    last = lines[-1] if lines else "no message"
+    message = f"QEMU failed to start for server {server_id}: {last}"
+    if "Could not open" in last or "lock" in last:
+        return DiskUnavailable(message)
+    return DriverError(message)
+
+
 class QmpError(DriverError):
     """QEMU refused a QMP command."""
 
@@ -123,12 +166,23 @@ class _Qmp:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._client = QMPClient("csbs")
-        try:
-            self._run(self._client.connect(path))
-        except BaseException as exc:
-            self._stop_loop()
-            raise DriverError(f"cannot talk to QEMU over QMP at {path}: {exc}") from exc
+        deadline = time.monotonic() + min(timeout, 5.0)
+        while True:
+            # A QEMU that has just created its socket may not greet properly yet; try again.
+            self._client = QMPClient("csbs")
+            try:
+                self._run(self._client.connect(path))
+                return
+            except (QMPError, OSError, TimeoutError) as exc:
+                with suppress(Exception):
+                    self._run(self._client.disconnect())
+                if time.monotonic() > deadline:
+                    self._stop_loop()
+                    raise DriverError(f"cannot talk to QEMU over QMP at {path}: {exc}") from exc
+                time.sleep(0.02)
+            except BaseException:
+                self._stop_loop()
+                raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, self.timeout), self._loop)
@@ -182,17 +236,33 @@ class QemuDriver(DirectoryDriver):
     def _disk_path(self, server_id: str, disk_id: str) -> Path:
         return self._dir(server_id) / "disks" / f"{check_id(disk_id, 'disk_id')}.qcow2"
 
-    def _runtime(self, server_id: str) -> Path:
-        key = hashlib.sha1(str(self._dir(server_id).resolve()).encode()).hexdigest()[:16]
-        path = Path(tempfile.gettempdir()) / f"csbs-qemu-{os.getuid()}" / key
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+    def _new_runtime(self, server_id: str) -> Path:
+        """A fresh short directory for the sockets of a process about to start."""
+        key = hashlib.sha1(str(self._dir(server_id).resolve()).encode()).hexdigest()[:12]
+        tmp = tempfile.gettempdir()
+        if len(tmp) > 60:  # Unix socket paths must stay under 108 bytes
+            tmp = "/tmp"
+        base = Path(tmp) / f"csbs-qemu-{os.getuid()}"
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix=f"{key}-", dir=base))
+
+    def _record(self, server_id: str) -> dict[str, Any]:
+        """The running process's record: pid and the socket paths it was started with
+        (every process uses these, whatever its own TMPDIR)."""
+        try:
+            record: dict[str, Any] = json.loads(self._record_path(server_id).read_text())
+        except FileNotFoundError:
+            raise DriverError(f"server {server_id} has no QEMU process") from None
+        return record
 
     def _qmp_path(self, server_id: str) -> str:
-        return str(self._runtime(server_id) / "qmp.sock")
+        return str(self._record(server_id)["qmp"])
 
     def _nbd_path(self, server_id: str) -> str:
-        return str(self._runtime(server_id) / "nbd.sock")
+        return str(self._record(server_id)["nbd"])
+
+    def _log_path(self, server_id: str) -> Path:
+        return self._dir(server_id) / "qemu.log"
 
     # -- changed-block records ------------------------------------------------------------
     def _cbt_path(self, server_id: str, disk_id: str) -> Path:
@@ -226,15 +296,20 @@ class QemuDriver(DirectoryDriver):
         pid = int(record["pid"])
         if _pid_alive(pid, record["qmp"]):
             return pid
+        _reap(pid)
         reason = f"QEMU (pid {pid}) exited uncleanly, so its dirty bitmaps cannot be trusted"
-        for disk in self._load(server_id).disks:
-            self._set_cbt(server_id, disk.id, None, reason)
+        self._distrust(server_id, reason)
         server = self._load(server_id)
         if server.state == ServerState.RUNNING:
             server.state = ServerState.STOPPED
             self._save(server)
         path.unlink(missing_ok=True)
+        shutil.rmtree(record.get("runtime", "/nonexistent"), ignore_errors=True)
         return None
+
+    def _distrust(self, server_id: str, reason: str) -> None:
+        for disk in self._load(server_id).disks:
+            self._set_cbt(server_id, disk.id, None, reason)
 
     def _observe(self, server: Server) -> Server:
         if server.state == ServerState.RUNNING:
@@ -254,11 +329,13 @@ class QemuDriver(DirectoryDriver):
         return self._load(server_id)
 
     def _launch(self, server: Server, paused: bool) -> int:
-        runtime = self._runtime(server.id)
-        qmp = self._qmp_path(server.id)
-        pidfile = runtime / "qemu.pid"
-        for stale in (Path(qmp), pidfile):
-            stale.unlink(missing_ok=True)
+        """Start QEMU for the server and wait until it answers on QMP.
+
+        Not ``-daemonize``: QEMU's stdout (where ``qemu-io`` reports) goes to
+        ``qemu.log``, which the guest-write path reads. QEMU runs in its own session, so it
+        outlives the worker that started it, as a VM outlives its management service."""
+        runtime = self._new_runtime(server.id)
+        qmp, nbd = str(runtime / "qmp.sock"), str(runtime / "nbd.sock")
         cmd = [
             self.qemu_binary,
             "-nodefaults",
@@ -266,31 +343,45 @@ class QemuDriver(DirectoryDriver):
             "-machine", "none",
             "-accel", "tcg",
             "-name", f"csbs-{server.id}",
-            "-daemonize",
-            "-pidfile", str(pidfile),
             "-qmp", f"unix:{_opt(qmp)},server=on,wait=off",
         ]  # fmt: skip
         if paused:
             cmd.append("-S")
         for disk in server.disks:
             cmd += ["-drive", self._drive_spec(server.id, disk.id)]
+        log_path = self._log_path(server.id)
         try:
-            result = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT, check=False
-            )
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
         except FileNotFoundError:
+            shutil.rmtree(runtime, ignore_errors=True)
             raise DiskUnavailable(
                 f"the QEMU binary {self.qemu_binary!r} is not installed "
                 f"(install qemu-system-x86 or set CSBS_QEMU_BINARY)"
             ) from None
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            raise DriverError(
-                f"QEMU failed to start for server {server.id}: {lines[-1] if lines else result.returncode}"
-            )
-        pid = int(pidfile.read_text().strip())
-        write_json(self._record_path(server.id), {"pid": pid, "qmp": qmp})
-        return pid
+        _children[proc.pid] = proc
+        # Recorded before anything else can fail, so no process is ever left unrecorded.
+        write_json(
+            self._record_path(server.id),
+            {"pid": proc.pid, "qmp": qmp, "nbd": nbd, "runtime": str(runtime)},
+        )
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while not os.path.exists(qmp):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                self._record_path(server.id).unlink(missing_ok=True)
+                shutil.rmtree(runtime, ignore_errors=True)
+                raise _launch_error(server.id, log_path)
+            time.sleep(0.005)
+        return proc.pid
 
     def _drive_spec(self, server_id: str, disk_id: str) -> str:
         path = _opt(str(self._disk_path(server_id, disk_id)))
@@ -316,18 +407,21 @@ class QemuDriver(DirectoryDriver):
 
     def _quit(self, server_id: str, qmp: _Qmp, pid: int) -> None:
         """Quit QEMU cleanly (dirty bitmaps are written to the images) and wait for it."""
-        marker = self._qmp_path(server_id)
+        record = self._record(server_id)
         with suppress(DriverError):
             qmp.cmd("quit")
         deadline = time.monotonic() + QEMU_TIMEOUT
-        while _pid_alive(pid, marker):
+        while _pid_alive(pid, record["qmp"]):
+            _reap(pid)
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
+                self._distrust(server_id, f"QEMU (pid {pid}) did not quit and was killed")
                 break
-            time.sleep(0.01)
-        if not _pid_alive(pid, marker):
+            time.sleep(0.005)
+        _reap(pid)
+        if not _pid_alive(pid, record["qmp"]):
             self._record_path(server_id).unlink(missing_ok=True)
-            shutil.rmtree(self._runtime(server_id), ignore_errors=True)
+            shutil.rmtree(record["runtime"], ignore_errors=True)
 
     def _settle(self, server_id: str) -> None:
         """Quit a maintenance process that nothing needs any more (call with the lock)."""
@@ -423,12 +517,12 @@ class QemuDriver(DirectoryDriver):
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             if server.state == ServerState.RUNNING:
-                server.state = ServerState.STOPPED
-                self._save(server)
                 if self._pid(server_id) is not None:
                     with self._session(server_id) as qmp:
                         qmp.cmd("stop")
-                    self._settle(server_id)
+                server.state = ServerState.STOPPED
+                self._save(server)
+                self._settle(server_id)
             elif server.state != ServerState.STOPPED:
                 raise InvalidState(f"server {server_id} is {server.state}; it cannot be stopped")
             return server
@@ -437,12 +531,17 @@ class QemuDriver(DirectoryDriver):
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             if server.state == ServerState.STOPPED:
-                server.state = ServerState.RUNNING
                 if self._pid(server_id) is None:
                     self._launch(server, paused=False)
                 else:
                     with self._session(server_id) as qmp:
+                        # A restore writer left by a killed worker must not outlive it.
+                        for export in qmp.cmd("query-block-exports"):
+                            if export["id"].startswith("w-"):
+                                self._export_del(qmp, export["id"])
+                        self._nbd_stop_if_idle(qmp)
                         qmp.cmd("cont")
+                server.state = ServerState.RUNNING
                 self._save(server)
             elif server.state != ServerState.RUNNING:
                 raise InvalidState(f"server {server_id} is {server.state}; it cannot be started")
@@ -468,7 +567,7 @@ class QemuDriver(DirectoryDriver):
                     f"({disk.size_bytes} bytes)"
                 )
             self._ensure(server)
-            source = self._runtime(server_id) / f"write-{uuid.uuid4().hex}"
+            source = Path(self._record(server_id)["runtime"]) / f"write-{uuid.uuid4().hex}"
             try:
                 with self._session(server_id) as qmp:
                     for pos in range(0, len(data), GUEST_WRITE_PIECE):
@@ -479,41 +578,57 @@ class QemuDriver(DirectoryDriver):
                         else:
                             source.write_bytes(piece)
                             command = f"write -s {source} {at} {len(piece)}"
-                        reply = qmp.hmp(f'qemu-io {drive_id(disk_id)} "{command}"')
-                        if reply.strip():
+                        said = self._qemu_io(qmp, server_id, disk_id, command)
+                        if f"wrote {len(piece)}/{len(piece)} bytes at offset {at}" not in said:
                             raise DriverError(
-                                f"guest write on disk {disk_id} failed: {reply.strip()}"
+                                f"guest write on disk {disk_id} at {at} failed: "
+                                f"{said.strip() or 'QEMU said nothing'}"
                             )
                     # Like a guest's fsync: the data survives a crash of QEMU from here on.
-                    qmp.hmp(f'qemu-io {drive_id(disk_id)} "flush"')
+                    said = self._qemu_io(qmp, server_id, disk_id, "flush")
+                    if said.strip():
+                        raise DriverError(f"guest flush on disk {disk_id} failed: {said.strip()}")
             finally:
                 source.unlink(missing_ok=True)
+
+    def _qemu_io(self, qmp: _Qmp, server_id: str, disk_id: str, command: str) -> str:
+        """Run a qemu-io command on a drive; return what it printed (QEMU's stdout)."""
+        log = self._log_path(server_id)
+        before = log.stat().st_size
+        reply = qmp.hmp(f'qemu-io {drive_id(disk_id)} "{command}"')
+        with open(log, "rb") as f:
+            f.seek(before)
+            return reply + f.read().decode(errors="replace")
 
     def checksum(self, server_id: str) -> dict[str, str]:
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             self._ensure(server)
-            sums: dict[str, str] = {}
-            with self._session(server_id) as qmp:
-                self._nbd_start(qmp, self._nbd_path(server_id))
-                for disk in server.disks:
-                    export = f"chk-{_short(disk.id)}"
-                    qmp.cmd(
-                        "block-export-add",
-                        type="nbd",
-                        id=export,
-                        name=f"checksum/{disk.id}",
-                        **{"node-name": node_name(disk.id)},
-                    )
-                    try:
-                        sums[disk.id] = _hash_export(
-                            self._nbd_path(server_id), f"checksum/{disk.id}"
-                        )
-                    finally:
-                        self._export_del(qmp, export)
-                self._nbd_stop_if_idle(qmp)
-            self._settle(server_id)
-            return sums
+            try:
+                return self._checksum(server)
+            finally:
+                self._settle(server_id)
+
+    def _checksum(self, server: Server) -> dict[str, str]:
+        sums: dict[str, str] = {}
+        nbd_path = self._nbd_path(server.id)
+        with self._session(server.id) as qmp:
+            self._nbd_start(qmp, nbd_path)
+            for disk in server.disks:
+                export = f"chk-{_short(disk.id)}"
+                qmp.cmd(
+                    "block-export-add",
+                    type="nbd",
+                    id=export,
+                    name=f"checksum/{disk.id}",
+                    **{"node-name": node_name(disk.id)},
+                )
+                try:
+                    sums[disk.id] = _hash_export(nbd_path, f"checksum/{disk.id}")
+                finally:
+                    self._export_del(qmp, export)
+            self._nbd_stop_if_idle(qmp)
+        return sums
 
     # -- snapshots --------------------------------------------------------------------------
     def _read_record(self, server_id: str, snapshot_id: str) -> dict[str, Any] | None:
@@ -540,6 +655,12 @@ class QemuDriver(DirectoryDriver):
                 if self._pid(server_id) != record["pid"]:
                     raise self._lost(server_id, snapshot_id)
                 return Snapshot.model_validate(record["snapshot"])
+            others = [s for s in self.snapshots(server_id) if s != snapshot_id]
+            if others:
+                raise InvalidState(
+                    f"server {server_id} still holds snapshot {', '.join(others)} of an earlier "
+                    f"backup; it must be released first"
+                )
             pid = self._ensure(server)
             with self._session(server_id) as qmp:
                 if record is not None and record["pid"] == pid:
@@ -608,11 +729,11 @@ class QemuDriver(DirectoryDriver):
                 driver="qcow2",
                 file={"driver": "file", "filename": str(overlay)},
                 backing=node_name(disk.disk_id),
-                **{"node-name": f"ov-{_short(disk.disk_id)}"},
+                **{"node-name": f"ov-{_snap_token(snapshot.id, disk.disk_id)}"},
             )
         actions: list[dict[str, Any]] = []
         for disk in snapshot.disks:
-            node, short = node_name(disk.disk_id), _short(disk.disk_id)
+            node, short = node_name(disk.disk_id), _snap_token(snapshot.id, disk.disk_id)
             actions.append(
                 {
                     "type": "block-dirty-bitmap-add",
@@ -643,8 +764,8 @@ class QemuDriver(DirectoryDriver):
         for disk in snapshot.disks:
             args: dict[str, Any] = {
                 "type": "nbd",
-                "id": f"ex-{_short(disk.disk_id)}",
-                "node-name": f"ov-{_short(disk.disk_id)}",
+                "id": f"ex-{_snap_token(snapshot.id, disk.disk_id)}",
+                "node-name": f"ov-{_snap_token(snapshot.id, disk.disk_id)}",
                 "name": f"{snapshot.id}/{disk.disk_id}",
             }
             if disk.changed_since:
@@ -663,16 +784,27 @@ class QemuDriver(DirectoryDriver):
         previous checkpoint goes; otherwise the new bitmap is merged back into it."""
         disks = [SnapshotDisk.model_validate(d) for d in record["snapshot"]["disks"]]
         for disk in disks:
-            self._export_del(qmp, f"ex-{_short(disk.disk_id)}")
+            self._export_del(qmp, f"ex-{_snap_token(snapshot_id, disk.disk_id)}")
         for disk in disks:
-            job = f"fleece-{_short(disk.disk_id)}"
+            job = f"fleece-{_snap_token(snapshot_id, disk.disk_id)}"
             qmp.try_cmd("block-job-cancel", device=job, force=True)
             deadline = time.monotonic() + QEMU_TIMEOUT
             while any(j["id"] == job for j in qmp.cmd("query-jobs")):
                 if time.monotonic() > deadline:
                     raise DriverError(f"QEMU did not end fleecing job {job}")
                 time.sleep(0.01)
-            qmp.try_cmd("blockdev-del", **{"node-name": f"ov-{_short(disk.disk_id)}"})
+            overlay = f"ov-{_snap_token(snapshot_id, disk.disk_id)}"
+            deadline = time.monotonic() + QEMU_TIMEOUT
+            while True:  # the node stays busy until a hard-deleted export has let go of it
+                try:
+                    qmp.cmd("blockdev-del", **{"node-name": overlay})
+                    break
+                except QmpError as exc:
+                    if "find" in exc.desc.lower():  # "Failed to find node ...": gone already
+                        break
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         for disk in disks:
             node, prev = node_name(disk.disk_id), disk.changed_since
             names = {b["name"] for b in self._bitmaps(qmp, node)}
@@ -722,6 +854,7 @@ class QemuDriver(DirectoryDriver):
         with self._lock(server_id, exclusive=True):
             snap = self._snap_dir(server_id, snapshot_id)
             if not snap.exists():
+                self._settle(server_id)  # a snapshot that failed before its record
                 return
             self._server(server_id)
             record = self._read_record(server_id, snapshot_id)
@@ -884,13 +1017,25 @@ class QemuSnapshotReader:
         with self.driver._lock(self.server_id, exclusive=True):
             if self.driver._pid(self.server_id) is None:
                 return self.driver._lost(self.server_id, self.snapshot_id)
+        if "refused" in str(exc) or "closed the connection" in str(exc):
+            return InvalidState(
+                f"snapshot {self.snapshot_id} of server {self.server_id} is no longer "
+                f"exported (it is being released): {exc}"
+            )
         return DriverError(f"reading snapshot {self.snapshot_id} over NBD failed: {exc}")
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
+        """Where the snapshot may hold data. QEMU does not serialise block status with
+        copy-before-write: while a guest zeroes or discards a range, one scan can see the
+        overlay before the old data is copied into it and the live disk after it was zeroed.
+        The copy always lands before the guest's write, so a second scan that starts after
+        the first ended sees it; the union of both is exact (never too little)."""
         try:
-            return self._nbd.ranges(ALLOCATION, 0, STATE_ZERO)
+            first = self._nbd.ranges(ALLOCATION, 0, STATE_ZERO)
+            second = self._nbd.ranges(ALLOCATION, 0, STATE_ZERO)
         except NbdError as exc:
             raise self._failure(exc) from exc
+        return merge_ranges(first + second)
 
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         if self._dirty is None:
@@ -900,12 +1045,14 @@ class QemuSnapshotReader:
         except NbdError as exc:
             raise self._failure(exc) from exc
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         length = min(length, self.size_bytes - offset)
         if length <= 0:
             return b""
         try:
-            return self._nbd.read(offset, length)
+            # Unfragmented: QEMU then reads every byte (serialised with copy-before-write)
+            # instead of answering holes from block status.
+            return self._nbd.read(offset, length, whole=True)
         except NbdError as exc:
             raise self._failure(exc) from exc
 
