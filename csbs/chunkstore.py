@@ -221,6 +221,18 @@ class ChunkStore:
         if chunk_ids:
             self._delete([self.chunk_key(c) for c in chunk_ids])
 
+    def chunk_index(self, limit: int) -> set[bytes] | None:
+        """Every chunk id in the repository, or None when there are more than ``limit``.
+
+        A backup holding its slot may use it in place of an existence check per chunk:
+        garbage collection, the only thing that deletes chunks, never overlaps a backup."""
+        ids: set[bytes] = set()
+        for chunk_id in self.list_chunk_ids():
+            ids.add(chunk_id)
+            if len(ids) > limit:
+                return None
+        return ids
+
     def list_chunk_ids(self) -> Iterator[bytes]:
         for chunk_id, _size in self.list_chunks():
             yield chunk_id

@@ -268,6 +268,9 @@ class CsbsService:
                 concurrency=self.settings.transfer_concurrency,
                 checkpoint_seconds=self.settings.checkpoint_seconds,
                 progress=on_progress,
+                # Listing the store beats a HEAD per chunk while it holds fewer than ~4
+                # chunk ids (one LIST page of 1000) per chunk to read.
+                chunk_index=lambda to_read: self.store.chunk_index(max(1000, 4 * to_read)),
             )
         finally:
             reader.close()

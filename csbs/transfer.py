@@ -69,12 +69,15 @@ def backup_disk(
     concurrency: int = 8,
     checkpoint_seconds: float = 10.0,
     progress: ProgressFn | None = None,
+    chunk_index: Callable[[int], set[bytes] | None] | None = None,
 ) -> TransferStats:
     """Fill ``manifest`` (positions ``start``..end) from ``reader``; upload new chunks.
 
     ``changed`` are the byte ranges written since the parent's snapshot (changed-block
     tracking), or None to read every allocated range and diff by chunk id. Positions below
     ``start`` must already be filled (a resumed attempt loads them from the staging copy).
+    ``chunk_index(n)``, given how many chunks will be read, may return every chunk id in
+    the store (then no chunk needs an existence check) or None (check each new chunk).
     """
     began = time.monotonic()
     size, cs = manifest.size_bytes, manifest.chunk_size
@@ -85,6 +88,19 @@ def backup_disk(
     changed_chunks = ranges_to_chunks(changed, cs) if changed is not None else None
     allocated = ranges_to_chunks(reader.allocated_ranges(), cs)
     known: set[bytes] = parent.chunk_ids() if parent is not None else set()
+    to_read = sum(
+        1
+        for i in range(start, total)
+        if i in allocated
+        and not (
+            changed_chunks is not None
+            and i not in changed_chunks
+            and parent_entry_valid(parent, i, size)
+        )
+    )
+    store_ids = chunk_index(to_read) if chunk_index is not None and to_read else None
+    if store_ids is not None:
+        known |= store_ids
 
     slots = threading.Semaphore(2 * concurrency)  # chunks whose bytes are in memory
 
@@ -93,7 +109,7 @@ def backup_disk(
             if is_zero(data):
                 return _Result(index, None, 0, len(data))
             chunk_id = chunk_digest(data)
-            if chunk_id in known or store.has_chunk(chunk_id):
+            if chunk_id in known or (store_ids is None and store.has_chunk(chunk_id)):
                 return _Result(index, chunk_id, 0, len(data))
             return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
         finally:

@@ -129,3 +129,33 @@ def test_a_resumed_restore_writes_only_from_its_resume_point(
     stats = restore_disk(store, manifest, writer, start=5, concurrency=2)
     writer.close()
     assert stats.chunks_fetched == 3 and stats.bytes_written == 3 * MIB
+
+
+def test_a_listed_store_replaces_existence_checks(tmp_path: Path, store: ChunkStore) -> None:
+    """With the store's chunk ids listed up front, no chunk is HEAD-checked, and chunks that
+    another backup already stored are still reused, not uploaded again."""
+    drv = LocalDriver(tmp_path / "servers")
+    server = drv.create_server("dedup", [8 * MIB, 8 * MIB])
+    a, b = server.disks
+    shared = os.urandom(3 * MIB)
+    drv.write(server.id, a.id, 0, shared)
+    drv.write(server.id, b.id, 0, shared + os.urandom(MIB))
+    drv.group_snapshot(server.id, "s")
+    heads: list[str] = []
+    store.s3.meta.events.register("before-call.s3.HeadObject", lambda **kw: heads.append("x"))
+    asked: list[int] = []
+
+    def index(to_read: int) -> set[bytes] | None:
+        asked.append(to_read)
+        return store.chunk_index(1000)
+
+    stats = []
+    for disk in (a, b):
+        reader = drv.open_snapshot(server.id, "s", disk.id)
+        manifest = Manifest(f"bk-{disk.id}", disk.id, 8 * MIB, MIB)
+        stats.append(backup_disk(store, reader, manifest, None, None, chunk_index=index))
+        reader.close()
+    drv.release_snapshot(server.id, "s", committed=True)
+    assert heads == [] and asked == [3, 4]
+    assert stats[0].chunks_uploaded == 3
+    assert (stats[1].chunks_uploaded, stats[1].chunks_reused) == (1, 3)
