@@ -261,3 +261,17 @@ def any_stack(request: pytest.FixtureRequest) -> Stack:
     st = request.getfixturevalue(name)
     assert isinstance(st, Stack)
     return st
+
+
+def activity_steps(history: list[Any]) -> list[str]:
+    """Activity types in the order a run started them: normal activities (scheduled events)
+    and local ones (their markers)."""
+    names = []
+    for event in history:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            names.append(event.activity_task_scheduled_event_attributes.activity_type.name)
+        elif event.HasField("marker_recorded_event_attributes"):
+            data = event.marker_recorded_event_attributes.details.get("data")
+            if data is not None and data.payloads:
+                names.append(json.loads(data.payloads[0].data).get("activity_type", "?"))
+    return names

@@ -21,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, ServerState
 from starter.client import CsbsClient
 from starter.stack import SeaweedS3
-from tests.conftest import MIB, Stack, make_settings, running_stack
+from tests.conftest import MIB, Stack, activity_steps, make_settings, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -219,11 +219,7 @@ async def test_offline_backup_stops_for_the_snapshot_and_starts_again(stack: Sta
             f"backup-{result['id']}"
         ).fetch_history_events()
     ]
-    scheduled = [
-        e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in history
-        if e.HasField("activity_task_scheduled_event_attributes")
-    ]
+    scheduled = activity_steps(history)
     assert scheduled.index("stop_server") < scheduled.index("take_snapshot")
     assert scheduled.index("take_snapshot") < scheduled.index("start_server")
     assert scheduled.index("start_server") < scheduled.index("backup_disk")

@@ -21,7 +21,6 @@ from workflows.common import (
     SA_OPERATION,
     SA_POLICY_ID,
     SA_SERVER_ID,
-    STEP_TIMEOUT,
     TRANSFER_TIMEOUT,
     StepFailed,
     act,
@@ -66,12 +65,8 @@ class BackupServer:
 
         self._at("validating")
         try:
-            prepared = await workflow.execute_activity(
-                "prepare_backup",
-                args=[inp, backup_id, task_id],
-                result_type=PreparedBackup,
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
+            prepared = await act(
+                "prepare_backup", inp, backup_id, task_id, result_type=PreparedBackup
             )
         except Exception as err:
             failed = reason_of("validate", err)
@@ -92,13 +87,7 @@ class BackupServer:
             try:
                 disk_ids: list[str] = await step(
                     "group snapshot",
-                    workflow.execute_activity(
-                        "take_snapshot",
-                        args=[backup_id],
-                        result_type=list[str],
-                        start_to_close_timeout=STEP_TIMEOUT,
-                        retry_policy=RETRY,
-                    ),
+                    act("take_snapshot", backup_id, result_type=list[str]),
                 )
             finally:
                 if restart:
@@ -110,13 +99,7 @@ class BackupServer:
             self._at("committing")
             result: dict[str, Any] = await step(
                 "commit",
-                workflow.execute_activity(
-                    "commit_backup",
-                    args=[backup_id, task_id],
-                    result_type=dict[str, Any],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY,
-                ),
+                act("commit_backup", backup_id, task_id, result_type=dict[str, Any]),
             )
             committed = True
             self._at("done")
