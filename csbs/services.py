@@ -268,9 +268,7 @@ class CsbsService:
                 concurrency=self.settings.transfer_concurrency,
                 checkpoint_seconds=self.settings.checkpoint_seconds,
                 progress=on_progress,
-                # Listing the store beats a HEAD per chunk while it holds fewer than ~4
-                # chunk ids (one LIST page of 1000) per chunk to read.
-                chunk_index=lambda to_read: self.store.chunk_index(max(1000, 4 * to_read)),
+                chunk_index=self._chunk_index,
             )
         finally:
             reader.close()
@@ -296,6 +294,14 @@ class CsbsService:
             done=True,
         )
         return stats
+
+    def _chunk_index(self, to_read: int) -> set[bytes] | None:
+        """Every chunk id of the store when listing them is cheaper than a HEAD for each
+        chunk to read: with at least a LIST page's worth of chunks to read, and at most
+        4 ids listed per chunk to read. Otherwise None (HEAD each new chunk)."""
+        if to_read < 100:
+            return None
+        return self.store.chunk_index(4 * to_read)
 
     def _parent_manifest(self, parent_id: str | None, disk_id: str) -> Manifest | None:
         if parent_id is None:
