@@ -175,7 +175,7 @@ class RunPolicyInput(_Input):
     policy_id: str
     trigger: Literal["manual", "scheduled"] = "manual"
     #: Servers backed up at the same time.
-    concurrency: int = Field(default=8, ge=1, le=64)
+    concurrency: int = Field(default=16, ge=1, le=64)
 
     @field_validator("policy_id")
     @classmethod
