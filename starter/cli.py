@@ -45,7 +45,7 @@ def _policy_app() -> typer.Typer:
     return policy_app
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cloud Server Backup Service")
+app = typer.Typer(no_args_is_help=True, help="Cloud Server Backup Service")
 server_app = typer.Typer(no_args_is_help=True, help="Servers the compute driver knows.")
 backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore, delete backups.")
 task_app = typer.Typer(no_args_is_help=True, help="Backup, restore and delete task records.")
@@ -563,6 +563,24 @@ def task_delete(
 
 
 # -- dev: driver servers ---------------------------------------------------------------------
+@app.command("doctor")
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check Temporal (search attributes, a worker), S3, the catalog and the hypervisor,
+    and say what is wrong. Exits 1 when a check fails; changes nothing."""
+    from starter.doctor import run_checks
+
+    checks = asyncio.run(run_checks(settings()))
+
+    def render() -> None:
+        for c in checks:
+            mark = "[green]ok[/green]  " if c.ok else "[red]FAIL[/red]"
+            console.print(f"{mark} {c.name:18} {c.detail}", highlight=False)
+
+    emit([c.as_dict() for c in checks], as_json, render)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 @dev_server_app.command("create")
 def dev_server_create(
     name: Annotated[str, typer.Option(help="Server name.")],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from starter.stack import tool
-from tests.conftest import Stack
+from tests.conftest import ROOT, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -455,3 +457,43 @@ async def test_states_progress_and_refused_deletes_while_running(stack: Stack) -
     unconfirmed = await stack.cli("backup", "delete", backup_id, check=False)
     assert unconfirmed.code != 0 and "--yes" in unconfirmed.stderr
     assert stack.catalog.get_backup(backup_id).status == "available"
+
+
+async def test_doctor_says_what_is_wrong(stack: Stack) -> None:
+    """``csbs doctor`` checks every dependency; a broken one is named with what to do."""
+    good = await stack.cli("doctor", "--json")
+    checks = {c["check"]: c for c in good.json()}
+    assert set(checks) == {"temporal", "search attributes", "worker", "s3", "catalog", "hypervisor"}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert "1 worker(s)" in checks["worker"]["detail"] or "worker(s)" in checks["worker"]["detail"]
+
+    env = dict(stack.env, CSBS_S3_BUCKET="no-such-bucket", CSBS_TASK_QUEUE="nobody-polls")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "starter.cli", "doctor", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT),
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 1
+    bad = {c["check"]: c for c in json.loads(out)}
+    assert not bad["s3"]["ok"] and "no-such-bucket" in bad["s3"]["detail"]
+    assert "does not exist" in bad["s3"]["detail"]
+    assert not bad["worker"]["ok"] and "python worker.py" in bad["worker"]["detail"]
+    assert bad["temporal"]["ok"] and bad["catalog"]["ok"]
+
+
+async def test_shell_completion_completes_commands(stack: Stack) -> None:
+    """``csbs --install-completion`` installs what ``--show-completion`` prints; completing
+    ``csbs bac<TAB>`` through that protocol offers ``backup``."""
+    csbs = str(Path(sys.executable).parent / "csbs")
+
+    async def run(env: dict[str, str], *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            csbs, *args, stdout=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT)
+        )
+        out, _ = await proc.communicate()
+        return out.decode()
+
+    script = await run(dict(stack.env), "--show-completion", "bash")
+    assert "complete -o default -F _csbs_completion csbs" in script
+    env = dict(stack.env, _CSBS_COMPLETE="complete_bash", COMP_WORDS="csbs bac", COMP_CWORD="1")
+    assert (await run(env)).split() == ["backup"]

@@ -1,0 +1,170 @@
+"""``csbs doctor``: check that everything csbs depends on is reachable and sane, and say
+what is wrong in words an operator can act on. Read-only: it changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from csbs.config import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+async def check_temporal(settings: Settings, timeout: float = 5.0) -> list[Check]:
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+    from temporalio.client import Client
+
+    from workflows.common import SEARCH_ATTRIBUTES
+
+    where = f"{settings.temporal_address} namespace {settings.namespace}"
+    try:
+        client = await asyncio.wait_for(
+            Client.connect(settings.temporal_address, namespace=settings.namespace), timeout
+        )
+        await asyncio.wait_for(client.service_client.check_health(), timeout)
+    except Exception as exc:
+        return [
+            Check(
+                "temporal", False, f"cannot reach Temporal at {where}: {exc or type(exc).__name__}"
+            )
+        ]
+    checks = [Check("temporal", True, f"reachable at {where}")]
+    attrs = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=settings.namespace)
+    )
+    missing = [a.name for a in SEARCH_ATTRIBUTES if a.name not in attrs.custom_attributes]
+    checks.append(
+        Check(
+            "search attributes",
+            not missing,
+            "registered"
+            if not missing
+            else f"missing {', '.join(missing)}: create them with `temporal operator "
+            f"search-attribute create --name NAME --type Keyword`",
+        )
+    )
+    queue = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=settings.namespace,
+            task_queue=TaskQueue(name=settings.task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+    )
+    pollers = len(queue.pollers)
+    checks.append(
+        Check(
+            "worker",
+            pollers > 0,
+            f"{pollers} worker(s) polling task queue {settings.task_queue}"
+            if pollers
+            else f"no worker polls task queue {settings.task_queue}: start one with "
+            f"`python worker.py` (same CSBS_* settings)",
+        )
+    )
+    return checks
+
+
+def check_s3(settings: Settings) -> Check:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from csbs.chunkstore import make_s3_client
+
+    where = f"bucket {settings.s3_bucket} at {settings.s3_endpoint or 'AWS'}"
+    s3 = make_s3_client(settings)
+    try:
+        s3.head_bucket(Bucket=settings.s3_bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        hint = {
+            "404": "the bucket does not exist: create it",
+            "NoSuchBucket": "the bucket does not exist: create it",
+            "403": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+        }.get(str(code), str(exc))
+        return Check("s3", False, f"{where}: {hint}")
+    except BotoCoreError as exc:
+        return Check("s3", False, f"cannot reach {where}: {exc}")
+    root = f"{settings.s3_prefix.strip('/')}/{settings.project}".lstrip("/")
+    try:
+        body = s3.get_object(Bucket=settings.s3_bucket, Key=f"{root}/config.json")["Body"].read()
+    except ClientError:
+        return Check("s3", True, f"{where} reachable; repository {root} not created yet")
+    config = json.loads(body)
+    if config.get("chunk_size") != settings.chunk_size:
+        return Check(
+            "s3",
+            False,
+            f"repository {root} uses chunk_size={config.get('chunk_size')}, the settings "
+            f"ask for {settings.chunk_size}: set CSBS_CHUNK_SIZE to match",
+        )
+    return Check(
+        "s3", True, f"{where} reachable; repository {root} format {config.get('format_version')}"
+    )
+
+
+def check_catalog(settings: Settings) -> Check:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.effective_database_url)
+    shown = url.render_as_string(hide_password=True)
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+        engine.dispose()
+    except Exception as exc:
+        return Check("catalog", False, f"cannot open {shown}: {str(exc).splitlines()[0]}")
+    if "backups" not in tables:
+        return Check("catalog", True, f"{shown} reachable; tables not created yet")
+    return Check("catalog", True, f"{shown} reachable")
+
+
+def check_driver(settings: Settings) -> Check:
+    servers = settings.effective_servers_dir
+    if servers.exists() and not os.access(servers, os.W_OK):
+        return Check("hypervisor", False, f"{servers} is not writable")
+    if settings.compute_driver == "local":
+        return Check("hypervisor", True, f"local driver, servers in {servers}")
+    missing = [b for b in (settings.qemu_binary, settings.qemu_img) if shutil.which(b) is None]
+    if missing:
+        return Check(
+            "hypervisor",
+            False,
+            f"qemu driver: {', '.join(missing)} not found; install qemu-system-x86 and "
+            f"qemu-utils or set CSBS_QEMU_BINARY / CSBS_QEMU_IMG",
+        )
+    version = subprocess.run(
+        [settings.qemu_binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    runtime_ok = os.access(tempfile.gettempdir(), os.W_OK)
+    return Check(
+        "hypervisor",
+        runtime_ok,
+        f"qemu driver: {version[0] if version else settings.qemu_binary}, servers in {servers}"
+        if runtime_ok
+        else f"qemu driver: {tempfile.gettempdir()} is not writable (QMP/NBD sockets live there)",
+    )
+
+
+async def run_checks(settings: Settings) -> list[Check]:
+    checks = await check_temporal(settings)
+    checks += [check_s3(settings), check_catalog(settings), check_driver(settings)]
+    return checks
