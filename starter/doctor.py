@@ -41,11 +41,8 @@ async def check_temporal(settings: Settings, timeout: float = 5.0) -> list[Check
         )
         await asyncio.wait_for(client.service_client.check_health(), timeout)
     except Exception as exc:
-        return [
-            Check(
-                "temporal", False, f"cannot reach Temporal at {where}: {exc or type(exc).__name__}"
-            )
-        ]
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return [Check("temporal", False, f"cannot reach Temporal at {where}: {why}")]
     checks = [Check("temporal", True, f"reachable at {where}")]
     attrs = await client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=settings.namespace)

@@ -208,7 +208,8 @@ class _Qmp:
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._loop.close()
+        if not self._thread.is_alive():  # closing a running loop would hide the real error
+            self._loop.close()
 
     def close(self) -> None:
         with suppress(Exception):
