@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from temporalio.contrib.pydantic import pydantic_data_converter
+from benchstack import bench_stack
 from temporalio.testing import WorkflowEnvironment
 
 from csbs.config import Settings
@@ -43,9 +42,7 @@ from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
 from csbs.model import BackupServerInput, RestoreServerInput
 from starter.client import CsbsClient
-from starter.stack import start_seaweed, tool
 from worker import build_worker
-from workflows.common import SEARCH_ATTRIBUTES
 
 MIB = 1024 * 1024
 REGION = 4 * MIB
@@ -229,37 +226,12 @@ async def main() -> None:
         )
     if not args.skip_restic and not shutil.which("restic"):
         sys.exit("restic is needed: apt-get install -y restic")
-    os.environ["AWS_ACCESS_KEY_ID"] = "bench"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = uuid.uuid4().hex
-    bucket = "csbs-bench"
-    with tempfile.TemporaryDirectory(prefix="csbs-bench-") as tmp:
-        work = Path(tmp)
-        weed = start_seaweed(
-            work / "weed",
-            bucket,
-            os.environ["AWS_ACCESS_KEY_ID"],
-            os.environ["AWS_SECRET_ACCESS_KEY"],
-        )
-        try:
-            from csbs.chunkstore import ChunkStore
-
-            probe = ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=bucket))
-            for _ in range(100):
-                try:
-                    probe.ensure_bucket()
-                    break
-                except Exception:
-                    time.sleep(0.3)
-            env = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=tool("temporal"),
-                search_attributes=SEARCH_ATTRIBUTES,
-                data_converter=pydantic_data_converter,
-            )
-            cpus = [Cpu(weed.proc.pid) for _ in range(args.repeat)]
-            rounds = [await one_round(args, env, weed.endpoint, bucket, work, cpu) for cpu in cpus]
-            await env.shutdown()
-        finally:
-            weed.stop()
+    async with bench_stack("csbs-bench") as st:
+        cpus = [Cpu(st.weed.proc.pid) for _ in range(args.repeat)]
+        rounds = [
+            await one_round(args, st.temporal, st.weed.endpoint, st.bucket, st.work, cpu)
+            for cpu in cpus
+        ]
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     mb = med.pop("_data_mb")
     ceiling = med.pop("_put_ceiling")

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,20 +28,17 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from temporalio.contrib.pydantic import pydantic_data_converter
+from benchstack import bench_stack
 from temporalio.testing import WorkflowEnvironment
 
 from csbs.catalog import Catalog
-from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
 from csbs.model import BackupServerInput, RunPolicyInput
 from csbs.policy import PolicySpec, RetentionKind
 from csbs.policy_service import PolicyService
 from starter.client import CsbsClient
-from starter.stack import start_seaweed, tool
 from worker import build_worker
-from workflows.common import SEARCH_ATTRIBUTES
 
 MIB = 1024 * 1024
 
@@ -53,29 +49,8 @@ async def main() -> None:
     parser.add_argument("--data-mib", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     args = parser.parse_args()
-    os.environ["AWS_ACCESS_KEY_ID"] = "bench"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = uuid.uuid4().hex
-    bucket = "csbs-fanout"
-    with tempfile.TemporaryDirectory(prefix="csbs-fanout-") as tmp:
-        work = Path(tmp)
-        weed = start_seaweed(work / "weed", bucket, "bench", os.environ["AWS_SECRET_ACCESS_KEY"])
-        try:
-            probe = ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=bucket))
-            for _ in range(100):
-                try:
-                    probe.ensure_bucket()
-                    break
-                except Exception:
-                    time.sleep(0.3)
-            env = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=tool("temporal"),
-                search_attributes=SEARCH_ATTRIBUTES,
-                data_converter=pydantic_data_converter,
-            )
-            rows = await run(args, env, weed.endpoint, bucket, work)
-            await env.shutdown()
-        finally:
-            weed.stop()
+    async with bench_stack("csbs-fanout") as st:
+        rows = await run(args, st.temporal, st.weed.endpoint, st.bucket, st.work)
     total_mib = args.servers * args.data_mib
     print(f"{args.servers} servers x {args.data_mib} MiB of data ({total_mib} MiB in all)")
     for label, seconds in rows:

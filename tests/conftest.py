@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -30,7 +30,9 @@ from csbs.config import Settings
 from csbs.drivers.base import ComputeDriver
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
+from csbs.model import BackupServerInput, RestoreServerInput
 from csbs.services import CsbsService
+from starter.client import CsbsClient
 from starter.stack import SeaweedS3, start_seaweed, tool
 from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON, qemu_version
 from worker import build_worker
@@ -149,8 +151,15 @@ class Stack:
     def count_chunks(self) -> int:
         return sum(1 for _ in self.store.list_chunk_ids())
 
-    async def cli(self, *args: str, check: bool = True, input: str | None = None) -> CliResult:
-        """Run ``csbs ARGS`` as a real subprocess against this stack."""
+    async def cli(
+        self,
+        *args: str,
+        check: bool = True,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> CliResult:
+        """Run ``csbs ARGS`` as a real subprocess against this stack (``env`` overrides
+        some of its settings)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -159,7 +168,7 @@ class Stack:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=str(ROOT),
         )
         out, err = await proc.communicate(input.encode() if input is not None else None)
@@ -275,3 +284,17 @@ def activity_steps(history: list[Any]) -> list[str]:
             if data is not None and data.payloads:
                 names.append(json.loads(data.payloads[0].data).get("activity_type", "?"))
     return names
+
+
+async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:
+    """Back a server up through Temporal; the backup record it returns."""
+    client = CsbsClient(stack.client, stack.settings)
+    _, handle = await client.start_backup(BackupServerInput(server_id=server_id, **kw))
+    return cast(dict[str, Any], await handle.result())
+
+
+async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
+    """Restore a backup through Temporal; the workflow's result."""
+    client = CsbsClient(stack.client, stack.settings)
+    handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
+    return cast(dict[str, Any], await handle.result())

@@ -18,10 +18,18 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
-from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, ServerState
+from csbs.model import BackupServerInput, DeleteBackupsInput, ServerState
 from starter.client import CsbsClient
 from starter.stack import SeaweedS3
-from tests.conftest import MIB, Stack, activity_steps, make_settings, running_stack
+from tests.conftest import (
+    MIB,
+    Stack,
+    activity_steps,
+    backup,
+    make_settings,
+    restore,
+    running_stack,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +44,6 @@ def make_server(stack: Stack, system: int = 16 * MIB, data: int = 32 * MIB) -> A
     drv.write(server.id, data_disk.id, 5 * MIB, os.urandom(4 * MIB + 77))
     drv.write(server.id, data_disk.id, 30 * MIB, b"tail" * 4096)
     return server
-
-
-async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:
-    client = CsbsClient(stack.client, stack.settings)
-    _, handle = await client.start_backup(BackupServerInput(server_id=server_id, **kw))
-    return cast(dict[str, Any], await handle.result())
-
-
-async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
-    client = CsbsClient(stack.client, stack.settings)
-    handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
-    return cast(dict[str, Any], await handle.result())
 
 
 async def test_full_backup_then_restore_onto_changed_disks_is_bit_identical(stack: Stack) -> None:

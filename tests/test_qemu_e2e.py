@@ -16,9 +16,9 @@ from typing import Any, cast
 import pytest
 
 from csbs.drivers.qemu import QemuDriver
-from csbs.model import BackupServerInput, RestoreServerInput, ServerState
+from csbs.model import BackupServerInput, ServerState
 from starter.client import CsbsClient
-from tests.conftest import MIB, Stack
+from tests.conftest import MIB, Stack, backup, restore
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,6 @@ def qemu_of(stack: Stack) -> QemuDriver:
     drv = stack.compute
     assert isinstance(drv, QemuDriver)
     return drv
-
-
-async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:
-    client = CsbsClient(stack.client, stack.settings)
-    _, handle = await client.start_backup(BackupServerInput(server_id=server_id, **kw))
-    return cast(dict[str, Any], await handle.result())
-
-
-async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
-    client = CsbsClient(stack.client, stack.settings)
-    handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
-    return cast(dict[str, Any], await handle.result())
 
 
 async def test_readme_story_on_qemu(qemu_stack: Stack) -> None:
