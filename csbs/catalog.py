@@ -21,6 +21,7 @@ from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from csbs.errors import Conflict, NotFound
 from csbs.model import BackupKind, BackupStatus, TaskKind, TaskStatus
+from csbs.schema import upgrade_catalog
 
 
 def utcnow() -> datetime:
@@ -183,7 +184,7 @@ class Catalog:
         self.url = url
         self.project = project
         self.engine = make_engine(url)
-        SQLModel.metadata.create_all(self.engine)
+        upgrade_catalog(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

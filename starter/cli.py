@@ -51,10 +51,12 @@ backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore
 task_app = typer.Typer(no_args_is_help=True, help="Backup, restore and delete task records.")
 dev_app = typer.Typer(no_args_is_help=True, help="Developer tools (driver servers, stack).")
 dev_server_app = typer.Typer(no_args_is_help=True, help="Drive servers of the compute driver.")
+db_app = typer.Typer(no_args_is_help=True, help="The catalog database and its migrations.")
 app.add_typer(server_app, name="server")
 app.add_typer(backup_app, name="backup")
 app.add_typer(task_app, name="task")
 app.add_typer(dev_app, name="dev")
+app.add_typer(db_app, name="db")
 app.add_typer(_policy_app(), name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
@@ -560,6 +562,73 @@ def task_delete(
         confirm(f"Delete {len(ids)} failed task record(s)?", yes)
     deleted = cat.delete_tasks(ids)
     emit({"deleted": ids}, as_json, lambda: console.print(f"deleted {deleted} task record(s)"))
+
+
+# -- catalog database -----------------------------------------------------------------------
+def _db_state(url: str) -> dict[str, Any]:
+    import sqlalchemy as sa
+
+    from csbs.catalog import make_engine
+    from csbs.schema import SCHEMA_HEAD, current_revision
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rev = current_revision(conn)
+    except sa.exc.OperationalError as exc:
+        fail(f"cannot open the catalog at {_safe_url(url)}: {exc.orig}")
+    finally:
+        engine.dispose()
+    return {
+        "url": _safe_url(url),
+        "revision": rev,
+        "head": SCHEMA_HEAD,
+        "current": rev == SCHEMA_HEAD,
+    }
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+@db_app.command("status")
+def db_status(as_json: JsonOpt = False) -> None:
+    """Show the catalog's schema revision and the newest one (changes nothing)."""
+    state = _db_state(settings().effective_database_url)
+    emit(
+        state,
+        as_json,
+        lambda: console.print(
+            f"{state['url']}: revision {state['revision'] or 'none (empty)'}, newest "
+            f"{state['head']}" + ("" if state["current"] else " (run csbs db upgrade)"),
+            highlight=False,
+        ),
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(as_json: JsonOpt = False) -> None:
+    """Migrate the catalog to the newest schema (every csbs process also does this when it
+    opens the catalog; this does it now, and says what it did)."""
+    from csbs.catalog import make_engine
+    from csbs.schema import upgrade_catalog
+
+    url = settings().effective_database_url
+    engine = make_engine(url)
+    try:
+        before = upgrade_catalog(engine)
+    finally:
+        engine.dispose()
+    state = {**_db_state(url), "before": before}
+    emit(
+        state,
+        as_json,
+        lambda: console.print(
+            f"{state['url']}: {state['before'] or 'empty'} -> {state['revision']}", highlight=False
+        ),
+    )
 
 
 # -- dev: driver servers ---------------------------------------------------------------------

@@ -102,6 +102,8 @@ def pg_url() -> Iterator[str]:
 
     engine = sa.create_engine(PG_URL)
     SQLModel.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 
