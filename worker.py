@@ -14,6 +14,7 @@ from temporalio.worker import Worker
 from activities import CsbsActivities
 from csbs.config import Settings
 from csbs.services import CsbsService
+from csbs.telemetry import setup_tracing, shutdown_tracing
 from starter.client import connect
 from workflows import ALL_WORKFLOWS
 
@@ -50,7 +51,7 @@ async def reconcile(client: object, settings: Settings) -> None:
 
 
 async def run(settings: Settings) -> None:
-    client = await connect(settings)
+    client = await connect(settings, serve_metrics=True)
     await reconcile(client, settings)
     with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
         worker = build_worker(client, settings, executor)
@@ -59,10 +60,11 @@ async def run(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         logging.info(
-            "csbs worker on %s, task queue %s, driver %s",
+            "csbs worker on %s, task queue %s, driver %s, metrics %s",
             settings.temporal_address,
             settings.task_queue,
             settings.compute_driver,
+            f"http://{settings.metrics_bind}/metrics" if settings.metrics_bind else "off",
         )
         async with worker:
             await stop.wait()
@@ -73,7 +75,11 @@ def main() -> None:
         level=os.environ.get("CSBS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run(Settings()))
+    setup_tracing("csbs-worker")
+    try:
+        asyncio.run(run(Settings()))
+    finally:
+        shutdown_tracing()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # see NOTES: avoid the SDK's interpreter-exit abort

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities import metrics
 from csbs.errors import CsbsError
 from csbs.model import (
     BackupServerInput,
@@ -27,6 +28,7 @@ from csbs.model import (
 )
 from csbs.policy_service import PolicyService
 from csbs.services import CsbsService
+from csbs.telemetry import set_attributes, step_span
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,6 +51,11 @@ def _heartbeat(details: dict[str, Any]) -> None:
     activity.heartbeat(details)
     if activity.is_cancelled():
         raise CancelledError("activity cancelled")
+
+
+def _stats_attributes(span: Any, stats: TransferStats) -> None:
+    """Bytes and chunk counts of a transfer on its span."""
+    set_attributes(span, **{k: v for k, v in stats.model_dump().items() if v})
 
 
 def _resume_details() -> dict[str, Any]:
@@ -101,19 +108,32 @@ class CsbsActivities:
     @activity.defn(name="take_snapshot")
     @_typed_errors
     def take_snapshot(self, backup_id: str) -> list[str]:
-        return self.service.take_snapshot(backup_id)
+        with step_span("csbs.snapshot", backup_id=backup_id) as span:
+            disks = self.service.take_snapshot(backup_id)
+            set_attributes(span, disks=len(disks), disk_ids=",".join(disks))
+            return disks
 
     @activity.defn(name="backup_disk")
     @_typed_errors
     def backup_disk(self, backup_id: str, disk_id: str) -> TransferStats:
         # A retried attempt resumes from the checkpoint its predecessor saved in S3.
         resume = activity.info().attempt > 1
-        return self.service.backup_disk(backup_id, disk_id, resume=resume, heartbeat=_heartbeat)
+        with step_span(
+            "csbs.transfer", backup_id=backup_id, disk_id=disk_id, resumed=resume
+        ) as span:
+            stats = self.service.backup_disk(
+                backup_id, disk_id, resume=resume, heartbeat=_heartbeat
+            )
+            _stats_attributes(span, stats)
+        metrics.transfer("backup", stats)
+        return stats
 
     @activity.defn(name="commit_backup")
     @_typed_errors
     def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
-        return self.service.commit_backup(backup_id, task_id)
+        record = self.service.commit_backup(backup_id, task_id)
+        metrics.backup_committed(record)
+        return record
 
     @activity.defn(name="fail_backup")
     @_typed_errors
@@ -145,7 +165,17 @@ class CsbsActivities:
     @_typed_errors
     def restore_disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
         done = int(_resume_details().get("done", 0))
-        return self.service.restore_disk(backup_id, item, done=done, heartbeat=_heartbeat)
+        with step_span(
+            "csbs.restore",
+            backup_id=backup_id,
+            disk_id=item.source_disk_id,
+            target_disk_id=item.target_disk_id,
+            resumed_at_chunk=done or None,
+        ) as span:
+            stats = self.service.restore_disk(backup_id, item, done=done, heartbeat=_heartbeat)
+            _stats_attributes(span, stats)
+        metrics.transfer("restore", stats)
+        return stats
 
     @activity.defn(name="finish_restore")
     @_typed_errors

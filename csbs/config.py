@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     #: Daily retention cleanup (P5): time of day and time zone of its schedule.
     retention_time: str = "00:00"
     retention_timezone: str = "UTC"
+    #: ``host:port`` where the worker and the API serve Prometheus metrics (Temporal SDK
+    #: metrics and csbs's own counters); unset = no endpoint. Tracing is configured by the
+    #: standard ``OTEL_*`` variables instead (see csbs.telemetry).
+    metrics_bind: str | None = None
     #: How often a running disk backup saves its resume point (staging manifest) to S3.
     checkpoint_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 

@@ -251,6 +251,8 @@ class TransferStats(BaseModel):
     chunks_fetched: int = 0
     bytes_read: int = 0
     bytes_uploaded: int = 0
+    #: Bytes read whose chunk the store already had (deduplicated, not uploaded again).
+    bytes_reused: int = 0
     bytes_fetched: int = 0
     bytes_written: int = 0
     data_bytes: int = 0

@@ -132,6 +132,7 @@ def backup_disk(
                 known.add(result.chunk_id)
             else:
                 stats.chunks_reused += 1
+                stats.bytes_reused += result.length
         done = result.index + 1
 
     def drain(limit: int) -> None:

@@ -17,15 +17,13 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.client import WorkflowFailureError
 
 from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError
 from csbs.model import (
-    BackupServerInput,
     BackupStatus,
     DeleteBackupsInput,
     RestoreServerInput,
@@ -34,9 +32,8 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
 )
-from csbs.naming import default_name, numbered
 from csbs.units import format_size, parse_size
-from starter.client import CsbsClient, connect
+from starter.ops import Operations, backup_inputs, workflow_error
 
 
 def _policy_app() -> typer.Typer:
@@ -52,11 +49,13 @@ task_app = typer.Typer(no_args_is_help=True, help="Backup, restore and delete ta
 dev_app = typer.Typer(no_args_is_help=True, help="Developer tools (driver servers, stack).")
 dev_server_app = typer.Typer(no_args_is_help=True, help="Drive servers of the compute driver.")
 db_app = typer.Typer(no_args_is_help=True, help="The catalog database and its migrations.")
+api_app = typer.Typer(no_args_is_help=True, help="The REST API for services without Temporal.")
 app.add_typer(server_app, name="server")
 app.add_typer(backup_app, name="backup")
 app.add_typer(task_app, name="task")
 app.add_typer(dev_app, name="dev")
 app.add_typer(db_app, name="db")
+app.add_typer(api_app, name="api")
 app.add_typer(_policy_app(), name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
@@ -99,6 +98,20 @@ def driver(s: Settings) -> ComputeDriver:
     return make_driver(s)
 
 
+def operations(s: Settings) -> Operations:
+    return Operations(s)
+
+
+async def guarded_async(coro: Awaitable[T]) -> T:
+    """Await an operation, turning domain errors into one line and a non-zero exit."""
+    try:
+        return await coro
+    except CsbsError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+
+
 def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
     if as_json or render is None:
         sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
@@ -116,17 +129,6 @@ def run_async(coro: Awaitable[T]) -> T:
         if "Failed client connect" in str(exc) or "connection" in str(exc).lower():
             fail(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
         raise
-
-
-def _workflow_error(exc: BaseException) -> str:
-    cause: BaseException | None = exc
-    while isinstance(cause, (WorkflowFailureError, FailureError)) and cause.cause is not None:
-        if isinstance(cause, ApplicationError):
-            break
-        cause = cause.cause
-    if isinstance(cause, FailureError):
-        return cause.message
-    return str(cause or exc)
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -148,30 +150,6 @@ def confirm(question: str, yes: bool) -> None:
         fail(f"{question} needs confirmation: pass --yes")
     if not typer.confirm(question):
         fail("cancelled", code=2)
-
-
-async def _await_start(
-    handle: WorkflowHandle[Any, Any], ready: Callable[[], T | None], timeout: float = 60.0
-) -> T:
-    """Wait until the workflow has recorded what ``ready`` looks for, or report its failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = ready()
-        if found is not None:
-            return found
-        desc = await handle.describe()
-        if desc.status not in (None, WorkflowExecutionStatus.RUNNING):
-            try:
-                await handle.result()
-            except WorkflowFailureError as exc:
-                fail(_workflow_error(exc))
-            found = ready()
-            if found is not None:
-                return found
-            fail(f"workflow {handle.id} ended ({desc.status.name}) without a record")
-        if time.monotonic() > deadline:
-            fail(f"workflow {handle.id} has not started after {timeout:.0f}s: is a worker running?")
-        await asyncio.sleep(0.2)
 
 
 def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: float = 0.5) -> None:
@@ -263,28 +241,12 @@ def backup_create(
 ) -> None:
     """Back up one or more servers now (one backup per server)."""
     s = settings()
-    base = name or default_name("manual")
-    inputs = guarded(
-        lambda: [
-            BackupServerInput(
-                server_id=sid,
-                name=numbered(base, i, len(server_ids)),
-                description=description,
-                offline=offline,
-            )
-            for i, sid in enumerate(server_ids)
-        ]
-    )
-    cat = catalog(s)
+    inputs = guarded(lambda: backup_inputs(server_ids, name, description, offline))
+    ops = operations(s)
+    cat = ops.catalog
 
     async def start() -> list[str]:
-        client = CsbsClient(await connect(s), s)
-        ids = []
-        for inp in inputs:
-            backup_id, handle = await client.start_backup(inp)
-            await _await_start(handle, lambda b=backup_id: cat.find_backup(b))  # type: ignore[misc]
-            ids.append(backup_id)
-        return ids
+        return await guarded_async(ops.create_backups(inputs))
 
     ids = run_async(start())
     if wait:
@@ -342,10 +304,7 @@ def backup_list(
 @backup_app.command("show")
 def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
     """Show one backup: disks, sizes, parent, times, tasks."""
-    s = settings()
-    cat = catalog(s)
-    view = guarded(lambda: _backup_view(cat, backup_id))
-    view["tasks"] = [task_json(t) for t in cat.list_tasks(backup_id=backup_id)]
+    view = guarded(lambda: operations(settings()).backup_detail(backup_id))
 
     def render() -> None:
         table = Table(show_header=False)
@@ -394,27 +353,19 @@ def backup_delete(
     backup_ids: list[str], yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
 ) -> None:
     """Delete backups (available, error or delete_failed)."""
-    s = settings()
-    inp = guarded(lambda: DeleteBackupsInput(backup_ids=backup_ids))
-    cat = catalog(s)
+    ops = operations(settings())
+    guarded(lambda: DeleteBackupsInput(backup_ids=backup_ids))
     for b in backup_ids:
-        guarded(lambda b=b: cat.get_backup(b))  # type: ignore[misc]
+        guarded(lambda b=b: ops.catalog.get_backup(b))  # type: ignore[misc]
     confirm(f"Delete {len(backup_ids)} backup(s)? This cannot be undone.", yes)
 
     async def go() -> dict[str, Any]:
-        client = CsbsClient(await connect(s), s)
-        handle = await client.start_delete(inp)
-
-        def started() -> str | None:
-            tasks = cat.list_tasks(kind=TaskKind.DELETE, backup_id=backup_ids[0])
-            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
-
-        await _await_start(handle, started)
+        handle = await guarded_async(ops.delete_backups(backup_ids))
         if wait:
             try:
                 result = cast(dict[str, Any], await handle.result())
             except WorkflowFailureError as exc:
-                fail(_workflow_error(exc))
+                fail(workflow_error(exc))
             return result
         return {"workflow_id": handle.id, "backup_ids": backup_ids, "status": "deleting"}
 
@@ -458,7 +409,8 @@ def backup_restore(
             disk_ids=disk or [],
         )
     )
-    cat = catalog(s)
+    ops = operations(s)
+    cat = ops.catalog
     backup = guarded(lambda: cat.get_backup(backup_id))
     confirm(
         f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
@@ -467,14 +419,7 @@ def backup_restore(
     )
 
     async def go() -> dict[str, Any]:
-        client = CsbsClient(await connect(s), s)
-        handle = await client.start_restore(inp)
-
-        def started() -> str | None:
-            tasks = cat.list_tasks(kind=TaskKind.RESTORE, backup_id=backup_id)
-            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
-
-        task_id = await _await_start(handle, started)
+        handle, task_id = await guarded_async(ops.restore(inp))
         if not wait:
             return {
                 "workflow_id": handle.id,
@@ -493,7 +438,7 @@ def backup_restore(
         try:
             result = cast(dict[str, Any], await handle.result())
         except WorkflowFailureError as exc:
-            fail(_workflow_error(exc))
+            fail(workflow_error(exc))
         return result
 
     result = run_async(go())
@@ -547,17 +492,11 @@ def task_delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete failed task records (T2): some by id, or all failed ones."""
-    cat = catalog(settings())
+    ops = operations(settings())
+    cat = ops.catalog
     if bool(task_ids) == all_failed:
         fail("give task ids or --all-failed (not both)")
-    if all_failed:
-        ids = [t.id for t in cat.list_tasks(status=TaskStatus.FAILED)]
-    else:
-        rows = [guarded(lambda t=t: cat.get_task(t)) for t in task_ids or []]  # type: ignore[misc]
-        not_failed = [f"{r.id} ({r.status})" for r in rows if r.status != TaskStatus.FAILED]
-        if not_failed:
-            fail(f"only failed task records can be deleted: {', '.join(not_failed)}")
-        ids = [r.id for r in rows]
+    ids = guarded(lambda: ops.deletable_tasks(task_ids, all_failed))
     if ids:
         confirm(f"Delete {len(ids)} failed task record(s)?", yes)
     deleted = cat.delete_tasks(ids)
@@ -629,6 +568,22 @@ def db_upgrade(as_json: JsonOpt = False) -> None:
             f"{state['url']}: {state['before'] or 'empty'} -> {state['revision']}", highlight=False
         ),
     )
+
+
+# -- REST API --------------------------------------------------------------------------------
+@api_app.command("serve")
+def api_serve(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless proxied).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+) -> None:
+    """Serve the REST API (OpenAPI at /openapi.json, docs at /docs) until interrupted."""
+    import uvicorn
+
+    from starter.api import create_app
+
+    uvicorn.run(create_app(settings()), host=host, port=port, log_level="info")
 
 
 # -- dev: driver servers ---------------------------------------------------------------------
@@ -788,11 +743,18 @@ def dev_down() -> None:
 def main() -> None:
     """Run the CLI, then leave without interpreter teardown: the Temporal SDK's threads can
     abort a normal exit ("PyGILState_Release", sdk-python #300)."""
+    from csbs.telemetry import TelemetryConfigError, setup_tracing, shutdown_tracing
+
     code: int = 0
     try:
+        setup_tracing("csbs-api" if sys.argv[1:3] == ["api", "serve"] else "csbs-cli")
         app()
+    except TelemetryConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    shutdown_tracing()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -4,22 +4,52 @@ from __future__ import annotations
 
 import uuid
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, Interceptor, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from csbs.config import Settings
-from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput
-from workflows.common import SA_BACKUP_ID, SA_OPERATION, SA_SERVER_ID
+from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, RunPolicyInput
+from csbs.telemetry import tracing_enabled
+from workflows.common import SA_BACKUP_ID, SA_OPERATION, SA_POLICY_ID, SA_SERVER_ID
+
+_runtime: Runtime | None = None
 
 
-async def connect(settings: Settings) -> Client:
-    """A Temporal client with the pydantic converter that csbs workflows expect."""
+def metrics_runtime(bind: str) -> Runtime:
+    """The process's Temporal runtime serving Prometheus metrics on ``bind`` (host:port):
+    the SDK's own metrics and csbs's counters (activities/metrics.py). One per process."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind)))
+    return _runtime
+
+
+async def connect(settings: Settings, serve_metrics: bool = False) -> Client:
+    """A Temporal client with the pydantic converter that csbs workflows expect; traced
+    when tracing is on (csbs.telemetry), and serving metrics when asked (worker, API)."""
+    interceptors: list[Interceptor] = []
+    if tracing_enabled():
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        interceptors.append(TracingInterceptor())
+    runtime = (
+        metrics_runtime(settings.metrics_bind) if serve_metrics and settings.metrics_bind else None
+    )
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.namespace,
         data_converter=pydantic_data_converter,
+        interceptors=interceptors,
+        runtime=runtime,
     )
+
+
+def backup_summary(name: str, server_id: str, server_name: str | None = None) -> str:
+    """The one line the Temporal Web UI shows for a backup run."""
+    server = f"{server_name} ({server_id})" if server_name else server_id
+    return f"backup {name} of server {server}"
 
 
 class CsbsClient:
@@ -30,9 +60,10 @@ class CsbsClient:
         self.settings = settings
 
     async def start_backup(
-        self, inp: BackupServerInput
+        self, inp: BackupServerInput, server_name: str | None = None
     ) -> tuple[str, WorkflowHandle[object, object]]:
-        """Start ``BackupServer``; return (backup id, handle)."""
+        """Start ``BackupServer``; return (backup id, handle). The Web UI shows the run as
+        "backup NAME of server SERVER-NAME (SERVER-ID)"."""
         backup_id = inp.backup_id or f"bk-{uuid.uuid4().hex[:16]}"
         inp = inp.model_copy(update={"backup_id": backup_id})
         handle = await self.client.start_workflow(
@@ -47,7 +78,7 @@ class CsbsClient:
                     SearchAttributePair(SA_OPERATION, "backup"),
                 ]
             ),
-            static_summary=f"backup {inp.name or ''} of server {inp.server_id}".replace("  ", " "),
+            static_summary=backup_summary(inp.name or backup_id, inp.server_id, server_name),
         )
         return backup_id, handle
 
@@ -79,4 +110,22 @@ class CsbsClient:
                 ]
             ),
             static_summary=f"delete of {len(inp.backup_ids)} backup(s)",
+        )
+
+    async def start_policy_run(
+        self, inp: RunPolicyInput, workflow_id: str
+    ) -> WorkflowHandle[object, object]:
+        """Start ``RunPolicy`` by hand (P8); schedules start it with the same attributes."""
+        return await self.client.start_workflow(
+            "RunPolicy",
+            inp,
+            id=workflow_id,
+            task_queue=self.settings.task_queue,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(SA_POLICY_ID, inp.policy_id),
+                    SearchAttributePair(SA_OPERATION, "policy"),
+                ]
+            ),
+            static_summary=f"{inp.trigger} run of policy {inp.policy_id}",
         )

@@ -3,21 +3,14 @@ Temporal Schedule (the catalog is written first; the schedule follows it)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from temporalio.client import Client, ScheduleHandle
 
-from csbs.catalog import Catalog
-from csbs.config import Settings
-from csbs.drivers import make_driver
-from csbs.model import RunPolicyInput
 from csbs.policy import RETENTION_PRESETS, PolicySpec, RetentionKind
 from csbs.policy_service import PolicyService
-from starter.client import connect
-from starter.schedules import schedule_id, upsert_policy_schedule
+from starter.ops import Operations
 
 policy_app = typer.Typer(no_args_is_help=True, help="Backup policies on Temporal Schedules.")
 
@@ -30,9 +23,9 @@ def _cli() -> Any:
     return cli
 
 
-def _service() -> tuple[Settings, PolicyService]:
-    s = _cli().settings()
-    return s, PolicyService(Catalog(s.effective_database_url, s.project), make_driver(s))
+def _service() -> tuple[Operations, PolicyService]:
+    ops = Operations(_cli().settings())
+    return ops, ops.policies
 
 
 def _retention(
@@ -51,13 +44,6 @@ def _retention(
     if keep_forever:
         return {"retention": RetentionKind.FOREVER, "retention_value": None}
     return None
-
-
-async def _sync(
-    s: Settings, svc: PolicyService, policy_id: str, client: Client | None = None
-) -> None:
-    client = client or await connect(s)
-    await upsert_policy_schedule(client, policy_id, svc.spec(policy_id), s.task_queue)
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -96,7 +82,7 @@ def policy_create(
 ) -> None:
     """Create a policy and its schedule (P1-P3)."""
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
     retention = _retention(keep_count, keep_days, keep_forever) or cli.fail(
         "give --keep-count, --keep-days or --keep-forever"
     )
@@ -112,7 +98,7 @@ def policy_create(
         )
     )
     row = cli.guarded(lambda: svc.create(spec))
-    cli.run_async(_sync(s, svc, row.id))
+    cli.run_async(ops.sync_policy(row.id))
     view = svc.view(row.id)
     cli.emit(view, as_json, lambda: _table([view]))
 
@@ -132,7 +118,7 @@ def policy_update(
 ) -> None:
     """Change a policy; its schedule is rewritten (P7)."""
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
     changes: dict[str, Any] = _retention(keep_count, keep_days, keep_forever) or {}
     if time:
         changes["times"] = time
@@ -145,16 +131,16 @@ def policy_update(
     if timezone:
         changes["timezone"] = timezone
     cli.guarded(lambda: svc.update(policy_id, changes))
-    cli.run_async(_sync(s, svc, policy_id))
+    cli.run_async(ops.sync_policy(policy_id))
     view = svc.view(policy_id)
     cli.emit(view, as_json, lambda: _table([view]))
 
 
 def _set_enabled(policy_id: str, enabled: bool, as_json: bool) -> None:
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
     cli.guarded(lambda: svc.set_enabled(policy_id, enabled))
-    cli.run_async(_sync(s, svc, policy_id))
+    cli.run_async(ops.sync_policy(policy_id))
     view = svc.view(policy_id)
     cli.emit(view, as_json, lambda: _table([view]))
 
@@ -183,15 +169,10 @@ def policy_list(as_json: JsonOpt = False) -> None:
 def policy_show(policy_id: str, as_json: JsonOpt = False) -> None:
     """Show a policy with its servers and next run times."""
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
     view = cli.guarded(lambda: svc.view(policy_id))
 
-    async def next_runs() -> list[str]:
-        handle: ScheduleHandle = (await connect(s)).get_schedule_handle(schedule_id(policy_id))
-        desc = await handle.describe()
-        return [t.isoformat() for t in desc.info.next_action_times]
-
-    view["next_runs"] = cli.run_async(next_runs())
+    view["next_runs"] = cli.run_async(ops.next_runs(policy_id))
 
     def render() -> None:
         _table([view])
@@ -208,18 +189,10 @@ def policy_delete(
 ) -> None:
     """Delete a policy and its schedule; its backups stay (P7)."""
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
     cli.guarded(lambda: svc.policies.get(policy_id))
     cli.confirm(f"Delete policy {policy_id}? Its backups are kept.", yes)
-    cli.guarded(lambda: svc.delete(policy_id))
-
-    async def drop() -> None:
-        from temporalio.service import RPCError
-
-        with contextlib.suppress(RPCError):  # already gone is fine
-            await (await connect(s)).get_schedule_handle(schedule_id(policy_id)).delete()
-
-    cli.run_async(drop())
+    cli.run_async(cli.guarded_async(ops.delete_policy(policy_id)))
     cli.emit({"deleted": policy_id}, as_json, lambda: cli.console.print(f"deleted {policy_id}"))
 
 
@@ -252,10 +225,10 @@ def policy_reconcile(as_json: JsonOpt = False) -> None:
     from starter.schedules import reconcile_schedules
 
     cli = _cli()
-    s, svc = _service()
+    ops, svc = _service()
 
     async def go() -> dict[str, list[str]]:
-        return await reconcile_schedules(await connect(s), svc, s)
+        return await reconcile_schedules(await ops.client(), svc, ops.settings)
 
     result = cli.run_async(go())
     cli.emit(result, as_json, lambda: cli.console.print(result))
@@ -268,27 +241,19 @@ def policy_run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a policy now: back up every bound server (names backup_xxxx) (P8)."""
-    import uuid
-
     from temporalio.client import WorkflowFailureError
 
     cli = _cli()
-    s, svc = _service()
-    cli.guarded(lambda: svc.plan_run(policy_id, "manual"))  # refuse at once while busy
+    ops, _ = _service()
 
     async def go() -> dict[str, Any]:
-        handle = await (await connect(s)).start_workflow(
-            "RunPolicy",
-            RunPolicyInput(policy_id=policy_id, trigger="manual"),
-            id=f"runpolicy-{policy_id}-{uuid.uuid4().hex[:8]}",
-            task_queue=s.task_queue,
-        )
+        handle = await cli.guarded_async(ops.run_policy(policy_id))
         if not wait:
             return {"workflow_id": handle.id, "policy_id": policy_id, "status": "running"}
         try:
             result: dict[str, Any] = await handle.result()
         except WorkflowFailureError as exc:
-            cli.fail(cli._workflow_error(exc))
+            cli.fail(cli.workflow_error(exc))
         return result
 
     result = cli.run_async(go())

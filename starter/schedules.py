@@ -62,6 +62,7 @@ def policy_schedule(policy_id: str, spec: PolicySpec, task_queue: str) -> Schedu
                     SearchAttributePair(SA_OPERATION, "policy"),
                 ]
             ),
+            static_summary=f"scheduled run of policy {spec.name} ({policy_id})",
         ),
         spec=ScheduleSpec(
             calendars=[calendar_spec(c) for c in schedule_calendars(spec)],
@@ -89,6 +90,7 @@ def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Sche
             typed_search_attributes=TypedSearchAttributes(
                 [SearchAttributePair(SA_OPERATION, "retention")]
             ),
+            static_summary="daily retention cleanup of every policy",
         ),
         spec=ScheduleSpec(
             calendars=[

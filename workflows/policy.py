@@ -85,6 +85,8 @@ class RunPolicy:
                         ),
                         id=f"backup-{backup_id}",
                         result_type=dict[str, Any],
+                        static_summary=f"backup {backup_id} of server {server_id} "
+                        f"(policy {inp.policy_id})",
                     )
                     outcomes[server_id] = "available"
                 except ChildWorkflowError as err:
