@@ -72,7 +72,8 @@ def setup_tracing(service_name: str) -> bool:
         SimpleSpanProcessor,
     )
 
-    resource = Resource.create({"service.name": service_name})  # OTEL_SERVICE_NAME wins
+    name = os.environ.get("OTEL_SERVICE_NAME", "").strip() or service_name
+    resource = Resource.create({"service.name": name})
     provider = TracerProvider(resource=resource)
     if exporter_name == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
