@@ -25,6 +25,8 @@ from csbs.model import (
     RestorePlan,
     RestoreServerInput,
     TransferStats,
+    VerifyDiskResult,
+    VerifyPlan,
 )
 from csbs.policy_service import PolicyService
 from csbs.services import CsbsService
@@ -93,6 +95,10 @@ class CsbsActivities:
             self.record_policy_skips,
             self.policy_expired_backups,
             self.list_policy_ids,
+            self.prepare_verify,
+            self.verify_disk,
+            self.finish_verify,
+            self.backups_to_verify,
         ]
 
     # -- backup ------------------------------------------------------------------------------
@@ -223,3 +229,34 @@ class CsbsActivities:
     @_typed_errors
     def list_policy_ids(self) -> list[str]:
         return [p.id for p in self.policies.policies.all()]
+
+    # -- verify ------------------------------------------------------------------------------
+    @activity.defn(name="prepare_verify")
+    @_typed_errors
+    def prepare_verify(self, backup_id: str, task_id: str) -> VerifyPlan:
+        return self.service.prepare_verify(backup_id, task_id, activity.info().workflow_id or "")
+
+    @activity.defn(name="verify_disk")
+    @_typed_errors
+    def verify_disk(self, backup_id: str, disk_id: str) -> VerifyDiskResult:
+        with step_span("csbs.verify", backup_id=backup_id, disk_id=disk_id) as span:
+            result = self.service.verify_disk(backup_id, disk_id, heartbeat=_heartbeat)
+            set_attributes(
+                span,
+                chunks_checked=result.chunks_checked,
+                bytes_checked=result.bytes_checked,
+                problems=len(result.problems),
+            )
+        return result
+
+    @activity.defn(name="finish_verify")
+    @_typed_errors
+    def finish_verify(
+        self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
+    ) -> dict[str, Any]:
+        return self.service.finish_verify(backup_id, task_id, results, error)
+
+    @activity.defn(name="backups_to_verify")
+    @_typed_errors
+    def backups_to_verify(self, max_age_days: int) -> list[str]:
+        return self.service.backups_to_verify(max_age_days)

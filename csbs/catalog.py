@@ -62,6 +62,11 @@ class BackupRow(SQLModel, table=True):
     stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
     error: str | None = Field(default=None, sa_type=sa.Text)
     workflow_id: str | None = Field(default=None, max_length=255)
+    #: The last verification (every chunk read and its digest checked): when, ok or
+    #: failed, and what it found. A backup that failed verification is never restored.
+    verified_at: datetime | None = Field(default=None, sa_column=_ts())
+    verify_status: str = Field(default="", max_length=16)
+    verify_error: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class DiskBackupRow(SQLModel, table=True):
@@ -526,6 +531,7 @@ def _fix_backup(row: BackupRow) -> BackupRow:
     row.created_at = _aware(row.created_at) or row.created_at
     row.snapshot_at = _aware(row.snapshot_at)
     row.finished_at = _aware(row.finished_at)
+    row.verified_at = _aware(row.verified_at)
     return row
 
 
@@ -579,6 +585,9 @@ def backup_json(row: BackupRow, disks: list[DiskBackupRow]) -> dict[str, Any]:
         "data_bytes": row.data_bytes,
         "error": row.error,
         "project": row.project,
+        "verified_at": _iso(row.verified_at),
+        "verify_status": row.verify_status or None,
+        "verify_error": row.verify_error,
     }
 
 

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     #: Daily retention cleanup (P5): time of day and time zone of its schedule.
     retention_time: str = "00:00"
     retention_timezone: str = "UTC"
+    #: The verify schedule (``VerifyBackups``): time of day, time zone, and how old a
+    #: backup's last verification may be before it is verified again. "off": no schedule.
+    verify_time: str = "03:00"
+    verify_timezone: str = "UTC"
+    verify_max_age_days: int = Field(default=7, ge=0, le=3650)
     #: ``host:port`` where the worker and the API serve Prometheus metrics (Temporal SDK
     #: metrics and csbs's own counters); unset = no endpoint. Tracing is configured by the
     #: standard ``OTEL_*`` variables instead (see csbs.telemetry).

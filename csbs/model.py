@@ -58,6 +58,7 @@ class TaskKind(StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
     DELETE = "delete"
+    VERIFY = "verify"
 
 
 class TaskStatus(StrEnum):
@@ -147,6 +148,9 @@ class RestoreServerInput(_Input):
     power_on: bool = True
     #: Restore only these backed-up disks (R7); empty means every disk of the backup.
     disk_ids: list[str] = Field(default_factory=list)
+    #: Read and check every chunk before touching any disk (a flipped byte in S3 then
+    #: fails the restore before the server is stopped). Missing chunks are always checked.
+    verify: bool = False
 
     @field_validator("disk_ids")
     @classmethod
@@ -181,6 +185,25 @@ class RunPolicyInput(_Input):
     @classmethod
     def _policy_id(cls, v: str) -> str:
         return check_id(v, "policy_id")
+
+
+class VerifyBackupInput(_Input):
+    """Input of the ``VerifyBackup`` workflow: read every chunk, check every digest."""
+
+    backup_id: str
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, v: str) -> str:
+        return check_id(v, "backup_id")
+
+
+class VerifyBackupsInput(_Input):
+    """Input of ``VerifyBackups`` (the verify schedule): every available backup not
+    verified in the last ``max_age_days`` days, ``concurrency`` at a time."""
+
+    max_age_days: int = Field(default=7, ge=0, le=3650)
+    concurrency: int = Field(default=4, ge=1, le=32)
 
 
 class PolicyRunPlan(BaseModel):
@@ -237,7 +260,52 @@ class RestorePlan(BaseModel):
     warnings: list[str] = []
 
 
+class VerifyPlan(BaseModel):
+    backup_id: str
+    backup_name: str
+    server_id: str
+    task_id: str
+    disk_ids: list[str]
+
+
 # --- results --------------------------------------------------------------------------
+
+
+class ChunkProblem(BaseModel):
+    """A chunk of a backup that is missing from the object store or does not verify."""
+
+    disk_id: str
+    #: Position of the chunk in the disk (the first, when the same chunk is used again).
+    index: int | None
+    chunk_id: str | None
+    problem: Literal["missing", "corrupt", "manifest"]
+    message: str
+
+    def line(self) -> str:
+        where = f"disk {self.disk_id}"
+        if self.index is not None:
+            where += f" chunk {self.index} ({(self.chunk_id or '')[:16]})"
+        return f"{where}: {self.message}"
+
+
+#: Problems listed in a reason; the count says how many there were in all.
+MAX_LISTED = 10
+
+
+def describe(problems: list[ChunkProblem]) -> str:
+    """One line for a task reason: how many problems, then the first few by disk and chunk."""
+    listed = "; ".join(p.line() for p in problems[:MAX_LISTED])
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    disks = len({p.disk_id for p in problems})
+    noun = "problem" if len(problems) == 1 else "problems"
+    return f"{len(problems)} {noun} in {disks} disk(s): {listed}{more}"
+
+
+class VerifyDiskResult(BaseModel):
+    disk_id: str
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[ChunkProblem] = []
 
 
 class TransferStats(BaseModel):

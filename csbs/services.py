@@ -11,8 +11,10 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from csbs import verify
 from csbs.catalog import (
     BackupFilter,
     BackupRow,
@@ -27,6 +29,7 @@ from csbs.config import Settings
 from csbs.drivers import ComputeDriver, SnapshotReader, make_driver
 from csbs.errors import (
     Conflict,
+    CorruptData,
     GarbageCollectionRunning,
     InvalidInput,
     InvalidState,
@@ -37,6 +40,7 @@ from csbs.format import Manifest
 from csbs.model import (
     BackupServerInput,
     BackupStatus,
+    ChunkProblem,
     DeleteBackupsInput,
     Disk,
     DiskRole,
@@ -49,6 +53,8 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
     TransferStats,
+    VerifyDiskResult,
+    VerifyPlan,
 )
 from csbs.naming import default_name
 from csbs.transfer import backup_disk, restore_disk
@@ -438,6 +444,7 @@ class CsbsService:
             server, self.catalog.disk_backups(backup.id), inp.disk_mapping, inp.disk_ids
         )
         if existing is None:
+            self._restore_preflight(backup, [i.source_disk_id for i in items])
             self.catalog.add_task(
                 TaskRow(
                     id=task_id,
@@ -528,6 +535,105 @@ class CsbsService:
         """The backup is ``available`` again; the task records the outcome."""
         self.catalog.update_backup(backup_id, status=BackupStatus.AVAILABLE.value, progress=100)
         self.catalog.finish_task(task_id, ok=ok, reason=reason)
+
+    # -- verify ----------------------------------------------------------------------------
+    def prepare_verify(self, backup_id: str, task_id: str, workflow_id: str) -> VerifyPlan:
+        """Open a verify task for an available (or restoring) backup."""
+        backup = self.catalog.get_backup(backup_id)
+        if self._find_task(task_id) is None:
+            if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
+                raise InvalidState(
+                    f"backup {backup.id} is {backup.status}; only available backups are verified"
+                )
+            self.catalog.add_task(
+                TaskRow(
+                    id=task_id,
+                    project=self.settings.project,
+                    kind=TaskKind.VERIFY.value,
+                    status=TaskStatus.RUNNING.value,
+                    backup_id=backup.id,
+                    backup_name=backup.name,
+                    server_id=backup.server_id,
+                    server_name=backup.server_name,
+                    workflow_id=workflow_id,
+                    started_at=utcnow(),
+                )
+            )
+        return VerifyPlan(
+            backup_id=backup.id,
+            backup_name=backup.name,
+            server_id=backup.server_id,
+            task_id=task_id,
+            disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup.id)],
+        )
+
+    def verify_disk(
+        self, backup_id: str, disk_id: str, heartbeat: Heartbeat | None = None
+    ) -> VerifyDiskResult:
+        """Read every chunk of one disk of a backup and check its digest."""
+        return verify.verify_disk(
+            self.store, backup_id, disk_id, self.settings.transfer_concurrency, heartbeat
+        )
+
+    def finish_verify(
+        self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
+    ) -> dict[str, Any]:
+        """Record the outcome on the backup and its task; a backup whose descriptor is gone
+        fails too (restore needs it)."""
+        problems = [p for r in results for p in r.problems]
+        if error is None:
+            try:
+                self.store.get_descriptor(backup_id)
+            except NotFound as exc:
+                problems.insert(
+                    0,
+                    ChunkProblem(
+                        disk_id="-", index=None, chunk_id=None, problem="manifest", message=str(exc)
+                    ),
+                )
+        ok = error is None and not problems
+        reason = None if ok else (error or f"verify found {verify.describe(problems)}")
+        if error is None:
+            self.catalog.update_backup(
+                backup_id,
+                verified_at=utcnow(),
+                verify_status="ok" if ok else "failed",
+                verify_error=reason,
+            )
+        self.catalog.finish_task(task_id, ok=ok, reason=reason)
+        return {
+            "backup_id": backup_id,
+            "ok": ok,
+            "chunks_checked": sum(r.chunks_checked for r in results),
+            "bytes_checked": sum(r.bytes_checked for r in results),
+            "problems": [p.model_dump() for p in problems],
+            "reason": reason,
+        }
+
+    def backups_to_verify(self, max_age_days: int) -> list[str]:
+        """Available backups never verified, or not in the last ``max_age_days`` days."""
+        cutoff = utcnow() - timedelta(days=max_age_days)
+        rows = self.catalog.list_backups(BackupFilter(status=BackupStatus.AVAILABLE.value))
+        return [r.id for r in rows if r.verified_at is None or r.verified_at < cutoff]
+
+    def _restore_preflight(self, backup: BackupRow, disk_ids: list[str]) -> None:
+        """Refuse, before any disk is touched, a backup that failed its last verification
+        or whose chunks are not all in the object store."""
+        if backup.verify_status == "failed":
+            raise CorruptData(
+                f"backup {backup.id} failed verification at {backup.verified_at:%Y-%m-%d %H:%M} "
+                f"({backup.verify_error}); restore refused before any disk was touched"
+            )
+        manifests = [self.store.get_manifest(backup.id, d) for d in disk_ids]
+        distinct = len(set().union(*(m.chunk_ids() for m in manifests))) if manifests else 0
+        missing = verify.missing_chunks(
+            self.store, backup.id, disk_ids, self._chunk_index(distinct)
+        )
+        if missing:
+            raise CorruptData(
+                f"backup {backup.id} cannot be restored: {verify.describe(missing)}; restore "
+                f"refused before any disk was touched"
+            )
 
     # -- delete ----------------------------------------------------------------------------
     def prepare_delete(

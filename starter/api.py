@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from csbs.catalog import BackupFilter, task_json
+from csbs.catalog import task_json
 from csbs.config import Settings
 from csbs.errors import CsbsError, InvalidInput, NotFound
 from csbs.model import ID_PATTERN, BackupStatus, RestoreServerInput, TaskKind, TaskStatus
@@ -139,6 +138,9 @@ class BackupOut(BaseModel):
     data_bytes: int
     error: str | None
     project: str
+    verified_at: str | None
+    verify_status: Literal["ok", "failed"] | None
+    verify_error: str | None
 
 
 class BackupDetail(BackupOut):
@@ -160,6 +162,8 @@ class RestoreRequest(BaseModel):
     disk_mapping: dict[BodyId, BodyId] = Field(default_factory=dict)
     disk_ids: list[BodyId] = Field(default_factory=list)
     power_on: bool = True
+    #: Read and check every chunk before the server is stopped or a disk written.
+    verify: bool = False
 
 
 class DeleteRequest(BaseModel):
@@ -285,19 +289,6 @@ def body_references() -> Iterator[None]:
         raise
 
 
-def _time(value: str | None, field: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(
-            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 "
-            f"(got {value!r})"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": Problem, "description": "A problem document."} for code in codes}
 
@@ -383,17 +374,16 @@ def create_app(settings: Settings | None = None, ops: Operations | None = None) 
         until: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO time")] = None,
     ) -> list[dict[str, Any]]:
         """Backups, newest first, with every filter of ``csbs backup list``."""
-        flt = BackupFilter(
-            status=status.value if status else None,
-            server_id=server_id,
-            server_name=server_name,
-            server_type=server_type,
-            name=name,
-            id=id,
-            since=_time(since, "since"),
-            until=_time(until, "until"),
+        return state.list_backups(
+            status.value if status else None,
+            server_id,
+            server_name,
+            server_type,
+            name,
+            id,
+            since,
+            until,
         )
-        return [state.backup_view(r.id) for r in state.catalog.list_backups(flt)]
 
     @app.post(
         "/v1/backups",
@@ -461,6 +451,19 @@ def create_app(settings: Settings | None = None, ops: Operations | None = None) 
         with body_references():
             handle, task_id = await state.restore(inp)
         return {"workflow_id": handle.id, "task_id": task_id, "status": "restoring"}
+
+    @app.post(
+        "/v1/backups/{backup_id}/verify",
+        status_code=202,
+        response_model=Started,
+        tags=["backups"],
+        responses=_responses(404, 409, 422, 503),
+    )
+    async def verify_backup(backup_id: Id) -> dict[str, Any]:
+        """Read every chunk of the backup and check its digest. The task (and the backup's
+        ``verify_status`` and ``verify_error``) say what was found."""
+        handle, task_id = await state.verify(backup_id)
+        return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
 
     # -- tasks
     @app.get("/v1/tasks", response_model=list[TaskOut], tags=["tasks"], responses=_responses(422))

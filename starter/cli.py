@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
 
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from temporalio.client import WorkflowFailureError
 
-from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
+from csbs.catalog import Catalog, backup_json, task_json
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError
@@ -218,18 +217,6 @@ def _backup_view(cat: Catalog, backup_id: str) -> dict[str, Any]:
     return backup_json(cat.get_backup(backup_id), cat.disk_backups(backup_id))
 
 
-def _parse_time(value: str | None, field: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(
-            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 (got {value!r})"
-        )
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 @backup_app.command("create")
 def backup_create(
     server_ids: Annotated[list[str], typer.Argument(help="Servers to back up.")],
@@ -285,19 +272,19 @@ def backup_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List backups, newest first."""
-    s = settings()
-    cat = catalog(s)
-    flt = BackupFilter(
-        status=status.value if status else None,
-        server_id=server_id,
-        server_name=server_name,
-        server_type=server_type,
-        name=name,
-        id=id,
-        since=_parse_time(since, "since"),
-        until=_parse_time(until, "until"),
+    ops = operations(settings())
+    rows = guarded(
+        lambda: ops.list_backups(
+            status.value if status else None,
+            server_id,
+            server_name,
+            server_type,
+            name,
+            id,
+            since,
+            until,
+        )
     )
-    rows = [backup_json(r, cat.disk_backups(r.id)) for r in cat.list_backups(flt)]
     emit(rows, as_json, lambda: _backup_table(rows))
 
 
@@ -395,6 +382,10 @@ def backup_restore(
     power_on: Annotated[
         bool, typer.Option("--power-on/--no-power-on", help="Start the server afterwards.")
     ] = True,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Read and check every chunk before touching any disk."),
+    ] = False,
     yes: YesOpt = False,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
@@ -407,6 +398,7 @@ def backup_restore(
             disk_mapping=_parse_map(map_ or []),
             power_on=power_on,
             disk_ids=disk or [],
+            verify=verify,
         )
     )
     ops = operations(s)
@@ -447,6 +439,51 @@ def backup_restore(
     emit(result, as_json, lambda: console.print(result))
 
 
+@backup_app.command("verify")
+def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+    """Read every chunk of a backup from S3 and check its digest; problems are reported by
+    disk and chunk, and a backup that fails is never restored."""
+    ops = operations(settings())
+
+    async def go() -> dict[str, Any]:
+        handle, task_id = await guarded_async(ops.verify(backup_id))
+        if not wait:
+            return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
+        try:
+            return cast(dict[str, Any], await handle.result())
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            details = getattr(cause, "details", None)
+            if details and isinstance(details[0], dict):
+                return dict(details[0])
+            fail(workflow_error(exc))
+
+    result = run_async(go())
+
+    def render() -> None:
+        if "ok" not in result:
+            console.print(result)
+            return
+        console.print(
+            f"backup {backup_id}: {result['chunks_checked']} chunks, "
+            f"{format_size(result['bytes_checked'])} checked",
+            highlight=False,
+        )
+        for p in result["problems"]:
+            where = (
+                f"chunk {p['index']} ({(p['chunk_id'] or '')[:16]})"
+                if p["index"] is not None
+                else ""
+            )
+            console.print(
+                f"  disk {p['disk_id']} {where}: {p['problem']}: {p['message']}", highlight=False
+            )
+
+    emit(result, as_json, render)
+    if result.get("ok") is False:
+        fail(result["reason"])
+
+
 # -- tasks ----------------------------------------------------------------------------------
 def _task_table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "kind", "status", "backup", "server", "started", "finished", "reason")
@@ -466,7 +503,7 @@ def _task_table(rows: list[dict[str, Any]]) -> None:
 
 @task_app.command("list")
 def task_list(
-    kind: Annotated[TaskKind | None, typer.Option(help="backup, restore or delete")] = None,
+    kind: Annotated[TaskKind | None, typer.Option(help="backup, restore, delete or verify")] = None,
     status: Annotated[TaskStatus | None, typer.Option(help="running, succeeded or failed")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -10,7 +10,13 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from csbs.config import Settings
-from csbs.model import BackupServerInput, DeleteBackupsInput, RestoreServerInput, RunPolicyInput
+from csbs.model import (
+    BackupServerInput,
+    DeleteBackupsInput,
+    RestoreServerInput,
+    RunPolicyInput,
+    VerifyBackupInput,
+)
 from csbs.telemetry import tracing_enabled
 from workflows.common import SA_BACKUP_ID, SA_OPERATION, SA_POLICY_ID, SA_SERVER_ID
 
@@ -128,4 +134,20 @@ class CsbsClient:
                 ]
             ),
             static_summary=f"{inp.trigger} run of policy {inp.policy_id}",
+        )
+
+    async def start_verify(self, inp: VerifyBackupInput) -> WorkflowHandle[object, object]:
+        """Start ``VerifyBackup``: every chunk of the backup read and checked."""
+        return await self.client.start_workflow(
+            "VerifyBackup",
+            inp,
+            id=f"verify-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
+            task_queue=self.settings.task_queue,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(SA_BACKUP_ID, inp.backup_id),
+                    SearchAttributePair(SA_OPERATION, "verify"),
+                ]
+            ),
+            static_summary=f"verify of backup {inp.backup_id}",
         )

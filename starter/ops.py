@@ -12,12 +12,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, FailureError
 
-from csbs.catalog import Catalog, backup_json, task_json
+from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError, InvalidInput
@@ -28,6 +29,7 @@ from csbs.model import (
     RunPolicyInput,
     TaskKind,
     TaskStatus,
+    VerifyBackupInput,
 )
 from csbs.naming import default_name, numbered
 from csbs.policy_service import PolicyService
@@ -97,6 +99,20 @@ async def await_start(
         await asyncio.sleep(0.2)
 
 
+def parse_time(value: str | None, field: str) -> datetime | None:
+    """An ISO date or time (UTC unless it says otherwise), or InvalidInput naming the field."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 "
+            f"(got {value!r})"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def backup_inputs(
     server_ids: list[str], name: str | None, description: str | None, offline: bool
 ) -> list[BackupServerInput]:
@@ -145,6 +161,32 @@ class Operations:
         return CsbsClient(await self.client(), self.settings)
 
     # -- backups ---------------------------------------------------------------------------
+    def list_backups(
+        self,
+        status: str | None = None,
+        server_id: str | None = None,
+        server_name: str | None = None,
+        server_type: str | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Backups, newest first, by every filter of ``backup list`` (B11); ``since`` and
+        ``until`` are ISO dates or times, UTC unless they say otherwise."""
+        flt = BackupFilter(
+            status=status,
+            server_id=server_id,
+            server_name=server_name,
+            server_type=server_type,
+            name=name,
+            id=id,
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
+        )
+        rows = self.catalog.list_backups(flt)
+        return [backup_json(r, self.catalog.disk_backups(r.id)) for r in rows]
+
     def backup_view(self, backup_id: str) -> dict[str, Any]:
         return backup_json(self.catalog.get_backup(backup_id), self.catalog.disk_backups(backup_id))
 
@@ -189,6 +231,18 @@ class Operations:
 
         def started() -> str | None:
             tasks = self.catalog.list_tasks(kind=TaskKind.RESTORE, backup_id=inp.backup_id)
+            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
+
+        return handle, await await_start(handle, started)
+
+    async def verify(self, backup_id: str) -> tuple[WorkflowHandle[Any, Any], str]:
+        """Start ``VerifyBackup``; return its handle and task id once it is recorded."""
+        inp = VerifyBackupInput(backup_id=backup_id)
+        self.catalog.get_backup(backup_id)
+        handle = await (await self.csbs()).start_verify(inp)
+
+        def started() -> str | None:
+            tasks = self.catalog.list_tasks(kind=TaskKind.VERIFY, backup_id=backup_id)
             return next((t.id for t in tasks if t.workflow_id == handle.id), None)
 
         return handle, await await_start(handle, started)

@@ -104,6 +104,40 @@ def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Sche
     )
 
 
+VERIFY_SCHEDULE_ID = "csbs-verify"
+
+
+def verify_schedule(settings: Settings) -> Schedule:
+    """The daily ``VerifyBackups`` schedule: backups not verified within
+    ``CSBS_VERIFY_MAX_AGE_DAYS`` are read back and checked at ``CSBS_VERIFY_TIME``."""
+    from csbs.policy import parse_time_of_day
+
+    minutes = parse_time_of_day(settings.verify_time)
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            "VerifyBackups",
+            {"max_age_days": settings.verify_max_age_days},
+            id="verify-backups",
+            task_queue=settings.task_queue,
+            typed_search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(SA_OPERATION, "verify")]
+            ),
+            static_summary=(
+                f"verify backups not verified in {settings.verify_max_age_days} day(s)"
+            ),
+        ),
+        spec=ScheduleSpec(
+            calendars=[
+                ScheduleCalendarSpec(
+                    hour=[ScheduleRange(minutes // 60)], minute=[ScheduleRange(minutes % 60)]
+                )
+            ],
+            time_zone_name=settings.verify_timezone,
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=CATCHUP_WINDOW),
+    )
+
+
 async def _upsert(client: Client, sid: str, schedule: Schedule) -> None:
     from temporalio.client import ScheduleAlreadyRunningError, ScheduleUpdate
 
@@ -140,6 +174,11 @@ async def reconcile_schedules(
             settings.retention_time, settings.retention_timezone, settings.task_queue
         ),
     )
+    if settings.verify_time.strip().lower() == "off":
+        if VERIFY_SCHEDULE_ID in existing:
+            await client.get_schedule_handle(VERIFY_SCHEDULE_ID).delete()
+    else:
+        await _upsert(client, VERIFY_SCHEDULE_ID, verify_schedule(settings))
     return {"created": created, "removed": removed}
 
 

@@ -100,6 +100,14 @@ async def test_backup_restore_delete_and_policies_over_rest(stack: Stack, api: A
     listed = (await http.get("/v1/backups", params={"server_id": server.id})).json()
     assert [b["id"] for b in listed] == [bk["id"]]
 
+    verifying = await http.post(f"/v1/backups/{bk['id']}/verify")
+    assert verifying.status_code == 202, verifying.text
+    task = await api.wait_for(
+        f"/v1/tasks/{verifying.json()['task_id']}", lambda t: t["status"] != "running"
+    )
+    assert (task["kind"], task["status"]) == ("verify", "succeeded")
+    assert (await http.get(f"/v1/backups/{bk['id']}")).json()["verify_status"] == "ok"
+
     drv.write(server.id, server.disks[0].id, 0, os.urandom(MIB))
     restored = await http.post(f"/v1/backups/{bk['id']}/restore", json={"power_on": False})
     assert restored.status_code == 202, restored.text

@@ -112,13 +112,20 @@ def test_a_catalog_from_before_migrations_is_upgraded_keeping_its_rows(url: str)
     cat.dispose()
 
 
-def test_a_catalog_made_by_create_all_after_issue_5_is_stamped_not_altered(url: str) -> None:
+def test_a_catalog_made_by_create_all_after_issue_5_is_stamped_and_upgraded(url: str) -> None:
+    """Issues 5 and 6 created read_note with ``create_all``, before migrations existed."""
     engine = make_engine(url)
-    SQLModel.metadata.create_all(engine)  # has read_note already, no version table
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")  # type: ignore[arg-type]
+        conn.execute(sa.text("DROP TABLE alembic_version"))  # create_all left none
     engine.dispose()
+    assert revision(url) == BASELINE
     cat = Catalog(url)
     assert revision(url) == SCHEMA_HEAD
+    with cat.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
     cat.dispose()
+    assert diff == []
 
 
 def test_processes_opening_one_new_catalog_at_once_all_succeed(url: str) -> None:

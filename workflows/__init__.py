@@ -6,6 +6,7 @@ from workflows.gc import CollectGarbage
 from workflows.policy import RunPolicy
 from workflows.restore import RestoreServer
 from workflows.retention import RetentionCleanup
+from workflows.verify import VerifyBackup, VerifyBackups
 
 ALL_WORKFLOWS = [
     BackupServer,
@@ -14,6 +15,8 @@ ALL_WORKFLOWS = [
     CollectGarbage,
     RunPolicy,
     RetentionCleanup,
+    VerifyBackup,
+    VerifyBackups,
 ]
 
 __all__ = [
@@ -24,4 +27,6 @@ __all__ = [
     "RestoreServer",
     "RetentionCleanup",
     "RunPolicy",
+    "VerifyBackup",
+    "VerifyBackups",
 ]

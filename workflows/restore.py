@@ -12,7 +12,13 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import RestoreItem, RestorePlan, RestoreServerInput, TransferStats
+    from csbs.model import (
+        RestoreItem,
+        RestorePlan,
+        RestoreServerInput,
+        TransferStats,
+        describe,
+    )
 
 from workflows.common import (
     HEARTBEAT_TIMEOUT,
@@ -22,12 +28,14 @@ from workflows.common import (
     SA_SERVER_ID,
     STEP_TIMEOUT,
     TRANSFER_TIMEOUT,
+    StepFailed,
     act,
     all_or_cancel,
     reason_of,
     step,
     tag,
 )
+from workflows.verify import verify_disk
 
 
 @workflow.defn(name="RestoreServer", failure_exception_types=[ValidationError])
@@ -73,6 +81,8 @@ class RestoreServer:
         )
         stopped = False
         try:
+            if inp.verify:
+                await self._verify_first(plan)
             self._at("stopping server")
             await step("stop server", act("stop_server", plan.server_id))
             stopped = True
@@ -101,6 +111,20 @@ class RestoreServer:
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(reason, type=failed.error_type, non_retryable=True) from err
+
+    async def _verify_first(self, plan: RestorePlan) -> None:
+        """Read and check every chunk to restore; any problem fails the restore before the
+        server is stopped or a disk written."""
+        self._at("verifying")
+        results = await all_or_cancel(
+            [verify_disk(plan.backup_id, item.source_disk_id) for item in plan.items]
+        )
+        problems = [p for r in results for p in r.problems]
+        if problems:
+            raise StepFailed(
+                f"verify before restore found {describe(problems)}; no disk was touched",
+                "CorruptData",
+            )
 
     async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
         stats: TransferStats = await step(

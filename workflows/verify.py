@@ -1,0 +1,116 @@
+"""``VerifyBackup``: read every chunk of a backup and check its digest; ``VerifyBackups``:
+verify every backup not verified lately (the verify schedule)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from csbs.model import VerifyBackupInput, VerifyBackupsInput, VerifyDiskResult, VerifyPlan
+
+from workflows.common import (
+    HEARTBEAT_TIMEOUT,
+    RETRY,
+    SA_BACKUP_ID,
+    SA_OPERATION,
+    SA_SERVER_ID,
+    TRANSFER_TIMEOUT,
+    act,
+    all_or_cancel,
+    reason_of,
+    tag,
+)
+
+
+async def verify_disk(backup_id: str, disk_id: str) -> VerifyDiskResult:
+    """The ``verify_disk`` activity of one disk (also run by restores asked to verify)."""
+    result: VerifyDiskResult = await workflow.execute_activity(
+        "verify_disk",
+        args=[backup_id, disk_id],
+        result_type=VerifyDiskResult,
+        start_to_close_timeout=TRANSFER_TIMEOUT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=f"verify disk {disk_id}",
+    )
+    return result
+
+
+@workflow.defn(name="VerifyBackup", failure_exception_types=[ValidationError])
+class VerifyBackup:
+    """Verify one backup; fails with ``CorruptData`` naming each bad chunk and disk."""
+
+    @workflow.run
+    async def run(self, inp: VerifyBackupInput) -> dict[str, Any]:
+        task_id = f"task-{workflow.uuid4().hex[:16]}"
+        tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("verify"))
+        workflow.set_current_details("validating")
+        try:
+            plan: VerifyPlan = await act(
+                "prepare_verify", inp.backup_id, task_id, result_type=VerifyPlan
+            )
+        except Exception as err:
+            failed = reason_of("validate", err)
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
+        tag(SA_SERVER_ID.value_set(plan.server_id))
+        workflow.set_current_details(f"verifying {len(plan.disk_ids)} disk(s)")
+        try:
+            results = await all_or_cancel([verify_disk(inp.backup_id, d) for d in plan.disk_ids])
+        except BaseException as err:
+            failed = reason_of("verify", err)
+            await act("finish_verify", inp.backup_id, task_id, [], failed.reason, cleanup=True)
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise ApplicationError(
+                failed.reason, type=failed.error_type, non_retryable=True
+            ) from err
+        summary: dict[str, Any] = await act(
+            "finish_verify", inp.backup_id, task_id, results, None, result_type=dict[str, Any]
+        )
+        workflow.set_current_details("done" if summary["ok"] else "found problems")
+        if not summary["ok"]:
+            raise ApplicationError(
+                summary["reason"], summary, type="CorruptData", non_retryable=True
+            )
+        return summary
+
+
+@workflow.defn(name="VerifyBackups", failure_exception_types=[ValidationError])
+class VerifyBackups:
+    """Verify every available backup not verified in ``max_age_days`` (the schedule)."""
+
+    @workflow.run
+    async def run(self, inp: VerifyBackupsInput) -> dict[str, Any]:
+        tag(SA_OPERATION.value_set("verify"))
+        ids: list[str] = await act("backups_to_verify", inp.max_age_days, result_type=list[str])
+        limit = asyncio.Semaphore(inp.concurrency)
+        outcomes: dict[str, str] = {}
+
+        async def one(backup_id: str) -> None:
+            async with limit:
+                try:
+                    await workflow.execute_child_workflow(
+                        "VerifyBackup",
+                        VerifyBackupInput(backup_id=backup_id),
+                        id=f"verify-{backup_id}-{workflow.info().workflow_id}",
+                        result_type=dict[str, Any],
+                        static_summary=f"verify of backup {backup_id}",
+                    )
+                    outcomes[backup_id] = "ok"
+                except ChildWorkflowError as err:
+                    outcomes[backup_id] = reason_of("verify", err).reason
+                workflow.set_current_details(f"verified {len(outcomes)}/{len(ids)}")
+
+        await asyncio.gather(*(one(b) for b in ids))
+        failed = {b: r for b, r in outcomes.items() if r != "ok"}
+        return {"verified": len(ids), "ok": len(ids) - len(failed), "failed": failed}
