@@ -85,6 +85,7 @@ class CsbsActivities:
             self.prepare_restore,
             self.stop_server,
             self.start_server,
+            self.check_restore,
             self.restore_disk,
             self.finish_restore,
             self.prepare_delete,
@@ -166,6 +167,11 @@ class CsbsActivities:
     @_typed_errors
     def start_server(self, server_id: str) -> None:
         self.service.start_server(server_id)
+
+    @activity.defn(name="check_restore")
+    @_typed_errors
+    def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
+        self.service.check_restore(backup_id, disk_ids)
 
     @activity.defn(name="restore_disk")
     @_typed_errors

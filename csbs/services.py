@@ -55,6 +55,7 @@ from csbs.model import (
     TransferStats,
     VerifyDiskResult,
     VerifyPlan,
+    check_id,
 )
 from csbs.naming import default_name
 from csbs.transfer import backup_disk, restore_disk
@@ -444,7 +445,6 @@ class CsbsService:
             server, self.catalog.disk_backups(backup.id), inp.disk_mapping, inp.disk_ids
         )
         if existing is None:
-            self._restore_preflight(backup, [i.source_disk_id for i in items])
             self.catalog.add_task(
                 TaskRow(
                     id=task_id,
@@ -616,9 +616,10 @@ class CsbsService:
         rows = self.catalog.list_backups(BackupFilter(status=BackupStatus.AVAILABLE.value))
         return [r.id for r in rows if r.verified_at is None or r.verified_at < cutoff]
 
-    def _restore_preflight(self, backup: BackupRow, disk_ids: list[str]) -> None:
+    def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
         """Refuse, before any disk is touched, a backup that failed its last verification
         or whose chunks are not all in the object store."""
+        backup = self.catalog.get_backup(backup_id)
         if backup.verify_status == "failed":
             raise CorruptData(
                 f"backup {backup.id} failed verification at {backup.verified_at:%Y-%m-%d %H:%M} "
@@ -744,6 +745,14 @@ def backup_warnings(server: Server) -> list[str]:
     return []
 
 
+def _shown(value: str) -> str:
+    """An id as a person should see it in a message: quoted when it is not a plain id."""
+    try:
+        return check_id(value)
+    except ValueError:
+        return repr(value)
+
+
 def plan_disk_mapping(
     server: Server,
     disks: list[DiskBackupRow],
@@ -759,11 +768,13 @@ def plan_disk_mapping(
     by_id = {d.disk_id: d for d in disks}
     for src in [*mapping, *(only or [])]:
         if src not in by_id:
-            raise InvalidInput(f"disk_mapping: disk {src} is not in this backup")
+            raise InvalidInput(f"disk_mapping: disk {_shown(src)} is not in this backup")
     chosen = [d for d in disks if not only or d.disk_id in only]
     for src in mapping:
         if only and src not in only:
-            raise InvalidInput(f"disk_mapping: disk {src} is mapped but not chosen for restore")
+            raise InvalidInput(
+                f"disk_mapping: disk {_shown(src)} is mapped but not chosen for restore"
+            )
     items: list[RestoreItem] = []
     warnings: list[str] = []
     targets_used: set[str] = set()
@@ -788,7 +799,7 @@ def plan_disk_mapping(
             continue
         if target is None:
             raise InvalidInput(
-                f"disk_mapping: disk {target_id} is not a disk of server {server.id}"
+                f"disk_mapping: disk {_shown(target_id)} is not a disk of server {server.id}"
             )
         if target_id != disk.disk_id and target.size_bytes < disk.size_bytes:
             raise InvalidInput(

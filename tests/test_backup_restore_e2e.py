@@ -342,7 +342,9 @@ async def test_bucket_removed_failures_leave_records_a_person_can_act_on(
         refused = await st.cli("backup", "restore", good["id"], "--yes", "--wait", check=False)
         assert refused.code != 0 and "NoSuchBucket" in refused.stderr
         (task,) = st.catalog.list_tasks(kind="restore")
-        assert task.status == "failed" and "left stopped" in (task.reason or "")
+        assert task.status == "failed" and "check backup" in (task.reason or "")
+        assert "NoSuchBucket" in (task.reason or "")
+        assert st.driver.get_server(server.id).state == ServerState.RUNNING  # never stopped
         assert st.catalog.get_backup(good["id"]).status == "available"
 
         refused = await st.cli("backup", "delete", good["id"], "--yes", "--wait", check=False)

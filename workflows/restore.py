@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -36,6 +37,9 @@ from workflows.common import (
     tag,
 )
 from workflows.verify import verify_disk
+
+#: Listing the store to check every chunk of a large backup is there.
+CHECK_TIMEOUT = timedelta(minutes=30)
 
 
 @workflow.defn(name="RestoreServer", failure_exception_types=[ValidationError])
@@ -81,6 +85,16 @@ class RestoreServer:
         )
         stopped = False
         try:
+            self._at("checking the backup")
+            await step(
+                "check backup",
+                workflow.execute_activity(
+                    "check_restore",
+                    args=[plan.backup_id, [i.source_disk_id for i in plan.items]],
+                    start_to_close_timeout=CHECK_TIMEOUT,
+                    retry_policy=RETRY,
+                ),
+            )
             if inp.verify:
                 await self._verify_first(plan)
             self._at("stopping server")
