@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from csbs.config import Settings
+from csbs.crypto import CIPHER_NAME, EncryptionKeyError, TenantKeys, is_sealed
 from csbs.errors import (
     CorruptData,
     CsbsError,
@@ -28,7 +29,14 @@ from csbs.errors import (
     StorageError,
     StorageUnavailable,
 )
-from csbs.format import FORMAT_VERSION, HASH_NAME, Manifest, decode_chunk, encode_chunk
+from csbs.format import (
+    FORMAT_VERSION,
+    HASH_NAME,
+    Manifest,
+    chunk_digest,
+    decode_chunk,
+    encode_chunk,
+)
 from csbs.model import check_id
 
 if TYPE_CHECKING:
@@ -111,6 +119,9 @@ class ChunkStore:
         #: Chunk uploads: content-addressed and verified on read, so the payload is not signed.
         self.chunk_s3 = client or make_s3_client(settings, max_pool=pool, sign_payload=False)
         self._checked_config = False
+        master = settings.master_key()
+        self.keys = TenantKeys(master, self.tenant) if master else None
+        self._id_key = self.keys.id_key if self.keys else None
 
     # -- keys ---------------------------------------------------------------------------
     def chunk_key(self, chunk_id: bytes) -> str:
@@ -125,6 +136,28 @@ class ChunkStore:
 
     def descriptor_key(self, backup_id: str) -> str:
         return f"{self.root}/backups/{check_id(backup_id)}.json"
+
+    # -- encryption -----------------------------------------------------------------------
+    def _name(self, key: str) -> str:
+        """An object's name inside the repository: what its seal is bound to."""
+        return key.removeprefix(f"{self.root}/")
+
+    def _seal(self, key: str, body: bytes) -> bytes:
+        return self.keys.seal(body, self._name(key)) if self.keys else body
+
+    def _open(self, key: str, blob: bytes) -> bytes:
+        if self.keys is not None:
+            return self.keys.open(blob, self._name(key))
+        if is_sealed(blob):
+            raise EncryptionKeyError(
+                f"repository {self.root} is encrypted: set CSBS_ENCRYPTION_KEY_FILE or "
+                f"CSBS_ENCRYPTION_KEY to its key"
+            )
+        return blob
+
+    def chunk_id(self, data: bytes | bytearray) -> bytes:
+        """The id of a chunk: BLAKE3 of its plaintext, keyed per tenant when encrypted."""
+        return chunk_digest(data, self._id_key)
 
     # -- raw object access ----------------------------------------------------------------
     def _put(self, key: str, body: bytes, client: S3Client | None = None) -> None:
@@ -190,6 +223,8 @@ class ChunkStore:
                 "format_version": FORMAT_VERSION,
                 "hash": HASH_NAME,
                 "chunk_size": self.chunk_size,
+                "encryption": CIPHER_NAME if self.keys else None,
+                "key_check": self.keys.check if self.keys else None,
             }
             self._put(key, json.dumps(config, indent=2).encode())
         if config.get("chunk_size") != self.chunk_size or config.get("hash") != HASH_NAME:
@@ -197,7 +232,26 @@ class ChunkStore:
                 f"repository {self.root} uses chunk_size={config.get('chunk_size')} "
                 f"hash={config.get('hash')}; settings ask for chunk_size={self.chunk_size}"
             )
+        self.check_key(config)
         self._checked_config = True
+
+    def check_key(self, config: dict[str, Any]) -> None:
+        encrypted = config.get("encryption") is not None
+        if encrypted and self.keys is None:
+            raise EncryptionKeyError(
+                f"repository {self.root} is encrypted: set CSBS_ENCRYPTION_KEY_FILE or "
+                f"CSBS_ENCRYPTION_KEY to its key"
+            )
+        if not encrypted and self.keys is not None:
+            raise EncryptionKeyError(
+                f"repository {self.root} is not encrypted, but an encryption key is set: "
+                f"unset it, or use a new CSBS_S3_PREFIX for an encrypted repository"
+            )
+        if self.keys is not None and config.get("key_check") != self.keys.check:
+            raise EncryptionKeyError(
+                f"the encryption key does not match repository {self.root} (its key check "
+                f"differs): use the key the repository was created with"
+            )
 
     # -- chunks ---------------------------------------------------------------------------
     def has_chunk(self, chunk_id: bytes) -> bool:
@@ -205,17 +259,26 @@ class ChunkStore:
 
     def put_chunk(self, chunk_id: bytes, data: bytes | bytearray) -> int:
         """Store a chunk; return the bytes written to the store."""
-        blob = encode_chunk(data, self.settings.zstd_level)
-        self._put(self.chunk_key(chunk_id), blob, self.chunk_s3)
+        key = self.chunk_key(chunk_id)
+        blob = self._seal(key, encode_chunk(data, self.settings.zstd_level))
+        self._put(key, blob, self.chunk_s3)
         return len(blob)
 
     def get_chunk(self, chunk_id: bytes) -> tuple[bytes, int]:
         """Fetch and verify a chunk; return (plaintext, stored bytes)."""
+        key = self.chunk_key(chunk_id)
         try:
-            blob = self._get(self.chunk_key(chunk_id))
+            blob = self._get(key)
         except NotFound as exc:
             raise CorruptData(f"chunk {chunk_id.hex()} is missing from the object store") from exc
-        return decode_chunk(blob, chunk_id), len(blob)
+        try:
+            plain = self._open(key, blob)
+        except CorruptData:
+            raise CorruptData(
+                f"chunk {chunk_id.hex()}: digest mismatch (stored data is damaged or does not "
+                f"decrypt with this key)"
+            ) from None
+        return decode_chunk(plain, chunk_id, self._id_key), len(blob)
 
     def delete_chunks(self, chunk_ids: list[bytes]) -> None:
         if chunk_ids:
@@ -251,21 +314,23 @@ class ChunkStore:
         key = (self.staging_key if staging else self.manifest_key)(
             manifest.backup_id, manifest.disk_id
         )
-        self._put(key, manifest.encode())
+        self._put(key, self._seal(key, manifest.encode()))
         return key
 
     def get_manifest(self, backup_id: str, disk_id: str, staging: bool = False) -> Manifest:
         key = (self.staging_key if staging else self.manifest_key)(backup_id, disk_id)
-        manifest = Manifest.decode(self._get(key))
+        manifest = Manifest.decode(self._open(key, self._get(key)))
         if manifest.backup_id != backup_id or manifest.disk_id != disk_id:
             raise CorruptData(f"manifest at {key} belongs to another backup or disk")
         return manifest
 
     def put_descriptor(self, backup_id: str, descriptor: dict[str, Any]) -> None:
-        self._put(self.descriptor_key(backup_id), json.dumps(descriptor, indent=2).encode())
+        key = self.descriptor_key(backup_id)
+        self._put(key, self._seal(key, json.dumps(descriptor, indent=2).encode()))
 
     def get_descriptor(self, backup_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self._get(self.descriptor_key(backup_id)))
+        key = self.descriptor_key(backup_id)
+        data: dict[str, Any] = json.loads(self._open(key, self._get(key)))
         return data
 
     def delete_staging(self, backup_id: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Where the embedded stack keeps its state unless told otherwise (git-ignored).
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     #: Daily retention cleanup (P5): time of day and time zone of its schedule.
     retention_time: str = "00:00"
     retention_timezone: str = "UTC"
+    #: Client-side encryption at rest (csbs.crypto): a 32-byte master key in a file, or
+    #: in this variable (hex or base64). Unset = no encryption. Never logged or passed on.
+    encryption_key: SecretStr | None = None
+    encryption_key_file: Path | None = None
     #: The verify schedule (``VerifyBackups``): time of day, time zone, and how old a
     #: backup's last verification may be before it is verified again. "off": no schedule.
     verify_time: str = "03:00"
@@ -81,3 +85,10 @@ class Settings(BaseSettings):
     def effective_servers_dir(self) -> Path:
         """Where the compute driver keeps its servers."""
         return self.servers_dir if self.servers_dir is not None else self.var_dir / "servers"
+
+    def master_key(self) -> bytes | None:
+        """The encryption master key (None: encryption off); EncryptionKeyError if bad."""
+        from csbs.crypto import load_master_key
+
+        key = self.encryption_key.get_secret_value() if self.encryption_key else None
+        return load_master_key(key, self.encryption_key_file)

@@ -539,6 +539,7 @@ class CsbsService:
     # -- verify ----------------------------------------------------------------------------
     def prepare_verify(self, backup_id: str, task_id: str, workflow_id: str) -> VerifyPlan:
         """Open a verify task for an available (or restoring) backup."""
+        self.store.ensure_config()
         backup = self.catalog.get_backup(backup_id)
         if self._find_task(task_id) is None:
             if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
@@ -618,7 +619,8 @@ class CsbsService:
 
     def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
         """Refuse, before any disk is touched, a backup that failed its last verification
-        or whose chunks are not all in the object store."""
+        or whose chunks are not all in the object store (and a wrong or missing key)."""
+        self.store.ensure_config()
         backup = self.catalog.get_backup(backup_id)
         if backup.verify_status == "failed":
             raise CorruptData(

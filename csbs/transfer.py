@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from csbs.chunkstore import ChunkStore
 from csbs.drivers.base import DiskWriter, SnapshotReader
 from csbs.errors import CorruptData
-from csbs.format import Manifest, chunk_count, chunk_digest, chunk_span, is_zero, ranges_to_chunks
+from csbs.format import Manifest, chunk_count, chunk_span, is_zero, ranges_to_chunks
 from csbs.model import TransferStats
 
 #: Called with (positions done, positions safely checkpointed, stats). It may raise to stop.
@@ -108,7 +108,7 @@ def backup_disk(
         try:
             if is_zero(data):
                 return _Result(index, None, 0, len(data))
-            chunk_id = chunk_digest(data)
+            chunk_id = store.chunk_id(data)
             if chunk_id in known or (store_ids is None and store.has_chunk(chunk_id)):
                 return _Result(index, chunk_id, 0, len(data))
             return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))

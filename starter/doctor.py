@@ -111,8 +111,18 @@ def check_s3(settings: Settings) -> Check:
             f"repository {root} uses chunk_size={config.get('chunk_size')}, the settings "
             f"ask for {settings.chunk_size}: set CSBS_CHUNK_SIZE to match",
         )
+    from csbs.chunkstore import ChunkStore
+    from csbs.errors import CsbsError
+
+    try:
+        ChunkStore(settings, client=s3).check_key(config)
+    except CsbsError as exc:
+        return Check("s3", False, str(exc))
+    encrypted = f", encrypted ({config['encryption']})" if config.get("encryption") else ""
     return Check(
-        "s3", True, f"{where} reachable; repository {root} format {config.get('format_version')}"
+        "s3",
+        True,
+        f"{where} reachable; repository {root} format {config.get('format_version')}{encrypted}",
     )
 
 

@@ -207,6 +207,9 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
         CSBS_COMPUTE_DRIVER=settings.compute_driver,
         COLUMNS="200",
     )
+    env.pop("CSBS_ENCRYPTION_KEY_FILE", None)
+    if settings.encryption_key_file is not None:
+        env["CSBS_ENCRYPTION_KEY_FILE"] = str(settings.encryption_key_file)
     return env
 
 
