@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,12 +25,20 @@ def build_worker(client: object, settings: Settings, executor: ThreadPoolExecuto
     service = CsbsService(settings)
     return Worker(
         client,  # type: ignore[arg-type]
-        task_queue=settings.task_queue,
+        task_queue=settings.queue,
         workflows=ALL_WORKFLOWS,
         activities=CsbsActivities(service).all(),
         activity_executor=executor,
         max_concurrent_activities=settings.max_concurrent_activities,
     )
+
+
+def build_workers(client: object, settings: Settings, executor: ThreadPoolExecutor) -> list[Worker]:
+    """One worker per project the settings serve (``CSBS_PROJECTS``), each on its
+    project's task queue with its own catalog view, repository and servers."""
+    return [
+        build_worker(client, settings.for_project(p), executor) for p in settings.project_list()
+    ]
 
 
 async def reconcile(client: object, settings: Settings) -> None:
@@ -52,21 +61,24 @@ async def reconcile(client: object, settings: Settings) -> None:
 
 async def run(settings: Settings) -> None:
     client = await connect(settings, serve_metrics=True)
-    await reconcile(client, settings)
+    for project in settings.project_list():
+        await reconcile(client, settings.for_project(project))
     with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
-        worker = build_worker(client, settings, executor)
+        workers = build_workers(client, settings, executor)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         logging.info(
-            "csbs worker on %s, task queue %s, driver %s, metrics %s",
+            "csbs worker on %s, task queue(s) %s, driver %s, metrics %s",
             settings.temporal_address,
-            settings.task_queue,
+            ", ".join(w.task_queue for w in workers),
             settings.compute_driver,
             f"http://{settings.metrics_bind}/metrics" if settings.metrics_bind else "off",
         )
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for w in workers:
+                await running.enter_async_context(w)
             await stop.wait()
 
 

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
     project: str = "default"
+    #: Projects (tenants) a worker serves, comma-separated; empty = just ``project``. Each
+    #: gets its own task queue (see ``queue``), catalog view, S3 prefix and servers.
+    projects: str = ""
     chunk_size: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
     #: Chunks hashed/compressed/uploaded (or fetched on restore) at once per disk.
     transfer_concurrency: int = Field(default=8, ge=1, le=64)
@@ -73,6 +76,30 @@ class Settings(BaseSettings):
         if value & (value - 1):
             raise ValueError("chunk_size must be a power of two")
         return value
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        from csbs.model import check_id
+
+        return check_id(value, "project")
+
+    @property
+    def queue(self) -> str:
+        """The task queue of this settings' project: ``task_queue`` for the ``default``
+        project, ``<task_queue>.<project>`` for any other, so that a tenant's workflows only
+        ever run on workers serving that tenant."""
+        return self.task_queue if self.project == "default" else f"{self.task_queue}.{self.project}"
+
+    def project_list(self) -> list[str]:
+        """The projects a worker serves."""
+        from csbs.model import check_id
+
+        names = [p.strip() for p in self.projects.split(",") if p.strip()] or [self.project]
+        return [check_id(p, "projects") for p in dict.fromkeys(names)]
+
+    def for_project(self, project: str) -> Settings:
+        return self.model_copy(update={"project": project})
 
     @property
     def effective_database_url(self) -> str:

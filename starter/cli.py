@@ -58,6 +58,22 @@ app.add_typer(api_app, name="api")
 app.add_typer(_policy_app(), name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
+@app.callback()
+def _global_options(
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project",
+            envvar="CSBS_PROJECT",
+            help="The project (tenant) to act in; default CSBS_PROJECT or 'default'.",
+        ),
+    ] = None,
+) -> None:
+    """Cloud Server Backup Service"""
+    if project is not None:
+        os.environ["CSBS_PROJECT"] = project
+
+
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")

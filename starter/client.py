@@ -76,7 +76,7 @@ class CsbsClient:
             "BackupServer",
             inp,
             id=f"backup-{backup_id}",
-            task_queue=self.settings.task_queue,
+            task_queue=self.settings.queue,
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(SA_SERVER_ID, inp.server_id),
@@ -93,7 +93,7 @@ class CsbsClient:
             "RestoreServer",
             inp,
             id=f"restore-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.task_queue,
+            task_queue=self.settings.queue,
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(SA_BACKUP_ID, inp.backup_id),
@@ -108,7 +108,7 @@ class CsbsClient:
             "DeleteBackups",
             inp,
             id=f"delete-{uuid.uuid4().hex[:16]}",
-            task_queue=self.settings.task_queue,
+            task_queue=self.settings.queue,
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(SA_BACKUP_ID, inp.backup_ids[0]),
@@ -126,7 +126,7 @@ class CsbsClient:
             "RunPolicy",
             inp,
             id=workflow_id,
-            task_queue=self.settings.task_queue,
+            task_queue=self.settings.queue,
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(SA_POLICY_ID, inp.policy_id),
@@ -142,7 +142,7 @@ class CsbsClient:
             "VerifyBackup",
             inp,
             id=f"verify-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.task_queue,
+            task_queue=self.settings.queue,
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(SA_BACKUP_ID, inp.backup_id),

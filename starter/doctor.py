@@ -61,7 +61,7 @@ async def check_temporal(settings: Settings, timeout: float = 5.0) -> list[Check
     queue = await client.workflow_service.describe_task_queue(
         DescribeTaskQueueRequest(
             namespace=settings.namespace,
-            task_queue=TaskQueue(name=settings.task_queue),
+            task_queue=TaskQueue(name=settings.queue),
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )
     )
@@ -70,9 +70,9 @@ async def check_temporal(settings: Settings, timeout: float = 5.0) -> list[Check
         Check(
             "worker",
             pollers > 0,
-            f"{pollers} worker(s) polling task queue {settings.task_queue}"
+            f"{pollers} worker(s) polling task queue {settings.queue}"
             if pollers
-            else f"no worker polls task queue {settings.task_queue}: start one with "
+            else f"no worker polls task queue {settings.queue}: start one with "
             f"`python worker.py` (same CSBS_* settings)",
         )
     )

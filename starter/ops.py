@@ -267,7 +267,7 @@ class Operations:
         from starter.schedules import upsert_policy_schedule
 
         await upsert_policy_schedule(
-            await self.client(), policy_id, self.policies.spec(policy_id), self.settings.task_queue
+            await self.client(), policy_id, self.policies.spec(policy_id), self.settings.queue
         )
 
     async def delete_policy(self, policy_id: str) -> None:

@@ -76,6 +76,11 @@ def policy_schedule(policy_id: str, spec: PolicySpec, task_queue: str) -> Schedu
 RETENTION_SCHEDULE_ID = "csbs-retention-cleanup"
 
 
+def project_schedule_id(base: str, settings: Settings) -> str:
+    """A per-project schedule's id: ``base`` for the default project, ``base.<project>``."""
+    return base if settings.project == "default" else f"{base}.{settings.project}"
+
+
 def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Schedule:
     """The daily ``RetentionCleanup`` schedule (P5), default 00:00."""
     from csbs.policy import parse_time_of_day
@@ -118,7 +123,7 @@ def verify_schedule(settings: Settings) -> Schedule:
             "VerifyBackups",
             {"max_age_days": settings.verify_max_age_days},
             id="verify-backups",
-            task_queue=settings.task_queue,
+            task_queue=settings.queue,
             typed_search_attributes=TypedSearchAttributes(
                 [SearchAttributePair(SA_OPERATION, "verify")]
             ),
@@ -160,7 +165,7 @@ async def reconcile_schedules(
         sid = schedule_id(row.id)
         if sid not in existing:
             created.append(row.id)
-        await _upsert(client, sid, policy_schedule(row.id, svc.spec(row.id), settings.task_queue))
+        await _upsert(client, sid, policy_schedule(row.id, svc.spec(row.id), settings.queue))
     for sid in existing:
         if sid.startswith("policy-"):
             policy_id = sid.removeprefix("policy-")
@@ -169,16 +174,17 @@ async def reconcile_schedules(
                 removed.append(policy_id)
     await _upsert(
         client,
-        RETENTION_SCHEDULE_ID,
-        retention_schedule(
-            settings.retention_time, settings.retention_timezone, settings.task_queue
-        ),
+        project_schedule_id(RETENTION_SCHEDULE_ID, settings),
+        retention_schedule(settings.retention_time, settings.retention_timezone, settings.queue),
     )
     if settings.verify_time.strip().lower() == "off":
-        if VERIFY_SCHEDULE_ID in existing:
-            await client.get_schedule_handle(VERIFY_SCHEDULE_ID).delete()
+        verify_id = project_schedule_id(VERIFY_SCHEDULE_ID, settings)
+        if verify_id in existing:
+            await client.get_schedule_handle(verify_id).delete()
     else:
-        await _upsert(client, VERIFY_SCHEDULE_ID, verify_schedule(settings))
+        await _upsert(
+            client, project_schedule_id(VERIFY_SCHEDULE_ID, settings), verify_schedule(settings)
+        )
     return {"created": created, "removed": removed}
 
 

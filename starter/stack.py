@@ -240,7 +240,7 @@ def up(settings: object, demo: bool = True) -> None:
     time.sleep(1.0)
     if not _pid_alive(run_dir / "worker.pid"):
         raise RuntimeError(f"the worker exited at start: see {log_dir / 'worker.log'}")
-    print(f"worker    task queue {settings.task_queue}, logs in {log_dir}")
+    print(f"worker    task queue {settings.queue}, logs in {log_dir}")
     if demo:
         from csbs.drivers import make_driver
 

@@ -140,12 +140,20 @@ def test_the_commands_compose_runs_exist_in_this_installation() -> None:
 
 
 def test_the_wheel_the_image_installs_carries_the_migrations(tmp_path: Path) -> None:
+    # Build from a copy of what the Dockerfile copies, as the image's build stage does.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "worker.py"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("csbs", "workflows", "activities", "starter"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("csbs-*.whl")
+    (wheel,) = out.glob("csbs-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
         "csbs/migrations/env.py",
