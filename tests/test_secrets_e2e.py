@@ -139,7 +139,7 @@ async def test_no_secret_in_histories_logs_output_or_errors(
             histories += 1
     assert histories >= 7, "the run should have started backup, verify, restore, policy, ..."
     # The search reads inside payloads (inputs and results are base64 in a history).
-    assert any(f'"server_id": "{server.id}"' in t for n, t in corpus if n.startswith("history"))
+    assert any(f'"server_id":"{server.id}"' in t for n, t in corpus if n.startswith("history"))
     assert any("DEBUG" in text for name, text in corpus if name == "worker log")
     assert any('"name": "csbs.transfer"' in text for name, text in corpus if name == "worker log")
 
