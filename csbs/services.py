@@ -687,7 +687,11 @@ class CsbsService:
             refs = [(b, d, False) for b, d in self.store.list_manifest_refs()]
             refs += [(b, d, True) for b, d in self.store.list_manifest_refs(staging=True)]
             for i, (backup_id, disk_id, staging) in enumerate(refs):
-                referenced |= self.store.get_manifest(backup_id, disk_id, staging).chunk_ids()
+                try:
+                    manifest = self.store.get_manifest(backup_id, disk_id, staging)
+                except NotFound:
+                    continue  # deleted since it was listed: its chunks are no longer needed
+                referenced |= manifest.chunk_ids()
                 if heartbeat is not None:
                     heartbeat({"manifests": i + 1})
             total, doomed, freed = 0, [], 0

@@ -11,6 +11,9 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
+with workflow.unsafe.imports_passed_through():
+    from csbs import tuning
+
 SA_SERVER_ID = SearchAttributeKey.for_keyword("CsbsServerId")
 SA_BACKUP_ID = SearchAttributeKey.for_keyword("CsbsBackupId")
 SA_POLICY_ID = SearchAttributeKey.for_keyword("CsbsPolicyId")
@@ -21,7 +24,7 @@ SEARCH_ATTRIBUTES = [SA_SERVER_ID, SA_BACKUP_ID, SA_POLICY_ID, SA_OPERATION]
 STEP_TIMEOUT = timedelta(minutes=2)
 #: Data transfer of one disk: long, but watched by heartbeats.
 TRANSFER_TIMEOUT = timedelta(hours=24)
-HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+HEARTBEAT_TIMEOUT = tuning.HEARTBEAT_TIMEOUT
 
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
