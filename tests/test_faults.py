@@ -14,27 +14,36 @@ quotes the last run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowExecutionStatus
 
 from csbs.errors import Conflict, CsbsError, GarbageCollectionRunning
 from csbs.model import (
     BackupServerInput,
     DeleteBackupsInput,
+    RestoreServerInput,
+    ServerState,
 )
 from csbs.services import CsbsService
 from csbs.verify import missing_chunks, verify_disk
-from tests.conftest import make_settings
+from starter.client import CsbsClient
+from tests.conftest import ROOT, Stack, make_settings
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 MIB = 1024 * 1024
@@ -182,3 +191,115 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
         f"{checked} backup checks, {len(expected)} backups verified chunk by chunk"
     )
     service.catalog.dispose()
+
+
+# -- the worker killed with SIGKILL --------------------------------------------------------------
+def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Stack) -> None:
+    """20 operations, each with the worker killed (SIGKILL) after a seeded random delay and
+    a new one started: every backup completes and restores bit-identical, every restore
+    writes exactly the backup, and a resumed transfer skips what it had committed."""
+    queue = f"csbs-kill9-{uuid.uuid4().hex[:6]}"
+    env = dict(
+        stack.env,
+        CSBS_TASK_QUEUE=queue,
+        CSBS_HEARTBEAT_TIMEOUT="3",
+        CSBS_CHECKPOINT_SECONDS="0.05",
+        CSBS_TRANSFER_CONCURRENCY="1",
+    )
+    drv, client = stack.compute, stack.client
+    chunk = stack.settings.chunk_size
+    size = 64 * MIB
+    server = drv.create_server("faulty", [size, size])
+    for disk in server.disks:
+        drv.write(server.id, disk.id, 0, os.urandom(48 * MIB))
+    rng = random.Random(20261125)
+    made: dict[str, dict[str, str]] = {}
+    mid_operation = resumed_disks = skipped = reread = 0
+    worker = start_worker(env)
+    try:
+        for i in range(20):
+            if i % 2 == 0 or not made:
+                for _ in range(rng.randint(1, 3)):  # 4-40 MiB of guest writes
+                    target = rng.choice(server.disks).id
+                    length = rng.randint(4, 16) * MIB
+                    offset = rng.randrange(0, size - length)
+                    drv.write(server.id, target, offset, rng.randbytes(length))
+                expected = drv.checksum(server.id)
+                op_id = f"bk-{uuid.uuid4().hex[:16]}"
+                handle = await client.start_workflow(
+                    "BackupServer",
+                    BackupServerInput(server_id=server.id, backup_id=op_id),
+                    id=f"backup-{op_id}",
+                    task_queue=queue,
+                    task_timeout=timedelta(seconds=2),
+                )
+            else:
+                op_id = rng.choice(sorted(made))
+                expected = made[op_id]
+                drv.write(server.id, server.disks[0].id, 0, os.urandom(MIB))
+                handle = await client.start_workflow(
+                    "RestoreServer",
+                    RestoreServerInput(backup_id=op_id),
+                    id=f"restore-{op_id}-{i}",
+                    task_queue=queue,
+                    task_timeout=timedelta(seconds=2),
+                )
+            await asyncio.sleep(rng.uniform(0.0, 1.5))
+            running = (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+            at_kill = {}
+            if i % 2 == 0 or len(made) == 0:
+                for row in stack.catalog.disk_backups(op_id):
+                    if not row.done:
+                        with contextlib.suppress(CsbsError):
+                            staged = stack.store.get_manifest(op_id, row.disk_id, staging=True)
+                            at_kill[row.disk_id] = staged.complete or 0
+            kill9(worker)
+            worker = start_worker(env)
+            result = await asyncio.wait_for(handle.result(), timeout=180)
+            mid_operation += running
+            if handle.id.startswith("backup-"):
+                assert result["status"] == "available", result
+                made[op_id] = expected
+                for disk in result["disks"]:
+                    done = at_kill.get(disk["disk_id"], 0)
+                    if done:  # resumed after `done` positions were committed
+                        resumed_disks += 1
+                        skipped += done * chunk
+                        reread += disk["bytes_read"]
+                        assert disk["bytes_read"] <= (size // chunk - done) * chunk, disk
+            else:
+                assert drv.checksum(server.id) == expected, f"restore {i} of {op_id}"
+                assert drv.get_server(server.id).state == ServerState.RUNNING
+            assert drv.snapshots(server.id) == []
+            assert stack.catalog.running_backup_slots() == []
+    finally:
+        kill9(worker)
+    # Every backup made under fire restores bit-identical (through the stack's own worker).
+    client_ok = CsbsClient(stack.client, stack.settings)
+    for backup_id, expected in sorted(made.items()):
+        await (await client_ok.start_restore(RestoreServerInput(backup_id=backup_id))).result()
+        assert drv.checksum(server.id) == expected, backup_id
+    assert mid_operation >= 10, f"only {mid_operation} kills landed mid-operation"
+    print(
+        f"kill -9: 20 operations ({len(made)} backups, {20 - len(made)} restores), "
+        f"{mid_operation} killed mid-operation; {resumed_disks} disk transfers resumed, "
+        f"skipping {skipped / MIB:.0f} MiB already committed and reading {reread / MIB:.0f} MiB; "
+        f"{len(made)} backups restored bit-identical afterwards"
+    )
