@@ -58,6 +58,7 @@ app.add_typer(api_app, name="api")
 app.add_typer(_policy_app(), name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
+
 @app.callback()
 def _global_options(
     project: Annotated[

@@ -98,10 +98,13 @@ def start_seaweed(
     secret_key: str,
     log_path: Path | None = None,
     default_ports: bool = False,
+    ports: dict[str, int] | None = None,
 ) -> SeaweedS3:
-    """Start SeaweedFS with an S3 endpoint; every port moved unless ``default_ports``."""
+    """Start SeaweedFS with an S3 endpoint; every port moved unless ``default_ports``
+    (``ports`` restarts one on the ports it had)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {} if default_ports else {flag: free_port() for flag in WEED_PORT_FLAGS}
+    if ports is None:
+        ports = {} if default_ports else {flag: free_port() for flag in WEED_PORT_FLAGS}
     args = [tool("weed"), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     args += ["-master.telemetry=false"]
     args += [f"-{flag}={port}" for flag, port in ports.items()]

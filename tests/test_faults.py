@@ -43,7 +43,8 @@ from csbs.model import (
 from csbs.services import CsbsService
 from csbs.verify import missing_chunks, verify_disk
 from starter.client import CsbsClient
-from tests.conftest import ROOT, Stack, make_settings
+from starter.stack import start_seaweed
+from tests.conftest import ROOT, Stack, make_settings, running_stack, settings_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 MIB = 1024 * 1024
@@ -303,3 +304,275 @@ async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Sta
         f"skipping {skipped / MIB:.0f} MiB already committed and reading {reread / MIB:.0f} MiB; "
         f"{len(made)} backups restored bit-identical afterwards"
     )
+
+
+# -- outages of S3, Temporal and the database ------------------------------------------------
+def busy_server(stack: Stack, mib: int = 48) -> Any:
+    server = stack.compute.create_server("outage", [64 * MIB, 64 * MIB])
+    for disk in server.disks:
+        stack.compute.write(server.id, disk.id, 0, os.urandom(mib * MIB))
+    return server
+
+
+async def wait_for_upload(stack: Stack, backup_id: str, disk_id: str) -> None:
+    """Until the backup has checkpointed a few chunks of the disk (it is mid-upload)."""
+    for _ in range(500):
+        with contextlib.suppress(CsbsError):
+            if (stack.store.get_manifest(backup_id, disk_id, staging=True).complete or 0) >= 2:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the upload never got going")
+
+
+async def test_s3_down_for_20_seconds_mid_backup_and_mid_restore(
+    tmp_path: Path, s3: Any, temporal: Any
+) -> None:
+    access, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    bucket = "csbs-outage"
+    weed = start_seaweed(tmp_path / "weed", bucket, access_key=access, secret_key=secret)
+    settings = make_settings(
+        tmp_path,
+        s3,
+        s3_endpoint=weed.endpoint,
+        s3_bucket=bucket,
+        transfer_concurrency=1,
+        checkpoint_seconds=0.05,
+    )
+
+    async def outage(seconds: float, during: Any) -> float:
+        """S3 gone (SIGKILL) for ``seconds`` while the workflow ``during`` runs."""
+        nonlocal weed
+        began = time.monotonic()
+        os.killpg(weed.proc.pid, signal.SIGKILL)
+        weed.proc.wait()
+        assert (await during.describe()).status == WorkflowExecutionStatus.RUNNING
+        await asyncio.sleep(seconds)
+        weed = await asyncio.to_thread(
+            start_seaweed,
+            tmp_path / "weed",
+            bucket,
+            access_key=access,
+            secret_key=secret,
+            ports=weed.ports,
+        )
+        return time.monotonic() - began
+
+    try:
+        async with running_stack(temporal, settings) as stack:
+            server = busy_server(stack)
+            expected = stack.compute.checksum(server.id)
+            client = CsbsClient(stack.client, stack.settings)
+            backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+            await wait_for_upload(stack, backup_id, server.disks[0].id)
+            down_backup = await outage(20, handle)
+            result: Any = await asyncio.wait_for(handle.result(), timeout=240)
+            assert result["status"] == "available"
+            assert stack.compute.snapshots(server.id) == []
+
+            for disk in server.disks:
+                stack.compute.write(server.id, disk.id, 0, os.urandom(8 * MIB))
+            restore = await client.start_restore(RestoreServerInput(backup_id=backup_id))
+            for _ in range(1000):  # until the restore is running
+                if stack.catalog.get_backup(backup_id).status == "restoring":
+                    break
+                await asyncio.sleep(0.005)
+            down_restore = await outage(20, restore)
+            await asyncio.wait_for(restore.result(), timeout=240)
+            assert stack.compute.checksum(server.id) == expected
+            attempts = [
+                e.activity_task_started_event_attributes.attempt
+                async for e in restore.fetch_history_events()
+                if e.HasField("activity_task_started_event_attributes")
+            ]
+            print(
+                f"S3 down {down_backup:.0f} s mid-backup and {down_restore:.0f} s mid-restore: "
+                f"both completed (restore activities took up to {max(attempts)} attempts), "
+                f"restore bit-identical"
+            )
+    finally:
+        weed.stop()
+
+
+async def test_temporal_restarted_mid_backup(tmp_path: Path, s3: Any) -> None:
+    """The Temporal dev server with file persistence is stopped mid-backup and started
+    again on the same database; the backup completes and restores bit-identical."""
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from starter.stack import free_port, stop_process, temporal_dev_server_args, wait_port
+
+    port, ui = free_port(), free_port()
+    db = tmp_path / "temporal.db"
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [*temporal_dev_server_args(db, port, ui), "--headless"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_port(port, timeout=60, proc=proc)
+        return proc
+
+    server_proc = start()
+    settings = make_settings(tmp_path, s3, transfer_concurrency=1)
+    worker_env = {
+        **settings_env(settings, f"127.0.0.1:{port}"),
+        "CSBS_CHECKPOINT_SECONDS": "0.05",
+    }
+    worker = start_worker(worker_env)
+    service = CsbsService(settings)
+    try:
+        client = await Client.connect(f"127.0.0.1:{port}", data_converter=pydantic_data_converter)
+        stack = Stack(settings, service, client, worker_env)
+        server = busy_server(stack)
+        expected = stack.compute.checksum(server.id)
+        backup_id, handle = await CsbsClient(client, settings).start_backup(
+            BackupServerInput(server_id=server.id)
+        )
+        await wait_for_upload(stack, backup_id, server.disks[0].id)
+        stop_process(server_proc)
+        await asyncio.sleep(3)
+        server_proc = await asyncio.to_thread(start)
+        client = await Client.connect(f"127.0.0.1:{port}", data_converter=pydantic_data_converter)
+        result = await asyncio.wait_for(client.get_workflow_handle(handle.id).result(), timeout=240)
+        assert result["status"] == "available" and result["id"] == backup_id
+        assert stack.compute.snapshots(server.id) == []
+        for disk in server.disks:
+            stack.compute.write(server.id, disk.id, 0, os.urandom(MIB))
+        restore = await CsbsClient(client, settings).start_restore(
+            RestoreServerInput(backup_id=backup_id)
+        )
+        await asyncio.wait_for(restore.result(), timeout=120)
+        assert stack.compute.checksum(server.id) == expected
+        print("Temporal restarted mid-backup: the backup completed, restore bit-identical")
+    finally:
+        kill9(worker)
+        stop_process(server_proc)
+        service.catalog.dispose()
+
+
+class FlakyProxy:
+    """A TCP proxy to PostgreSQL that can drop every connection and refuse new ones."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+
+        self.upstream = upstream
+        self.down = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[Any] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        import socket
+
+        self.down.set()
+        with self.lock:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+            self.conns.clear()
+
+    def restore(self) -> None:
+        self.down.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.postgres
+async def test_database_unreachable_for_a_while_mid_backup(
+    tmp_path: Path, s3: Any, temporal: Any
+) -> None:
+    """The catalog (PostgreSQL) is cut off for 10 s mid-backup: the steps that need it fail
+    and are retried, the backup completes, nothing is left behind."""
+    import sqlalchemy as sa
+
+    from tests.conftest import PG_URL, pg_available
+
+    if not pg_available():
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} (CI must provide it)")
+    url = sa.engine.make_url(PG_URL)
+    name = f"csbs_fault_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    proxy = FlakyProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port, database=name)
+    settings = make_settings(
+        tmp_path,
+        s3,
+        database_url=proxied.render_as_string(hide_password=False),
+        transfer_concurrency=1,
+        checkpoint_seconds=0.05,
+    )
+    try:
+        async with running_stack(temporal, settings) as stack:
+            server = busy_server(stack)
+            expected = stack.compute.checksum(server.id)
+            client = CsbsClient(stack.client, stack.settings)
+            backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+            await wait_for_upload(stack, backup_id, server.disks[0].id)
+            proxy.cut()
+            await asyncio.sleep(10)
+            proxy.restore()
+            result: Any = await asyncio.wait_for(handle.result(), timeout=240)
+            assert result["status"] == "available"
+            assert stack.compute.snapshots(server.id) == []
+            assert stack.catalog.running_backup_slots() == []
+            for disk in server.disks:
+                stack.compute.write(server.id, disk.id, 0, os.urandom(MIB))
+            restore = await client.start_restore(RestoreServerInput(backup_id=backup_id))
+            await asyncio.wait_for(restore.result(), timeout=120)
+            assert stack.compute.checksum(server.id) == expected
+            attempts = [
+                e.activity_task_started_event_attributes.attempt
+                async for e in handle.fetch_history_events()
+                if e.HasField("activity_task_started_event_attributes")
+            ]
+            print(
+                f"database cut off 10 s mid-backup: completed (uploads took up to "
+                f"{max(attempts)} attempts), restore bit-identical"
+            )
+    finally:
+        proxy.close()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

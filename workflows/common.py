@@ -26,11 +26,14 @@ STEP_TIMEOUT = timedelta(minutes=2)
 TRANSFER_TIMEOUT = timedelta(hours=24)
 HEARTBEAT_TIMEOUT = tuning.HEARTBEAT_TIMEOUT
 
+#: Retryable failures (S3, database or driver hiccups, a lost worker) are retried for
+#: about 2.5 minutes (1, 2, 4, 8, 16, then every 30 s); transfers resume from their
+#: checkpoint, so a retry costs little. Errors that need a person fail at once.
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
-    maximum_attempts=6,
+    maximum_attempts=10,
 )
 #: Clean-up must happen: retry it for much longer.
 CLEANUP_RETRY = RetryPolicy(
