@@ -171,7 +171,7 @@ class CsbsActivities:
     @activity.defn(name="check_restore")
     @_typed_errors
     def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
-        self.service.check_restore(backup_id, disk_ids)
+        self.service.check_restore(backup_id, disk_ids, heartbeat=_heartbeat)
 
     @activity.defn(name="restore_disk")
     @_typed_errors

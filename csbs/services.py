@@ -617,7 +617,9 @@ class CsbsService:
         rows = self.catalog.list_backups(BackupFilter(status=BackupStatus.AVAILABLE.value))
         return [r.id for r in rows if r.verified_at is None or r.verified_at < cutoff]
 
-    def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
+    def check_restore(
+        self, backup_id: str, disk_ids: list[str], heartbeat: Heartbeat | None = None
+    ) -> None:
         """Refuse, before any disk is touched, a backup that failed its last verification
         or whose chunks are not all in the object store (and a wrong or missing key)."""
         self.store.ensure_config()
@@ -627,11 +629,13 @@ class CsbsService:
                 f"backup {backup.id} failed verification at {backup.verified_at:%Y-%m-%d %H:%M} "
                 f"({backup.verify_error}); restore refused before any disk was touched"
             )
+        beat = heartbeat or (lambda _details: None)
         manifests = [self.store.get_manifest(backup.id, d) for d in disk_ids]
         distinct = len(set().union(*(m.chunk_ids() for m in manifests))) if manifests else 0
-        missing = verify.missing_chunks(
-            self.store, backup.id, disk_ids, self._chunk_index(distinct)
-        )
+        beat({"step": "listing"})
+        index = self._chunk_index(distinct)
+        beat({"step": "checking", "chunks": distinct})
+        missing = verify.missing_chunks(self.store, backup.id, disk_ids, index, beat)
         if missing:
             raise CorruptData(
                 f"backup {backup.id} cannot be restored: {verify.describe(missing)}; restore "

@@ -88,7 +88,11 @@ def verify_disk(
 
 
 def missing_chunks(
-    store: ChunkStore, backup_id: str, disk_ids: list[str], index: set[bytes] | None
+    store: ChunkStore,
+    backup_id: str,
+    disk_ids: list[str],
+    index: set[bytes] | None,
+    heartbeat: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[ChunkProblem]:
     """Chunks of these disks that the object store does not have (by ``index``, a listing
     of the store, when given; else one HEAD per distinct chunk)."""
@@ -98,7 +102,10 @@ def missing_chunks(
         if isinstance(manifest, ChunkProblem):
             problems.append(manifest)
             continue
-        for chunk_id, position in sorted(_positions(manifest).items(), key=lambda kv: kv[1]):
+        ordered = sorted(_positions(manifest).items(), key=lambda kv: kv[1])
+        for n, (chunk_id, position) in enumerate(ordered):
+            if heartbeat is not None and n % 100 == 99:
+                heartbeat({"disk": disk_id, "checked": n + 1})
             present = chunk_id in index if index is not None else store.has_chunk(chunk_id)
             if not present:
                 problems.append(

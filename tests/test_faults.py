@@ -212,6 +212,19 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+async def stuck(handle: Any) -> str:
+    """What a workflow that did not finish is waiting for (for the failure message)."""
+    desc = await handle.describe()
+    pending = [
+        f"{a.activity_type.name} attempt {a.attempt} state {a.state} "
+        f"last failure {a.last_failure.message!r}"
+        for a in desc.raw_description.pending_activities
+    ]
+    events = [e async for e in handle.fetch_history_events()]
+    tail = [str(e.event_type) for e in events[-8:]]
+    return f"{handle.id} {desc.status}; pending {pending}; last events {tail}"
+
+
 async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Stack) -> None:
     """20 operations, each with the worker killed (SIGKILL) after a seeded random delay and
     a new one started: every backup completes and restores bit-identical, every restore
@@ -273,7 +286,10 @@ async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Sta
                             at_kill[row.disk_id] = staged.complete or 0
             kill9(worker)
             worker = start_worker(env)
-            result = await asyncio.wait_for(handle.result(), timeout=180)
+            try:
+                result = await asyncio.wait_for(handle.result(), timeout=180)
+            except TimeoutError:
+                raise AssertionError(f"run {i} stuck: {await stuck(handle)}") from None
             mid_operation += running
             if handle.id.startswith("backup-"):
                 assert result["status"] == "available", result

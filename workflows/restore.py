@@ -27,7 +27,6 @@ from workflows.common import (
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
-    STEP_TIMEOUT,
     TRANSFER_TIMEOUT,
     StepFailed,
     act,
@@ -64,13 +63,7 @@ class RestoreServer:
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("restore"))
         self._at("validating")
         try:
-            plan: RestorePlan = await workflow.execute_activity(
-                "prepare_restore",
-                args=[inp, task_id],
-                result_type=RestorePlan,
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
-            )
+            plan: RestorePlan = await act("prepare_restore", inp, task_id, result_type=RestorePlan)
         except Exception as err:
             failed = reason_of("validate", err)
             raise ApplicationError(
@@ -92,7 +85,9 @@ class RestoreServer:
                     "check_restore",
                     args=[plan.backup_id, [i.source_disk_id for i in plan.items]],
                     start_to_close_timeout=CHECK_TIMEOUT,
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
                     retry_policy=RETRY,
+                    summary="check every chunk is in the object store",
                 ),
             )
             if inp.verify:
