@@ -4,6 +4,7 @@ per test a fresh catalog, repository prefix, servers directory, task queue and w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -303,3 +304,32 @@ async def restore(stack: Stack, backup_id: str, **kw: Any) -> dict[str, Any]:
     client = CsbsClient(stack.client, stack.settings)
     handle = await client.start_restore(RestoreServerInput(backup_id=backup_id, **kw))
     return cast(dict[str, Any], await handle.result())
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``python worker.py`` as its own process group (so kill -9 takes it whole)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker started by ``start_worker`` and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+async def max_attempt(handle: Any) -> int:
+    """The highest attempt any activity of a workflow run needed."""
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        async for e in handle.fetch_history_events()
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+    return max(attempts, default=0)

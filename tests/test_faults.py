@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -44,7 +43,15 @@ from csbs.services import CsbsService
 from csbs.verify import missing_chunks, verify_disk
 from starter.client import CsbsClient
 from starter.stack import start_seaweed
-from tests.conftest import ROOT, Stack, make_settings, running_stack, settings_env
+from tests.conftest import (
+    Stack,
+    kill9,
+    make_settings,
+    max_attempt,
+    running_stack,
+    settings_env,
+    start_worker,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 MIB = 1024 * 1024
@@ -195,23 +202,6 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
 
 
 # -- the worker killed with SIGKILL --------------------------------------------------------------
-def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "worker.py")],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def kill9(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 async def stuck(handle: Any) -> str:
     """What a workflow that did not finish is waiting for (for the failure message)."""
     desc = await handle.describe()
@@ -395,14 +385,10 @@ async def test_s3_down_for_20_seconds_mid_backup_and_mid_restore(
             down_restore = await outage(20, restore)
             await asyncio.wait_for(restore.result(), timeout=240)
             assert stack.compute.checksum(server.id) == expected
-            attempts = [
-                e.activity_task_started_event_attributes.attempt
-                async for e in restore.fetch_history_events()
-                if e.HasField("activity_task_started_event_attributes")
-            ]
+            attempts = await max_attempt(restore)
             print(
                 f"S3 down {down_backup:.0f} s mid-backup and {down_restore:.0f} s mid-restore: "
-                f"both completed (restore activities took up to {max(attempts)} attempts), "
+                f"both completed (restore activities took up to {attempts} attempts), "
                 f"restore bit-identical"
             )
     finally:
@@ -578,14 +564,10 @@ async def test_database_unreachable_for_a_while_mid_backup(
             restore = await client.start_restore(RestoreServerInput(backup_id=backup_id))
             await asyncio.wait_for(restore.result(), timeout=120)
             assert stack.compute.checksum(server.id) == expected
-            attempts = [
-                e.activity_task_started_event_attributes.attempt
-                async for e in handle.fetch_history_events()
-                if e.HasField("activity_task_started_event_attributes")
-            ]
+            attempts = await max_attempt(handle)
             print(
                 f"database cut off 10 s mid-backup: completed (uploads took up to "
-                f"{max(attempts)} attempts), restore bit-identical"
+                f"{attempts} attempts), restore bit-identical"
             )
     finally:
         proxy.close()

@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from typing import Any, cast
 
@@ -18,20 +16,9 @@ from temporalio.client import WorkflowFailureError
 from csbs.errors import NotFound
 from csbs.model import BackupServerInput, RestoreServerInput
 from starter.client import CsbsClient
-from tests.conftest import MIB, ROOT, Stack
+from tests.conftest import MIB, Stack, start_worker
 
 pytestmark = pytest.mark.slow
-
-
-def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "worker.py")],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
 
 
 async def test_worker_killed_mid_upload_resumes_from_its_checkpoint(any_stack: Stack) -> None:
