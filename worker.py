@@ -63,7 +63,9 @@ async def run(settings: Settings) -> None:
     client = await connect(settings, serve_metrics=True)
     for project in settings.project_list():
         await reconcile(client, settings.for_project(project))
-    with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
+    # Each project's worker may run max_concurrent_activities at once: a thread for each.
+    threads = settings.max_concurrent_activities * len(settings.project_list())
+    with ThreadPoolExecutor(threads) as executor:
         workers = build_workers(client, settings, executor)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -206,6 +206,8 @@ class Catalog:
         with self.session() as s:
             existing = s.get(BackupRow, row.id)
             if existing is not None:
+                if existing.project != self.project:
+                    raise Conflict(f"backup id {row.id} is taken: choose another")
                 return _fix_backup(existing)
             s.add(row)
         return row
@@ -283,6 +285,9 @@ class Catalog:
 
     def delete_backup(self, backup_id: str) -> None:
         with self.session() as s:
+            row = s.get(BackupRow, backup_id)
+            if row is not None and row.project != self.project:
+                return  # another tenant's: as if it did not exist
             for disk in s.exec(select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)):
                 s.delete(disk)
             s.flush()
@@ -394,6 +399,8 @@ class Catalog:
         with self.session() as s:
             existing = s.get(TaskRow, row.id)
             if existing is not None:
+                if existing.project != self.project:
+                    raise Conflict(f"task id {row.id} is taken: choose another")
                 return _fix_task(existing)
             s.add(row)
         return row
@@ -440,7 +447,11 @@ class Catalog:
 
     def delete_tasks(self, task_ids: Sequence[str]) -> int:
         with self.session() as s:
-            rows = s.exec(select(TaskRow).where(col(TaskRow.id).in_(list(task_ids)))).all()
+            rows = s.exec(
+                select(TaskRow).where(
+                    col(TaskRow.id).in_(list(task_ids)), TaskRow.project == self.project
+                )
+            ).all()
             for row in rows:
                 s.delete(row)
             return len(rows)

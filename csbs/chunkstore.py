@@ -12,6 +12,7 @@ Layout (docs/format.md)::
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,7 @@ class ChunkStore:
         #: Chunk uploads: content-addressed and verified on read, so the payload is not signed.
         self.chunk_s3 = client or make_s3_client(settings, max_pool=pool, sign_payload=False)
         self._checked_config = False
+        self._config_lock = threading.Lock()
         master = settings.master_key()
         self.keys = TenantKeys(master, self.tenant) if master else None
         self._id_key = self.keys.id_key if self.keys else None
@@ -159,14 +161,40 @@ class ChunkStore:
         """The id of a chunk: BLAKE3 of its plaintext, keyed per tenant when encrypted."""
         return chunk_digest(data, self._id_key)
 
-    # -- raw object access ----------------------------------------------------------------
+    # -- object access, behind the repository check ---------------------------------------
+    @property
+    def config_key(self) -> str:
+        return f"{self.root}/config.json"
+
     def _put(self, key: str, body: bytes, client: S3Client | None = None) -> None:
+        """Write an object; the first write creates or checks the repository's config."""
+        self.ensure_config()
+        self._raw_put(key, body, client)
+
+    def _get(self, key: str) -> bytes:
+        """Read an object; the first read checks the key against the repository's config."""
+        self._check_existing_config()
+        return self._raw_get(key)
+
+    def _check_existing_config(self) -> None:
+        """Check our key against the config, if the repository has one yet (reads of an
+        empty repository find nothing either way)."""
+        if self._checked_config:
+            return
+        try:
+            config = json.loads(self._raw_get(self.config_key))
+        except NotFound:
+            return
+        self._check_config(config)
+
+    # -- raw object access ----------------------------------------------------------------
+    def _raw_put(self, key: str, body: bytes, client: S3Client | None = None) -> None:
         try:
             (client or self.s3).put_object(Bucket=self.bucket, Key=key, Body=body)
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error(f"PUT {key}", exc) from exc
 
-    def _get(self, key: str) -> bytes:
+    def _raw_get(self, key: str) -> bytes:
         try:
             return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
@@ -177,6 +205,7 @@ class ChunkStore:
             raise _storage_error(f"GET {key}", exc) from exc
 
     def _exists(self, key: str) -> bool:
+        self._check_existing_config()
         try:
             self.s3.head_object(Bucket=self.bucket, Key=key)
             return True
@@ -188,6 +217,7 @@ class ChunkStore:
             raise _storage_error(f"HEAD {key}", exc) from exc
 
     def _delete(self, keys: list[str]) -> None:
+        self._check_existing_config()
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             try:
@@ -202,9 +232,24 @@ class ChunkStore:
 
     def list_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(key, size) of every object under ``<root>/<prefix>``."""
+        self._check_existing_config()
+        yield from self._raw_list(f"{self.root}/{prefix}")
+
+    def _raw_list(self, full_prefix: str, limit: int | None = None) -> Iterator[tuple[str, int]]:
+        if limit is not None:
+            try:
+                page = self.s3.list_objects_v2(
+                    Bucket=self.bucket, Prefix=full_prefix, MaxKeys=limit
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error(f"LIST {full_prefix}", exc) from exc
+            for obj in page.get("Contents", [])[:limit]:
+                yield obj["Key"], obj.get("Size", 0)
+            return
         paginator = self.s3.get_paginator("list_objects_v2")
+        prefix = full_prefix
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.root}/{prefix}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for obj in page.get("Contents", []):
                     yield obj["Key"], obj.get("Size", 0)
         except (ClientError, BotoCoreError) as exc:
@@ -212,21 +257,40 @@ class ChunkStore:
 
     # -- repository config --------------------------------------------------------------
     def ensure_config(self) -> None:
-        """Create the repository's config.json, or check it matches our chunk size and hash."""
+        """Create the repository's config.json, or check it matches our chunk size, hash
+        and key. Never creates one over existing data (a lost config must be restored, or
+        every key would be accepted)."""
         if self._checked_config:
             return
-        key = f"{self.root}/config.json"
-        try:
-            config = json.loads(self._get(key))
-        except NotFound:
-            config = {
-                "format_version": FORMAT_VERSION,
-                "hash": HASH_NAME,
-                "chunk_size": self.chunk_size,
-                "encryption": CIPHER_NAME if self.keys else None,
-                "key_check": self.keys.check if self.keys else None,
-            }
-            self._put(key, json.dumps(config, indent=2).encode())
+        with self._config_lock:
+            if self._checked_config:
+                return
+            key = self.config_key
+            try:
+                config = json.loads(self._raw_get(key))
+            except NotFound:
+                others = [k for k, _ in self._raw_list(f"{self.root}/", limit=2) if k != key]
+                if others:
+                    try:  # another writer may have just created it
+                        config = json.loads(self._raw_get(key))
+                    except NotFound:
+                        raise EncryptionKeyError(
+                            f"repository {self.root} holds objects but no config.json: "
+                            f"restore config.json from a copy; a new one would not match "
+                            f"the data"
+                        ) from None
+                else:
+                    config = {
+                        "format_version": FORMAT_VERSION,
+                        "hash": HASH_NAME,
+                        "chunk_size": self.chunk_size,
+                        "encryption": CIPHER_NAME if self.keys else None,
+                        "key_check": self.keys.check if self.keys else None,
+                    }
+                    self._raw_put(key, json.dumps(config, indent=2).encode())
+            self._check_config(config)
+
+    def _check_config(self, config: dict[str, Any]) -> None:
         if config.get("chunk_size") != self.chunk_size or config.get("hash") != HASH_NAME:
             raise InvalidInput(
                 f"repository {self.root} uses chunk_size={config.get('chunk_size')} "
@@ -237,6 +301,11 @@ class ChunkStore:
 
     def check_key(self, config: dict[str, Any]) -> None:
         encrypted = config.get("encryption") is not None
+        if encrypted and config.get("encryption") != CIPHER_NAME:
+            raise EncryptionKeyError(
+                f"repository {self.root} uses cipher {config.get('encryption')!r}, which this "
+                f"csbs does not know"
+            )
         if encrypted and self.keys is None:
             raise EncryptionKeyError(
                 f"repository {self.root} is encrypted: set CSBS_ENCRYPTION_KEY_FILE or "

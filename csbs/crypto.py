@@ -44,12 +44,14 @@ class EncryptionKeyError(CsbsError):
     fix the configuration; retrying cannot help."""
 
 
-def parse_key(raw: bytes, source: str) -> bytes:
-    """A 32-byte key from raw bytes, 64 hex digits or base64 text (whitespace ignored)."""
-    if len(raw) == KEY_SIZE:
+def parse_key(raw: bytes, source: str, allow_raw: bool = False) -> bytes:
+    """A 32-byte key: 64 hex digits or base64 text (whitespace ignored), or, from a file
+    only, 32 raw bytes that are not all printable (a passphrase is not a key)."""
+    if allow_raw and len(raw) == KEY_SIZE and not all(32 <= b < 127 for b in raw):
         return raw
     text = raw.strip()
-    for decode in (binascii.unhexlify, base64.b64decode):
+    decoders = (binascii.unhexlify, lambda t: base64.b64decode(t, validate=True))
+    for decode in decoders:
         try:
             key = decode(text)
         except (binascii.Error, ValueError):
@@ -73,7 +75,7 @@ def load_master_key(key: str | None, key_file: Path | None) -> bytes | None:
             raise EncryptionKeyError(
                 f"CSBS_ENCRYPTION_KEY_FILE: cannot read {key_file} ({exc.strerror})"
             ) from None
-        return parse_key(raw, "CSBS_ENCRYPTION_KEY_FILE")
+        return parse_key(raw, "CSBS_ENCRYPTION_KEY_FILE", allow_raw=True)
     if key:
         return parse_key(key.encode(), "CSBS_ENCRYPTION_KEY")
     return None
@@ -102,19 +104,23 @@ class TenantKeys:
         return f"TenantKeys(tenant={self.tenant!r}, keys=<hidden>)"
 
     def seal(self, plaintext: bytes, name: str) -> bytes:
-        """Encrypt an object stored under ``name`` (its key within the repository)."""
+        """Encrypt an object stored under ``name`` (its key within the repository); the
+        header and the name are authenticated with it."""
         nonce = os.urandom(NONCE_SIZE)
         header = _HEADER.pack(SEALED_MAGIC, SEALED_VERSION)
-        return header + nonce + self._aead.encrypt(nonce, plaintext, name.encode())
+        return header + nonce + self._aead.encrypt(nonce, plaintext, header + name.encode())
 
     def open(self, blob: bytes, name: str) -> bytes:
         """Decrypt an object; CorruptData when it was changed, moved or sealed by another key."""
         start = _HEADER.size + NONCE_SIZE
         if not is_sealed(blob) or len(blob) < start + 16:
             raise CorruptData(f"{name}: not an encrypted object, in an encrypted repository")
+        header = blob[: _HEADER.size]
+        if _HEADER.unpack(header)[1] != SEALED_VERSION:
+            raise CorruptData(f"{name}: unsupported encryption version {header[4]}")
         nonce = blob[_HEADER.size : start]
         try:
-            return self._aead.decrypt(nonce, blob[start:], name.encode())
+            return self._aead.decrypt(nonce, blob[start:], header + name.encode())
         except InvalidTag:
             raise CorruptData(
                 f"{name}: does not decrypt (the object is damaged, or was sealed with another key)"

@@ -585,7 +585,7 @@ class CsbsService:
         if error is None:
             try:
                 self.store.get_descriptor(backup_id)
-            except NotFound as exc:
+            except (NotFound, CorruptData, ValueError) as exc:
                 problems.insert(
                     0,
                     ChunkProblem(

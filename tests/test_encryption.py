@@ -5,6 +5,7 @@ fails with a clear error and changes nothing."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,10 @@ def test_sealed_objects_open_only_with_their_key_and_name() -> None:
 
 
 def all_objects(stack: Stack) -> dict[str, bytes]:
+    """Every object of the repository, read straight from S3 (whatever key the stack has)."""
     s3, bucket = stack.store.s3, stack.store.bucket
-    return {
-        key: s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        for key in stack.store.list_keys("")
-    }
+    keys = [key for key, _ in stack.store._raw_list(f"{stack.store.root}/")]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 @pytest.mark.slow
@@ -126,3 +126,62 @@ async def test_an_encrypted_repository_end_to_end(tmp_path: Path, s3: Any, tempo
         assert bad.code == 1 and "is encrypted: set CSBS_ENCRYPTION_KEY_FILE" in bad.stderr
         assert all_objects(missing).keys() == objects.keys()  # nothing written
     assert drv.checksum(server.id) == before
+
+
+def test_a_passphrase_is_not_a_key_and_the_header_is_authenticated(tmp_path: Path) -> None:
+    phrase = tmp_path / "phrase.key"
+    phrase.write_text("correct horse battery staple 123")  # 32 printable bytes
+    with pytest.raises(EncryptionKeyError, match="must hold a 32-byte key"):
+        load_master_key(None, phrase)
+    with pytest.raises(EncryptionKeyError, match="must hold a 32-byte key"):
+        load_master_key("x" * 32, None)
+    keys = TenantKeys(KEY, "p1")
+    blob = bytearray(keys.seal(b"data", "chunks/ab/ab"))
+    blob[5] ^= 1  # a reserved header byte
+    with pytest.raises(CorruptData, match="does not decrypt"):
+        keys.open(bytes(blob), "chunks/ab/ab")
+    blob[5] ^= 1
+    blob[4] = 9  # an unknown version
+    with pytest.raises(CorruptData, match="unsupported encryption version"):
+        keys.open(bytes(blob), "chunks/ab/ab")
+
+
+def test_every_store_access_checks_the_key_first(tmp_path: Path, s3: Any) -> None:
+    """Whatever step a worker runs first (not only the snapshot), a missing or wrong key is
+    refused before anything is read or written; a repository that lost its config is
+    never re-created over its data."""
+    from csbs.chunkstore import ChunkStore
+
+    key_file, other = tmp_path / "a.key", tmp_path / "b.key"
+    key_file.write_text(KEY.hex())
+    other.write_text(os.urandom(32).hex())
+    settings = make_settings(tmp_path, s3, encryption_key_file=key_file)
+    store = ChunkStore(settings)
+    data = os.urandom(4096)
+    chunk_id = store.chunk_id(data)
+    store.put_chunk(chunk_id, data)
+    before = sorted(store.list_keys(""))
+    no_key = ChunkStore(settings.model_copy(update={"encryption_key_file": None}))
+    wrong = ChunkStore(settings.model_copy(update={"encryption_key_file": other}))
+    refused: list[Callable[[], object]] = [
+        lambda: no_key.get_chunk(chunk_id),
+        lambda: no_key.put_chunk(chunk_id, data),
+        lambda: no_key.has_chunk(chunk_id),
+        lambda: list(no_key.list_chunk_ids()),
+    ]
+    for attempt in refused:
+        with pytest.raises(EncryptionKeyError, match="is encrypted: set CSBS_ENCRYPTION_KEY"):
+            attempt()
+    mismatched: list[Callable[[], object]] = [
+        lambda: wrong.get_chunk(chunk_id),
+        lambda: wrong.put_chunk(os.urandom(32), data),
+        lambda: wrong.delete_chunks([chunk_id]),
+    ]
+    for attempt in mismatched:
+        with pytest.raises(EncryptionKeyError, match="does not match"):
+            attempt()
+    assert sorted(store.list_keys("")) == before  # nothing written or deleted
+    store.s3.delete_object(Bucket=store.bucket, Key=store.config_key)
+    fresh = ChunkStore(settings.model_copy(update={"encryption_key_file": other}))
+    with pytest.raises(EncryptionKeyError, match=r"holds objects but no config\.json"):
+        fresh.put_chunk(os.urandom(32), data)
