@@ -247,13 +247,12 @@ class ChunkStore:
                 yield obj["Key"], obj.get("Size", 0)
             return
         paginator = self.s3.get_paginator("list_objects_v2")
-        prefix = full_prefix
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for obj in page.get("Contents", []):
                     yield obj["Key"], obj.get("Size", 0)
         except (ClientError, BotoCoreError) as exc:
-            raise _storage_error(f"LIST {prefix}", exc) from exc
+            raise _storage_error(f"LIST {full_prefix}", exc) from exc
 
     # -- repository config --------------------------------------------------------------
     def ensure_config(self) -> None:

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from csbs import verify
@@ -132,18 +132,16 @@ class CsbsService:
             name = inp.name or default_name(inp.kind, random.Random(backup_id))
             now = utcnow()
             self.catalog.add_task(
-                TaskRow(
-                    id=task_id,
-                    project=self.settings.project,
-                    kind=TaskKind.BACKUP.value,
-                    status=TaskStatus.RUNNING.value,
-                    backup_id=backup_id,
-                    backup_name=name,
-                    server_id=server.id,
-                    server_name=server.name,
-                    workflow_id=workflow_id,
+                self._running_task(
+                    task_id,
+                    TaskKind.BACKUP,
+                    workflow_id,
+                    backup_id,
+                    name,
+                    server.id,
+                    server.name,
+                    "; ".join(backup_warnings(server)) or None,
                     started_at=now,
-                    detail="; ".join(backup_warnings(server)) or None,
                 )
             )
             self.catalog.add_backup(
@@ -446,18 +444,15 @@ class CsbsService:
         )
         if existing is None:
             self.catalog.add_task(
-                TaskRow(
-                    id=task_id,
-                    project=self.settings.project,
-                    kind=TaskKind.RESTORE.value,
-                    status=TaskStatus.RUNNING.value,
-                    backup_id=backup.id,
-                    backup_name=backup.name,
-                    server_id=server.id,
-                    server_name=server.name,
-                    workflow_id=workflow_id,
-                    started_at=utcnow(),
-                    detail="; ".join(warnings) or None,
+                self._running_task(
+                    task_id,
+                    TaskKind.RESTORE,
+                    workflow_id,
+                    backup.id,
+                    backup.name,
+                    server.id,
+                    server.name,
+                    "; ".join(warnings) or None,
                 )
             )
             self.catalog.update_backup(backup.id, status=BackupStatus.RESTORING.value, progress=0)
@@ -468,6 +463,33 @@ class CsbsService:
             server_id=server.id,
             items=items,
             warnings=warnings,
+        )
+
+    def _running_task(
+        self,
+        task_id: str,
+        kind: TaskKind,
+        workflow_id: str,
+        backup_id: str,
+        backup_name: str,
+        server_id: str,
+        server_name: str,
+        detail: str | None = None,
+        started_at: datetime | None = None,
+    ) -> TaskRow:
+        """The record of a task that starts now (backup, restore, verify or delete)."""
+        return TaskRow(
+            id=task_id,
+            project=self.settings.project,
+            kind=kind.value,
+            status=TaskStatus.RUNNING.value,
+            backup_id=backup_id,
+            backup_name=backup_name,
+            server_id=server_id,
+            server_name=server_name,
+            workflow_id=workflow_id,
+            started_at=started_at or utcnow(),
+            detail=detail,
         )
 
     def _find_task(self, task_id: str) -> TaskRow | None:
@@ -547,17 +569,14 @@ class CsbsService:
                     f"backup {backup.id} is {backup.status}; only available backups are verified"
                 )
             self.catalog.add_task(
-                TaskRow(
-                    id=task_id,
-                    project=self.settings.project,
-                    kind=TaskKind.VERIFY.value,
-                    status=TaskStatus.RUNNING.value,
-                    backup_id=backup.id,
-                    backup_name=backup.name,
-                    server_id=backup.server_id,
-                    server_name=backup.server_name,
-                    workflow_id=workflow_id,
-                    started_at=utcnow(),
+                self._running_task(
+                    task_id,
+                    TaskKind.VERIFY,
+                    workflow_id,
+                    backup.id,
+                    backup.name,
+                    backup.server_id,
+                    backup.server_name,
                 )
             )
         return VerifyPlan(
@@ -661,17 +680,14 @@ class CsbsService:
                 )
             for row, (_, tid) in zip(rows, pairs, strict=True):
                 self.catalog.add_task(
-                    TaskRow(
-                        id=tid,
-                        project=self.settings.project,
-                        kind=TaskKind.DELETE.value,
-                        status=TaskStatus.RUNNING.value,
-                        backup_id=row.id,
-                        backup_name=row.name,
-                        server_id=row.server_id,
-                        server_name=row.server_name,
-                        workflow_id=workflow_id,
-                        started_at=utcnow(),
+                    self._running_task(
+                        tid,
+                        TaskKind.DELETE,
+                        workflow_id,
+                        row.id,
+                        row.name,
+                        row.server_id,
+                        row.server_name,
                     )
                 )
                 self.catalog.update_backup(row.id, status=BackupStatus.DELETING.value, progress=0)

@@ -251,10 +251,6 @@ class Health(BaseModel):
 
 
 # -- errors ---------------------------------------------------------------------------------
-class Unavailable(CsbsError):
-    """Temporal cannot be reached."""
-
-
 def problem(status: int, type_name: str, detail: str, errors: Any = None) -> JSONResponse:
     body = Problem(
         type=f"urn:csbs:problem:{type_name}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from pydantic import BaseModel
 from temporalio.client import Client, Interceptor, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -65,6 +66,30 @@ class CsbsClient:
         self.client = client
         self.settings = settings
 
+    async def _start(
+        self,
+        workflow: str,
+        inp: BaseModel,
+        workflow_id: str,
+        operation: str,
+        summary: str,
+        **attributes: str,
+    ) -> WorkflowHandle[object, object]:
+        """Start a csbs workflow on the project's queue, findable by ``operation`` and the
+        given ids (``server``, ``backup``, ``policy``) and shown by ``summary``."""
+        keys = {"server": SA_SERVER_ID, "backup": SA_BACKUP_ID, "policy": SA_POLICY_ID}
+        pairs = [SearchAttributePair(keys[k], v) for k, v in attributes.items()]
+        return await self.client.start_workflow(
+            workflow,
+            inp,
+            id=workflow_id,
+            task_queue=self.settings.queue,
+            search_attributes=TypedSearchAttributes(
+                [*pairs, SearchAttributePair(SA_OPERATION, operation)]
+            ),
+            static_summary=summary,
+        )
+
     async def start_backup(
         self, inp: BackupServerInput, server_name: str | None = None
     ) -> tuple[str, WorkflowHandle[object, object]]:
@@ -72,82 +97,57 @@ class CsbsClient:
         "backup NAME of server SERVER-NAME (SERVER-ID)"."""
         backup_id = inp.backup_id or f"bk-{uuid.uuid4().hex[:16]}"
         inp = inp.model_copy(update={"backup_id": backup_id})
-        handle = await self.client.start_workflow(
+        handle = await self._start(
             "BackupServer",
             inp,
-            id=f"backup-{backup_id}",
-            task_queue=self.settings.queue,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_SERVER_ID, inp.server_id),
-                    SearchAttributePair(SA_BACKUP_ID, backup_id),
-                    SearchAttributePair(SA_OPERATION, "backup"),
-                ]
-            ),
-            static_summary=backup_summary(inp.name or backup_id, inp.server_id, server_name),
+            f"backup-{backup_id}",
+            "backup",
+            backup_summary(inp.name or backup_id, inp.server_id, server_name),
+            server=inp.server_id,
+            backup=backup_id,
         )
         return backup_id, handle
 
     async def start_restore(self, inp: RestoreServerInput) -> WorkflowHandle[object, object]:
-        return await self.client.start_workflow(
+        return await self._start(
             "RestoreServer",
             inp,
-            id=f"restore-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.queue,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_BACKUP_ID, inp.backup_id),
-                    SearchAttributePair(SA_OPERATION, "restore"),
-                ]
-            ),
-            static_summary=f"restore of backup {inp.backup_id}",
+            f"restore-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
+            "restore",
+            f"restore of backup {inp.backup_id}",
+            backup=inp.backup_id,
         )
 
     async def start_delete(self, inp: DeleteBackupsInput) -> WorkflowHandle[object, object]:
-        return await self.client.start_workflow(
+        return await self._start(
             "DeleteBackups",
             inp,
-            id=f"delete-{uuid.uuid4().hex[:16]}",
-            task_queue=self.settings.queue,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_BACKUP_ID, inp.backup_ids[0]),
-                    SearchAttributePair(SA_OPERATION, "delete"),
-                ]
-            ),
-            static_summary=f"delete of {len(inp.backup_ids)} backup(s)",
+            f"delete-{uuid.uuid4().hex[:16]}",
+            "delete",
+            f"delete of {len(inp.backup_ids)} backup(s)",
+            backup=inp.backup_ids[0],
         )
 
     async def start_policy_run(
         self, inp: RunPolicyInput, workflow_id: str
     ) -> WorkflowHandle[object, object]:
         """Start ``RunPolicy`` by hand (P8); schedules start it with the same attributes."""
-        return await self.client.start_workflow(
+        return await self._start(
             "RunPolicy",
             inp,
-            id=workflow_id,
-            task_queue=self.settings.queue,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_POLICY_ID, inp.policy_id),
-                    SearchAttributePair(SA_OPERATION, "policy"),
-                ]
-            ),
-            static_summary=f"{inp.trigger} run of policy {inp.policy_id}",
+            workflow_id,
+            "policy",
+            f"{inp.trigger} run of policy {inp.policy_id}",
+            policy=inp.policy_id,
         )
 
     async def start_verify(self, inp: VerifyBackupInput) -> WorkflowHandle[object, object]:
         """Start ``VerifyBackup``: every chunk of the backup read and checked."""
-        return await self.client.start_workflow(
+        return await self._start(
             "VerifyBackup",
             inp,
-            id=f"verify-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.queue,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_BACKUP_ID, inp.backup_id),
-                    SearchAttributePair(SA_OPERATION, "verify"),
-                ]
-            ),
-            static_summary=f"verify of backup {inp.backup_id}",
+            f"verify-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
+            "verify",
+            f"verify of backup {inp.backup_id}",
+            backup=inp.backup_id,
         )

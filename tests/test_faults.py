@@ -320,6 +320,17 @@ def busy_server(stack: Stack, mib: int = 48) -> Any:
     return server
 
 
+async def start_busy_backup(stack: Stack) -> tuple[Any, dict[str, str], CsbsClient, str, Any]:
+    """A server with 96 MiB of data and a backup of it caught mid-upload: (server, its
+    checksums, client, backup id, handle)."""
+    server = busy_server(stack)
+    expected = stack.compute.checksum(server.id)
+    client = CsbsClient(stack.client, stack.settings)
+    backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+    await wait_for_upload(stack, backup_id, server.disks[0].id)
+    return server, expected, client, backup_id, handle
+
+
 async def wait_for_upload(stack: Stack, backup_id: str, disk_id: str) -> None:
     """Until the backup has checkpointed a few chunks of the disk (it is mid-upload)."""
     for _ in range(500):
@@ -365,11 +376,7 @@ async def test_s3_down_for_20_seconds_mid_backup_and_mid_restore(
 
     try:
         async with running_stack(temporal, settings) as stack:
-            server = busy_server(stack)
-            expected = stack.compute.checksum(server.id)
-            client = CsbsClient(stack.client, stack.settings)
-            backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
-            await wait_for_upload(stack, backup_id, server.disks[0].id)
+            server, expected, client, backup_id, handle = await start_busy_backup(stack)
             down_backup = await outage(20, handle)
             result: Any = await asyncio.wait_for(handle.result(), timeout=240)
             assert result["status"] == "available"
@@ -547,11 +554,7 @@ async def test_database_unreachable_for_a_while_mid_backup(
     )
     try:
         async with running_stack(temporal, settings) as stack:
-            server = busy_server(stack)
-            expected = stack.compute.checksum(server.id)
-            client = CsbsClient(stack.client, stack.settings)
-            backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
-            await wait_for_upload(stack, backup_id, server.disks[0].id)
+            server, expected, client, backup_id, handle = await start_busy_backup(stack)
             proxy.cut()
             await asyncio.sleep(10)
             proxy.restore()

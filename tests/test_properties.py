@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -381,8 +379,3 @@ def test_refused_servers_change_nothing(tmp_path: Path) -> None:
         assert server.name == name and [d.size_bytes for d in server.disks] == disks
 
     run("servers_change_nothing_when_refused", check, texts, sizes)
-
-
-@pytest.fixture(autouse=True)
-def _utc() -> None:
-    assert datetime.now(UTC).tzinfo is UTC

@@ -7,7 +7,6 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -15,19 +14,17 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import BackupServerInput, PreparedBackup, TransferStats
 
 from workflows.common import (
-    HEARTBEAT_TIMEOUT,
-    RETRY,
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_POLICY_ID,
     SA_SERVER_ID,
-    TRANSFER_TIMEOUT,
     StepFailed,
     act,
     all_or_cancel,
     reason_of,
     step,
     tag,
+    transfer,
 )
 
 
@@ -122,14 +119,11 @@ class BackupServer:
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
         try:
-            stats: TransferStats = await workflow.execute_activity(
+            stats: TransferStats = await transfer(
                 "backup_disk",
-                args=[backup_id, disk_id],
+                backup_id,
+                disk_id,
                 result_type=TransferStats,
-                start_to_close_timeout=TRANSFER_TIMEOUT,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=RETRY,
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 summary=f"disk {disk_id}",
             )
         except Exception as err:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from csbs import tuning
@@ -58,6 +59,22 @@ def act(name: str, *args: Any, result_type: type | None = None, cleanup: bool = 
         result_type=result_type,
         start_to_close_timeout=STEP_TIMEOUT,
         retry_policy=CLEANUP_RETRY if cleanup else RETRY,
+    )
+
+
+def transfer(name: str, *args: Any, result_type: type, summary: str) -> Any:
+    """Run a data transfer (a disk's backup, restore or verification) as a normal activity:
+    any worker of the queue, heartbeats (a silent one is retried, resuming from its
+    checkpoint), and cancellation that waits for the activity's clean-up."""
+    return workflow.execute_activity(
+        name,
+        args=list(args),
+        result_type=result_type,
+        start_to_close_timeout=TRANSFER_TIMEOUT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=summary,
     )
 
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -27,13 +26,13 @@ from workflows.common import (
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
-    TRANSFER_TIMEOUT,
     StepFailed,
     act,
     all_or_cancel,
     reason_of,
     step,
     tag,
+    transfer,
 )
 from workflows.verify import verify_disk
 
@@ -138,14 +137,11 @@ class RestoreServer:
     async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
         stats: TransferStats = await step(
             f"restore of disk {item.source_disk_id} onto {item.target_disk_id}",
-            workflow.execute_activity(
+            transfer(
                 "restore_disk",
-                args=[backup_id, item],
+                backup_id,
+                item,
                 result_type=TransferStats,
-                start_to_close_timeout=TRANSFER_TIMEOUT,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=RETRY,
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
             ),
         )

@@ -8,7 +8,6 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -16,29 +15,24 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import VerifyBackupInput, VerifyBackupsInput, VerifyDiskResult, VerifyPlan
 
 from workflows.common import (
-    HEARTBEAT_TIMEOUT,
-    RETRY,
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
-    TRANSFER_TIMEOUT,
     act,
     all_or_cancel,
     reason_of,
     tag,
+    transfer,
 )
 
 
 async def verify_disk(backup_id: str, disk_id: str) -> VerifyDiskResult:
     """The ``verify_disk`` activity of one disk (also run by restores asked to verify)."""
-    result: VerifyDiskResult = await workflow.execute_activity(
+    result: VerifyDiskResult = await transfer(
         "verify_disk",
-        args=[backup_id, disk_id],
+        backup_id,
+        disk_id,
         result_type=VerifyDiskResult,
-        start_to_close_timeout=TRANSFER_TIMEOUT,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        retry_policy=RETRY,
-        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         summary=f"verify disk {disk_id}",
     )
     return result
