@@ -23,11 +23,15 @@ from workflows import ALL_WORKFLOWS
 def build_worker(client: object, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
     """The worker: every workflow and activity of csbs on the configured task queue."""
     service = CsbsService(settings)
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
     return Worker(
         client,  # type: ignore[arg-type]
         task_queue=settings.queue,
         workflows=ALL_WORKFLOWS,
-        activities=CsbsActivities(service).all(),
+        activities=CsbsActivities(service, client, loop).all(),  # type: ignore[arg-type]
         activity_executor=executor,
         max_concurrent_activities=settings.max_concurrent_activities,
     )

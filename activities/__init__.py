@@ -7,12 +7,16 @@ the resume point of a retried transfer from the last heartbeat.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities import metrics
 from csbs.errors import CsbsError
@@ -24,6 +28,7 @@ from csbs.model import (
     RestoreItem,
     RestorePlan,
     RestoreServerInput,
+    RetentionPlan,
     TransferStats,
     VerifyDiskResult,
     VerifyPlan,
@@ -67,12 +72,63 @@ def _resume_details() -> dict[str, Any]:
     return {}
 
 
-class CsbsActivities:
-    """Every activity of csbs, bound to one service instance."""
+def _run_id() -> str:
+    return activity.info().workflow_run_id or ""
 
-    def __init__(self, service: CsbsService) -> None:
+
+#: How a closed run's status reads in a reason.
+_CLOSED = {
+    WorkflowExecutionStatus.COMPLETED: "completed",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+    WorkflowExecutionStatus.TERMINATED: "terminated",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "continued as new",
+    WorkflowExecutionStatus.TIMED_OUT: "timed out",
+}
+
+
+class CsbsActivities:
+    """Every activity of csbs, bound to one service instance.
+
+    With a Temporal ``client`` (and the event loop it runs on), the service can ask
+    whether the run behind a task has closed, so that operations whose runs were
+    terminated or timed out are reconciled instead of holding their locks forever.
+    """
+
+    def __init__(
+        self,
+        service: CsbsService,
+        client: Client | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.service = service
         self.policies = PolicyService(service.catalog, service.driver)
+        self.client, self.loop = client, loop
+        if client is not None and loop is not None:
+            service.closed_run = self._closed_run
+
+    def _closed_run(self, workflow_id: str, run_id: str | None) -> str | None:
+        """Why the run is closed ("its workflow backup-x was terminated"), or None while
+        it runs or when Temporal cannot be asked (then nothing is reconciled)."""
+        assert self.client is not None and self.loop is not None
+        client = self.client
+
+        async def ask() -> str | None:
+            handle = client.get_workflow_handle(workflow_id, run_id=run_id or None)
+            try:
+                desc = await handle.describe()
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    return f"its workflow {workflow_id} no longer exists"
+                raise
+            if desc.status in (None, WorkflowExecutionStatus.RUNNING):
+                return None
+            return f"its workflow {workflow_id} was {_CLOSED.get(desc.status, 'closed')}"
+
+        try:
+            return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=30)
+        except Exception:
+            return None
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -92,6 +148,7 @@ class CsbsActivities:
             self.delete_backup,
             self.fail_delete,
             self.collect_garbage,
+            self.reconcile_operations,
             self.plan_policy_run,
             self.record_policy_skips,
             self.policy_expired_backups,
@@ -109,7 +166,7 @@ class CsbsActivities:
         self, inp: BackupServerInput, backup_id: str, task_id: str
     ) -> PreparedBackup:
         return self.service.prepare_backup(
-            inp, backup_id, task_id, activity.info().workflow_id or ""
+            inp, backup_id, task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @activity.defn(name="take_snapshot")
@@ -145,7 +202,7 @@ class CsbsActivities:
     @activity.defn(name="fail_backup")
     @_typed_errors
     def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
-        self.service.fail_backup(backup_id, task_id, reason)
+        self.service.fail_backup(backup_id, task_id, reason, _run_id())
 
     @activity.defn(name="release_snapshot")
     @_typed_errors
@@ -156,7 +213,9 @@ class CsbsActivities:
     @activity.defn(name="prepare_restore")
     @_typed_errors
     def prepare_restore(self, inp: RestoreServerInput, task_id: str) -> RestorePlan:
-        return self.service.prepare_restore(inp, task_id, activity.info().workflow_id or "")
+        return self.service.prepare_restore(
+            inp, task_id, activity.info().workflow_id or "", _run_id()
+        )
 
     @activity.defn(name="stop_server")
     @_typed_errors
@@ -198,7 +257,9 @@ class CsbsActivities:
     @activity.defn(name="prepare_delete")
     @_typed_errors
     def prepare_delete(self, inp: DeleteBackupsInput, task_id: str) -> list[tuple[str, str]]:
-        return self.service.prepare_delete(inp, task_id, activity.info().workflow_id or "")
+        return self.service.prepare_delete(
+            inp, task_id, activity.info().workflow_id or "", _run_id()
+        )
 
     @activity.defn(name="delete_backup")
     @_typed_errors
@@ -208,7 +269,16 @@ class CsbsActivities:
     @activity.defn(name="collect_garbage")
     @_typed_errors
     def collect_garbage(self) -> dict[str, int]:
-        return self.service.collect_garbage(heartbeat=_heartbeat)
+        # Every attempt of this activity is one owner: a retry that Temporal started
+        # because the previous attempt went silent takes its lease over at once.
+        info = activity.info()
+        owner = hashlib.sha256(f"{info.workflow_run_id}/{info.activity_id}".encode())
+        return self.service.collect_garbage(heartbeat=_heartbeat, owner=owner.hexdigest()[:16])
+
+    @activity.defn(name="reconcile_operations")
+    @_typed_errors
+    def reconcile_operations(self) -> int:
+        return self.service.reconcile()
 
     @activity.defn(name="fail_delete")
     @_typed_errors
@@ -228,8 +298,8 @@ class CsbsActivities:
 
     @activity.defn(name="policy_expired_backups")
     @_typed_errors
-    def policy_expired_backups(self, policy_id: str) -> list[str]:
-        return self.policies.expired(policy_id)
+    def policy_expired_backups(self, policy_id: str) -> RetentionPlan:
+        return self.policies.retention(policy_id)
 
     @activity.defn(name="list_policy_ids")
     @_typed_errors

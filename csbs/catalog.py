@@ -17,9 +17,16 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from csbs.errors import Conflict, NotFound
+from csbs.errors import (
+    Conflict,
+    GarbageCollectionDeferred,
+    GarbageCollectionRunning,
+    InvalidState,
+    NotFound,
+)
 from csbs.model import BackupKind, BackupStatus, TaskKind, TaskStatus
 from csbs.schema import upgrade_catalog
 
@@ -67,6 +74,8 @@ class BackupRow(SQLModel, table=True):
     verified_at: datetime | None = Field(default=None, sa_column=_ts())
     verify_status: str = Field(default="", max_length=16)
     verify_error: str | None = Field(default=None, sa_type=sa.Text)
+    #: The Temporal run that creates the backup: a step of any other run is refused.
+    run_id: str | None = Field(default=None, max_length=64)
 
 
 class DiskBackupRow(SQLModel, table=True):
@@ -108,16 +117,41 @@ class TaskRow(SQLModel, table=True):
     progress: int = 0
     reason: str | None = Field(default=None, sa_type=sa.Text)
     detail: str | None = Field(default=None, sa_type=sa.Text)
+    #: The Temporal run of the task (reconciliation asks Temporal whether it still runs).
+    run_id: str | None = Field(default=None, max_length=64)
 
 
 class ServerLockRow(SQLModel, table=True):
-    """The one-backup-per-server slot (B14): the primary key makes a second claim fail."""
+    """A server's operation lock (B14): one backup or one restore at a time, the primary
+    key makes a second claim fail. The row ``gc:<project>`` is the tenant's sweep lease.
+
+    ``backup_id`` holds the owner: the backup id (backup), the restore task id (restore)
+    or the sweep's token (gc); ``claimed_at`` is when it was taken, or for the sweep lease
+    when it was last renewed (docs/format.md, "Locks and leases").
+    """
 
     __tablename__ = "server_locks"
 
     server_id: str = Field(primary_key=True, max_length=80)
     backup_id: str = Field(max_length=64)
     claimed_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    operation: str = Field(
+        default="backup",
+        sa_column=sa.Column(sa.String(16), nullable=False, server_default="backup"),
+    )
+
+
+class SuspectChunkRow(SQLModel, table=True):
+    """A chunk that a verify (or a restore's check) found missing or corrupt. Backups never
+    reuse it: the next one that reads its data uploads it again, and the row goes."""
+
+    __tablename__ = "suspect_chunks"
+
+    project: str = Field(primary_key=True, max_length=64)
+    chunk_id: str = Field(primary_key=True, max_length=64)
+    problem: str = Field(max_length=16)
+    backup_id: str | None = Field(default=None, max_length=64)
+    found_at: datetime | None = Field(default=None, sa_column=_ts())
 
 
 class PolicyRow(SQLModel, table=True):
@@ -265,7 +299,8 @@ class Catalog:
             return [_fix_backup(r) for r in s.exec(q).all()]
 
     def last_available_backup(self, server_id: str, exclude: str | None = None) -> BackupRow | None:
-        """The newest available backup of a server: the parent of its next incremental."""
+        """The newest available backup of a server that did not fail verification: the
+        parent of its next incremental."""
         q = (
             select(BackupRow)
             .where(BackupRow.project == self.project)
@@ -277,6 +312,7 @@ class Catalog:
             )
             .order_by(col(BackupRow.snapshot_at).desc(), col(BackupRow.created_at).desc())
         )
+        q = q.where(BackupRow.verify_status != "failed")  # never the parent of another
         if exclude:
             q = q.where(BackupRow.id != exclude)
         with self.session() as s:
@@ -295,66 +331,225 @@ class Catalog:
             if row is not None:
                 s.delete(row)
 
-    # -- one backup per server (B14) ----------------------------------------------------
-    def claim_server(self, server_id: str, backup_id: str) -> None:
-        """Take the server's backup slot for ``backup_id`` or raise Conflict.
+    # -- state changes as compare-and-swap ----------------------------------------------
+    def transition_backup(
+        self, backup_id: str, allowed: set[BackupStatus], to: BackupStatus, **fields: Any
+    ) -> BackupRow:
+        """Set the backup's status to ``to`` only if it is in ``allowed`` now, in one
+        conditional UPDATE: of two operations that race, one wins and the other is told."""
+        with self.session() as s:
+            self._transition(s, backup_id, allowed, to, fields)
+        return self.get_backup(backup_id)
 
-        A slot whose holder is no longer ``creating`` (its workflow was terminated before it
-        could release it) is taken over.
+    def _transition(
+        self,
+        s: Session,
+        backup_id: str,
+        allowed: set[BackupStatus],
+        to: BackupStatus,
+        fields: dict[str, Any],
+    ) -> None:
+        result = s.execute(
+            sa.update(BackupRow)
+            .where(col(BackupRow.id) == backup_id, col(BackupRow.project) == self.project)
+            .where(col(BackupRow.status).in_([a.value for a in allowed]))
+            .values(status=to.value, **fields)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            row = s.get(BackupRow, backup_id)
+            if row is None or row.project != self.project:
+                raise NotFound(f"backup {backup_id} does not exist")
+            wanted = " or ".join(sorted(a.value for a in allowed))
+            raise InvalidState(
+                f"backup {backup_id} is {row.status}, not {wanted}: another operation "
+                f"changed it first"
+            )
+
+    # -- server locks: one backup or restore per server (B14) ------------------------------
+    def _lock_holder(self, s: Session, lock: ServerLockRow) -> str | None:
+        """What holds a server's lock, as a person reads it; None when the holder is over
+        (it ended without releasing it) and the lock may be taken over."""
+        fresh = (_aware(lock.claimed_at) or utcnow()) > utcnow() - timedelta(minutes=10)
+        if lock.operation == "restore":
+            task = s.get(TaskRow, lock.backup_id)
+            if task is None:
+                return f"being restored (task {lock.backup_id})" if fresh else None
+            if task.status == TaskStatus.RUNNING.value:
+                return f"being restored from backup {task.backup_name} ({task.backup_id})"
+            return None
+        holder = s.get(BackupRow, lock.backup_id)
+        if holder is None:
+            return f"being backed up ({lock.backup_id})" if fresh else None
+        if holder.status == BackupStatus.CREATING.value:
+            return f"being backed up ({holder.name}, {holder.id})"
+        return None
+
+    def claim_server(self, server_id: str, holder: str, operation: str = "backup") -> None:
+        """Take the server's lock for ``holder`` (a backup id, or a restore's task id) or
+        raise Conflict naming what holds it. A lock whose holder is over is taken over."""
+        with self.session() as s:
+            self._claim(s, server_id, holder, operation)
+
+    def _claim(self, s: Session, server_id: str, holder: str, operation: str) -> None:
+        lock = s.get(ServerLockRow, server_id)
+        if lock is not None and lock.backup_id == holder:
+            return
+        if lock is not None:
+            busy = self._lock_holder(s, lock)
+            if busy is not None:
+                if operation == "backup" and lock.operation == "backup":
+                    raise Conflict(
+                        f"server {server_id} already has a backup running "
+                        f"({busy.removeprefix('being backed up (').rstrip(')')}); only one "
+                        f"backup per server can run at a time"
+                    )
+                what = "back it up" if operation == "backup" else "restore it"
+                raise Conflict(f"server {server_id} is {busy}; {what} when that has finished")
+            s.delete(lock)
+            s.flush()
+        s.add(
+            ServerLockRow(
+                server_id=server_id, backup_id=holder, claimed_at=utcnow(), operation=operation
+            )
+        )
+        try:
+            s.flush()
+        except IntegrityError:
+            raise Conflict(
+                f"server {server_id} was just claimed by another operation; try again"
+            ) from None
+
+    def server_lock(self, server_id: str) -> tuple[str, str] | None:
+        """(operation, holder) of the server's lock, if any."""
+        with self.session() as s:
+            lock = s.get(ServerLockRow, server_id)
+            return None if lock is None else (lock.operation, lock.backup_id)
+
+    def begin_restore(self, server_id: str, backup_id: str, task: TaskRow) -> None:
+        """In one transaction: take the server's lock for the restore's task, move the
+        backup from ``available`` to ``restoring`` and record the task; all or nothing."""
+        with self.session() as s:
+            self._claim(s, server_id, task.id, "restore")
+            self._transition(
+                s, backup_id, {BackupStatus.AVAILABLE}, BackupStatus.RESTORING, {"progress": 0}
+            )
+            s.add(task)
+
+    def end_restore(self, server_id: str, backup_id: str, task_id: str) -> None:
+        """The backup is ``available`` again and the server's lock is free."""
+        with self.session() as s:
+            s.execute(
+                sa.update(BackupRow)
+                .where(col(BackupRow.id) == backup_id, col(BackupRow.project) == self.project)
+                .where(col(BackupRow.status) == BackupStatus.RESTORING.value)
+                .values(status=BackupStatus.AVAILABLE.value, progress=100)
+            )
+            lock = s.get(ServerLockRow, server_id)
+            if lock is not None and lock.backup_id == task_id:
+                s.delete(lock)
+
+    def begin_delete(self, backup_ids: Sequence[str], tasks: Sequence[TaskRow]) -> None:
+        """In one transaction: every backup from a deletable state to ``deleting`` with its
+        task; if any is refused, nothing changes."""
+        deletable = {BackupStatus.AVAILABLE, BackupStatus.ERROR, BackupStatus.DELETE_FAILED}
+        with self.session() as s:
+            for backup_id in backup_ids:
+                self._transition(s, backup_id, deletable, BackupStatus.DELETING, {"progress": 0})
+            for task in tasks:
+                s.add(task)
+
+    # -- the tenant's sweep lease (D1) -----------------------------------------------------
+    def claim_gc(self, owner: str | None = None, lease: float = 60.0) -> str:
+        """Take the tenant's sweep lease and return its token, or raise.
+
+        One sweep at a time: a lease held by another owner is refused
+        (GarbageCollectionRunning) until it has gone unrenewed for two lease periods; the
+        same owner (a retry of the same activity, which Temporal started because the old
+        attempt went silent) takes it over at once, and the old attempt's next renewal
+        fails, so it stops before deleting. Then, as before, running backups defer the
+        sweep (GarbageCollectionDeferred): the lease is written before server locks are
+        read, and backups write their lock before reading the lease, so of a backup and a
+        sweep that race at least one sees the other.
         """
-        for _ in range(3):
-            with self.session() as s:
-                lock = s.get(ServerLockRow, server_id)
-                if lock is not None and lock.backup_id == backup_id:
-                    return
-                if lock is not None:
-                    holder = s.get(BackupRow, lock.backup_id)
-                    fresh = (_aware(lock.claimed_at) or utcnow()) > utcnow() - timedelta(minutes=10)
-                    if (holder is None and fresh) or (
-                        holder is not None and holder.status == BackupStatus.CREATING.value
-                    ):
-                        name = f"{holder.name}, {holder.id}" if holder else lock.backup_id
-                        raise Conflict(
-                            f"server {server_id} already has a backup running "
-                            f"({name}); only one backup per server "
-                            f"can run at a time"
-                        )
-                    s.delete(lock)
-                    s.flush()
-                s.add(ServerLockRow(server_id=server_id, backup_id=backup_id, claimed_at=utcnow()))
+        key = f"gc:{self.project}"
+        owner = owner or uuid.uuid4().hex[:16]
+        token = f"{owner}:{uuid.uuid4().hex[:12]}"
+        now = utcnow()
+        with self.session() as s:
+            row = s.get(ServerLockRow, key)
+            if row is None:
+                s.add(ServerLockRow(server_id=key, backup_id=token, claimed_at=now, operation="gc"))
                 try:
                     s.flush()
                 except IntegrityError:
-                    s.rollback()
-                    continue  # someone claimed it between our read and insert: look again
-                return
-        raise Conflict(f"server {server_id} already has a backup running")
-
-    def claim_gc(self) -> None:
-        """Take the tenant's garbage-collection slot, or raise Conflict while backups run.
-
-        Backups take their server slot, then look for this one; GC takes this one, then
-        looks for server slots. Each writes before it reads, so at least one of two that
-        race sees the other: a backup and a sweep never overlap.
-        """
-        key = f"gc:{self.project}"
-        with self.session() as s:
-            if s.get(ServerLockRow, key) is None:
-                s.add(ServerLockRow(server_id=key, backup_id="gc", claimed_at=utcnow()))
+                    raise GarbageCollectionRunning(
+                        f"another sweep of project {self.project} just started"
+                    ) from None
+            else:
+                renewed = _aware(row.claimed_at) or now
+                if row.backup_id.split(":")[0] != owner and renewed > now - timedelta(
+                    seconds=2 * lease
+                ):
+                    raise GarbageCollectionRunning(
+                        f"another sweep of project {self.project} holds the lease (renewed "
+                        f"{(now - renewed).total_seconds():.0f} s ago); this one waits"
+                    )
+                taken = s.execute(
+                    sa.update(ServerLockRow)
+                    .where(
+                        col(ServerLockRow.server_id) == key,
+                        col(ServerLockRow.backup_id) == row.backup_id,
+                    )
+                    .values(backup_id=token, claimed_at=now, operation="gc")
+                )
+                if taken.rowcount != 1:  # type: ignore[attr-defined]
+                    raise GarbageCollectionRunning(
+                        f"another sweep of project {self.project} took the lease first"
+                    )
         busy = self.running_backup_slots()
         if busy:
-            self.release_server(key, "gc")
-            raise Conflict(
+            self.release_gc(token)
+            raise GarbageCollectionDeferred(
                 f"garbage collection waits: backups are running ({', '.join(busy)}); "
                 f"it will run again after them"
             )
+        return token
+
+    def renew_gc(self, token: str, lease: float = 60.0) -> bool:
+        """Renew the lease ``token`` holds, if it still holds it and it has not run out."""
+        now = utcnow()
+        with self.session() as s:
+            result = s.execute(
+                sa.update(ServerLockRow)
+                .where(
+                    col(ServerLockRow.server_id) == f"gc:{self.project}",
+                    col(ServerLockRow.backup_id) == token,
+                    col(ServerLockRow.claimed_at) > now - timedelta(seconds=lease),
+                )
+                .values(claimed_at=now)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def gc_running(self, lease: float = 60.0) -> bool:
+        """Whether a sweep may be running: a lease renewed within two lease periods (the
+        second one covers clock skew between workers and a renewal in flight)."""
+        with self.session() as s:
+            row = s.get(ServerLockRow, f"gc:{self.project}")
+            if row is None:
+                return False
+            renewed = _aware(row.claimed_at) or utcnow()
+            return renewed > utcnow() - timedelta(seconds=2 * lease)
+
+    def release_gc(self, token: str) -> None:
+        """Give the lease back, if ``token`` still holds it."""
+        self.release_server(f"gc:{self.project}", token)
 
     def running_backup_slots(self) -> list[str]:
-        """Backup ids holding a live server slot (of this tenant, or not yet recorded)."""
+        """Backup ids holding a live server lock (of this tenant, or not yet recorded)."""
         busy = []
         with self.session() as s:
             for lock in s.exec(select(ServerLockRow)).all():
-                if lock.server_id.startswith("gc:"):
+                if lock.server_id.startswith("gc:") or lock.operation != "backup":
                     continue
                 holder = s.get(BackupRow, lock.backup_id)
                 if holder is None:
@@ -365,18 +560,45 @@ class Catalog:
                     busy.append(holder.id)
         return busy
 
-    def gc_running(self) -> bool:
+    def release_server(self, server_id: str, holder: str) -> None:
         with self.session() as s:
-            return s.get(ServerLockRow, f"gc:{self.project}") is not None
+            s.execute(
+                sa.delete(ServerLockRow).where(
+                    col(ServerLockRow.server_id) == server_id,
+                    col(ServerLockRow.backup_id) == holder,
+                )
+            )
 
-    def release_gc(self) -> None:
-        self.release_server(f"gc:{self.project}", "gc")
-
-    def release_server(self, server_id: str, backup_id: str) -> None:
+    # -- suspect chunks (verify findings feed the next backup) -------------------------------
+    def add_suspect_chunks(self, problems: Sequence[tuple[str, str, str | None]]) -> None:
+        """Record (chunk id hex, problem, backup id) findings; a known one is updated."""
         with self.session() as s:
-            lock = s.get(ServerLockRow, server_id)
-            if lock is not None and lock.backup_id == backup_id:
-                s.delete(lock)
+            for chunk_id, problem, backup_id in problems:
+                s.merge(
+                    SuspectChunkRow(
+                        project=self.project,
+                        chunk_id=chunk_id,
+                        problem=problem,
+                        backup_id=backup_id,
+                        found_at=utcnow(),
+                    )
+                )
+
+    def suspect_chunks(self) -> set[bytes]:
+        q = select(SuspectChunkRow.chunk_id).where(SuspectChunkRow.project == self.project)
+        with self.session() as s:
+            return {bytes.fromhex(c) for c in s.exec(q).all()}
+
+    def clear_suspect_chunks(self, chunk_ids: Sequence[bytes]) -> None:
+        if not chunk_ids:
+            return
+        with self.session() as s:
+            s.execute(
+                sa.delete(SuspectChunkRow).where(
+                    col(SuspectChunkRow.project) == self.project,
+                    col(SuspectChunkRow.chunk_id).in_([c.hex() for c in chunk_ids]),
+                )
+            )
 
     # -- per-disk backups ---------------------------------------------------------------
     def upsert_disk_backup(self, row: DiskBackupRow) -> None:
@@ -538,17 +760,22 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+def _fix_times(row: SQLModel, *names: str) -> None:
+    """Make the row's stored times aware (SQLite hands them back naive) without marking the
+    row changed: a read must never write (an UPDATE of a row deleted meanwhile fails)."""
+    for name in names:
+        value = getattr(row, name)
+        if value is not None and value.tzinfo is None:
+            set_committed_value(row, name, value.replace(tzinfo=UTC))
+
+
 def _fix_backup(row: BackupRow) -> BackupRow:
-    row.created_at = _aware(row.created_at) or row.created_at
-    row.snapshot_at = _aware(row.snapshot_at)
-    row.finished_at = _aware(row.finished_at)
-    row.verified_at = _aware(row.verified_at)
+    _fix_times(row, "created_at", "snapshot_at", "finished_at", "verified_at")
     return row
 
 
 def _fix_task(row: TaskRow) -> TaskRow:
-    row.started_at = _aware(row.started_at) or row.started_at
-    row.finished_at = _aware(row.finished_at)
+    _fix_times(row, "started_at", "finished_at")
     return row
 
 

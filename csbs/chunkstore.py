@@ -33,6 +33,7 @@ from csbs.errors import (
 from csbs.format import (
     FORMAT_VERSION,
     HASH_NAME,
+    MIN_CHUNK_OBJECT,
     Manifest,
     chunk_digest,
     decode_chunk,
@@ -204,14 +205,14 @@ class ChunkStore:
         except BotoCoreError as exc:
             raise _storage_error(f"GET {key}", exc) from exc
 
-    def _exists(self, key: str) -> bool:
+    def _head(self, key: str) -> int | None:
+        """The object's size, or None when it does not exist."""
         self._check_existing_config()
         try:
-            self.s3.head_object(Bucket=self.bucket, Key=key)
-            return True
+            return int(self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except ClientError as exc:
             if _not_found(exc):
-                return False
+                return None
             raise _storage_error(f"HEAD {key}", exc) from exc
         except BotoCoreError as exc:
             raise _storage_error(f"HEAD {key}", exc) from exc
@@ -323,7 +324,11 @@ class ChunkStore:
 
     # -- chunks ---------------------------------------------------------------------------
     def has_chunk(self, chunk_id: bytes) -> bool:
-        return self._exists(self.chunk_key(chunk_id))
+        """Whether the store holds the chunk. An object too short to be a chunk does not
+        count: SeaweedFS keeps an empty object when a PUT's connection drops before its
+        body, and such a stub must be uploaded over, never referenced."""
+        size = self._head(self.chunk_key(chunk_id))
+        return size is not None and size >= MIN_CHUNK_OBJECT
 
     def put_chunk(self, chunk_id: bytes, data: bytes | bytearray) -> int:
         """Store a chunk; return the bytes written to the store."""
@@ -346,7 +351,7 @@ class ChunkStore:
                 f"chunk {chunk_id.hex()}: digest mismatch (stored data is damaged or does not "
                 f"decrypt with this key)"
             ) from None
-        return decode_chunk(plain, chunk_id, self._id_key), len(blob)
+        return decode_chunk(plain, chunk_id, self._id_key, self.chunk_size), len(blob)
 
     def delete_chunks(self, chunk_ids: list[bytes]) -> None:
         if chunk_ids:
@@ -365,8 +370,10 @@ class ChunkStore:
         return ids
 
     def list_chunk_ids(self) -> Iterator[bytes]:
-        for chunk_id, _size in self.list_chunks():
-            yield chunk_id
+        """Ids of the chunks the store holds (stubs too short to be a chunk left out)."""
+        for chunk_id, size in self.list_chunks():
+            if size >= MIN_CHUNK_OBJECT:
+                yield chunk_id
 
     def list_chunks(self) -> Iterator[tuple[bytes, int]]:
         """(id, stored size) of every chunk object."""
@@ -390,6 +397,11 @@ class ChunkStore:
         manifest = Manifest.decode(self._open(key, self._get(key)))
         if manifest.backup_id != backup_id or manifest.disk_id != disk_id:
             raise CorruptData(f"manifest at {key} belongs to another backup or disk")
+        if manifest.chunk_size != self.chunk_size:
+            raise CorruptData(
+                f"manifest at {key} uses chunk size {manifest.chunk_size}, the repository "
+                f"{self.chunk_size}"
+            )
         return manifest
 
     def put_descriptor(self, backup_id: str, descriptor: dict[str, Any]) -> None:

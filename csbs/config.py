@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     #: metrics and csbs's own counters); unset = no endpoint. Tracing is configured by the
     #: standard ``OTEL_*`` variables instead (see csbs.telemetry).
     metrics_bind: str | None = None
+    #: The daily ``CollectGarbage`` schedule (reconcile closed runs, then sweep): time of
+    #: day and time zone, or "off".
+    gc_time: str = "01:00"
+    gc_timezone: str = "UTC"
+    #: How long a sweep's lease lasts unrenewed (it renews every few seconds in every
+    #: phase); another sweep may take it over after twice this. Worker clocks must agree
+    #: to well within it (NTP).
+    gc_lease_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
     #: How often a running disk backup saves its resume point (staging manifest) to S3.
     checkpoint_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 

@@ -61,3 +61,18 @@ class DriverError(CsbsError):
     """The compute driver failed to do something to a server or disk."""
 
     retryable = True
+
+
+class GarbageCollectionDeferred(CsbsError):
+    """Backups are running: the sweep waits for them (CollectGarbage tries again later)."""
+
+
+class LeaseLost(CsbsError):
+    """A sweep no longer holds its lease (it stalled, or a retry took over): it stops
+    before deleting anything more. Retried: a new attempt takes a new lease."""
+
+    retryable = True
+
+
+class UnsafePath(CsbsError):
+    """A directory csbs would trust (sockets, keys) is not private to it: a person fixes it."""

@@ -25,7 +25,21 @@ MANIFEST_MAGIC = b"CSBM"
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
+#: Format limits, checked on every read before anything is allocated from stored lengths.
+#: A disk has at most 2**24 chunk positions (64 TiB at the default 4 MiB chunk size).
+MAX_CHUNKS_PER_DISK = 1 << 24
+#: A manifest's JSON header is small; its entries are 32 bytes a position.
+MAX_MANIFEST_HEADER = 64 * 1024
+#: The most bytes a manifest object decompresses to (header, entries, trailer).
+MAX_MANIFEST_BYTES = 4 + MAX_MANIFEST_HEADER + MAX_CHUNKS_PER_DISK * DIGEST_SIZE + DIGEST_SIZE
+#: Chunk sizes a repository may use (powers of two).
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+
 _CHUNK_HEADER = struct.Struct(">4sBBHI")  # magic, version, codec, reserved, plain length
+#: No chunk object is shorter: the header and at least one payload byte (all-zero chunks,
+#: the only ones that could be empty, are never stored).
+MIN_CHUNK_OBJECT = _CHUNK_HEADER.size + 1
 _MANIFEST_HEADER = struct.Struct(">4sBBH")  # magic, version, codec, reserved
 _U32 = struct.Struct(">I")
 
@@ -56,8 +70,13 @@ def encode_chunk(data: bytes | bytearray, level: int = 1) -> bytes:
     return _CHUNK_HEADER.pack(CHUNK_MAGIC, FORMAT_VERSION, codec, 0, len(data)) + payload
 
 
-def decode_chunk(blob: bytes, expected_id: bytes, key: bytes | None = None) -> bytes:
-    """Parse a chunk object and return its plaintext; raise CorruptData unless it verifies."""
+def decode_chunk(
+    blob: bytes, expected_id: bytes, key: bytes | None = None, max_length: int = MAX_CHUNK_SIZE
+) -> bytes:
+    """Parse a chunk object and return its plaintext; raise CorruptData unless it verifies.
+
+    ``max_length`` (the repository's chunk size) bounds the plaintext length the header
+    may claim, so a forged header never makes us inflate more than one chunk."""
     hexid = expected_id.hex()
     if len(blob) < _CHUNK_HEADER.size:
         raise CorruptData(f"chunk {hexid}: object truncated ({len(blob)} bytes)")
@@ -66,6 +85,11 @@ def decode_chunk(blob: bytes, expected_id: bytes, key: bytes | None = None) -> b
         raise CorruptData(f"chunk {hexid}: not a chunk object (bad magic)")
     if version != FORMAT_VERSION:
         raise CorruptData(f"chunk {hexid}: unsupported format version {version}")
+    if length > max_length:
+        raise CorruptData(
+            f"chunk {hexid}: its header says {length} bytes, larger than the repository's "
+            f"chunk size ({max_length})"
+        )
     payload = memoryview(blob)[_CHUNK_HEADER.size :]
     try:
         if codec == CODEC_ZSTD:
@@ -161,30 +185,54 @@ class Manifest:
             raise CorruptData("not a manifest object (bad magic or codec)")
         if version != FORMAT_VERSION:
             raise CorruptData(f"unsupported manifest format version {version}")
-        try:
-            plain = (
-                zstandard.ZstdDecompressor()
-                .decompressobj()
-                .decompress(blob[_MANIFEST_HEADER.size :])
-            )
-        except zstandard.ZstdError as exc:
-            raise CorruptData(f"manifest does not decompress ({exc})") from exc
+        plain = _bounded_decompress(blob[_MANIFEST_HEADER.size :], MAX_MANIFEST_BYTES)
         body, trailer = plain[:-DIGEST_SIZE], plain[-DIGEST_SIZE:]
         if len(plain) < _U32.size + DIGEST_SIZE or blake3.blake3(body).digest() != trailer:
             raise CorruptData("manifest checksum mismatch (stored manifest is damaged)")
         (header_len,) = _U32.unpack_from(body)
-        header = json.loads(body[_U32.size : _U32.size + header_len])
-        entries = bytearray(body[_U32.size + header_len :])
+        if header_len > min(MAX_MANIFEST_HEADER, len(body) - _U32.size):
+            raise CorruptData(f"manifest header length {header_len} is out of bounds")
+        try:
+            header = json.loads(body[_U32.size : _U32.size + header_len])
+            fields = (header["backup_id"], header["disk_id"])
+            size, chunk_size = int(header["size_bytes"]), int(header["chunk_size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptData(f"manifest header is malformed ({exc})") from exc
         if header.get("hash") != HASH_NAME:
             raise CorruptData(f"manifest uses unknown hash {header.get('hash')!r}")
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+            raise CorruptData(f"manifest chunk size {chunk_size} is not a valid chunk size")
+        if size < 0 or chunk_count(size, chunk_size) > MAX_CHUNKS_PER_DISK:
+            raise CorruptData(f"manifest disk size {size} is out of bounds")
         return cls(
-            backup_id=header["backup_id"],
-            disk_id=header["disk_id"],
-            size_bytes=header["size_bytes"],
-            chunk_size=header["chunk_size"],
-            entries=entries,
+            backup_id=str(fields[0]),
+            disk_id=str(fields[1]),
+            size_bytes=size,
+            chunk_size=chunk_size,
+            entries=bytearray(body[_U32.size + header_len :]),
             complete=header.get("complete"),
         )
+
+
+def _bounded_decompress(data: bytes, limit: int) -> bytes:
+    """zstd-decompress ``data``, refusing (CorruptData) to produce more than ``limit``
+    bytes, whatever the frame claims."""
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while True:
+                piece = reader.read(1 << 20)
+                if not piece:
+                    break
+                out += piece
+                if len(out) > limit:
+                    raise CorruptData(
+                        f"manifest decompresses to more than {limit} bytes, larger than the "
+                        f"format allows"
+                    )
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"manifest does not decompress ({exc})") from exc
+    return bytes(out)
 
 
 def chunk_count(size_bytes: int, chunk_size: int) -> int:

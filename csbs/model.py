@@ -18,7 +18,7 @@ _ID_RE = re.compile(ID_PATTERN)
 
 def check_id(value: str, field: str = "id") -> str:
     """Return ``value`` if it is a well-formed id, else raise ValueError naming the field."""
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise ValueError(
             f"{field} must be 1-64 characters of letters, digits, '_' or '-' "
             f"starting with a letter or digit (got {value!r})"
@@ -212,6 +212,13 @@ class PolicyRunPlan(BaseModel):
     policy_id: str
     server_ids: list[str]
     skipped: dict[str, str] = {}
+
+
+class RetentionPlan(BaseModel):
+    """What one policy's retention deletes now, and what it kept past its rule and why."""
+
+    expired: list[str] = []
+    kept: dict[str, str] = {}
 
 
 class DeleteBackupsInput(_Input):

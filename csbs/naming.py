@@ -20,7 +20,7 @@ def default_name(kind: str, rng: random.Random | None = None) -> str:
 
 
 def check_name(name: str, field: str = "name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(
             f"{field} must be 1-255 characters of Chinese characters, letters, digits, "
             f"'_' or '-' (got {name!r})"

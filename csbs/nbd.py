@@ -78,6 +78,11 @@ ALLOCATION = "base:allocation"
 MAX_REQUEST = 32 * 1024 * 1024
 #: The largest single WRITE_ZEROES / BLOCK_STATUS length we ask for.
 MAX_RANGE = 1 << 30
+#: The longest option reply we accept (export names, descriptions, meta contexts).
+MAX_OPTION_REPLY = 64 * 1024
+#: The longest structured-reply chunk that is not data: errors, holes, block status
+#: (a descriptor of 8 bytes per extent; QEMU sends far fewer than this allows).
+MAX_META_CHUNK = 1 << 20
 
 
 class NbdError(Exception):
@@ -105,6 +110,20 @@ class ExportInfo:
     @property
     def read_only(self) -> bool:
         return bool(self.flags & TFLAG_READ_ONLY)
+
+
+def check_coverage(pieces: list[tuple[int, int]], base: int, length: int) -> None:
+    """The chunks of one read reply must cover ``base..base+length`` exactly once: an
+    overlap or a gap would leave part of the read silently zero."""
+    at = base
+    for offset, size in sorted(pieces):
+        if offset < at:
+            raise NbdError(f"NBD read reply chunks overlap at {offset}")
+        if offset > at:
+            raise NbdError(f"NBD read reply leaves {at}..{offset} uncovered")
+        at = offset + size
+    if at != base + length:
+        raise NbdError(f"NBD read at {base} covered {at - base} of {length} bytes")
 
 
 class NbdClient:
@@ -146,7 +165,8 @@ class NbdClient:
 
     def _send(self, *parts: bytes | memoryview) -> None:
         for part in parts:
-            self._sock.sendall(part)
+            if len(part):
+                self._sock.sendall(part)
 
     # -- handshake ----------------------------------------------------------------------
     def _option(self, option: int, data: bytes) -> None:
@@ -156,6 +176,10 @@ class NbdClient:
         magic, opt, rtype, length = struct.unpack(">QIII", self._recv(20))
         if magic != OPT_REPLY_MAGIC or opt != option:
             raise NbdError(f"bad option reply (magic {magic:#x}, option {opt})")
+        if length > MAX_OPTION_REPLY:
+            raise NbdError(
+                f"NBD option {option} reply of {length} bytes is longer than {MAX_OPTION_REPLY}"
+            )
         data = self._recv(length) if length else b""
         if rtype & REP_FLAG_ERROR:
             text = data.decode(errors="replace") or f"error {rtype & ~REP_FLAG_ERROR}"
@@ -226,8 +250,11 @@ class NbdClient:
             self._send(header)
         return self._cookie
 
-    def _replies(self, cookie: int, what: str) -> list[tuple[int, bytes]]:
-        """Read every reply chunk of one request: [(chunk type, payload)]."""
+    def _replies(self, cookie: int, what: str, data_limit: int = 0) -> list[tuple[int, bytes]]:
+        """Read every reply chunk of one request: [(chunk type, payload)]. No chunk may be
+        longer than the request allows (``data_limit`` payload bytes for a read's data
+        chunks plus their offset, ``MAX_META_CHUNK`` for the others): a server's length
+        field never decides how much we allocate."""
         chunks: list[tuple[int, bytes]] = []
         while True:
             (magic,) = struct.unpack(">I", self._recv(4))
@@ -241,8 +268,16 @@ class NbdClient:
                 raise NbdError(f"bad NBD reply magic {magic:#x}")
             flags, rtype, got, length = struct.unpack(">HHQI", self._recv(16))
             self._check_cookie(got, cookie)
+            limit = 8 + data_limit if rtype == REPLY_OFFSET_DATA else MAX_META_CHUNK
+            if length > limit:
+                raise NbdError(
+                    f"NBD {what} reply chunk of {length} bytes is longer than the request "
+                    f"allows ({limit})"
+                )
             payload = self._recv(length) if length else b""
             if rtype & REPLY_ERROR_BIT:
+                if len(payload) < 6:
+                    raise NbdError(f"NBD {what} error reply is truncated")
                 error, msg_len = struct.unpack(">IH", payload[:6])
                 message = payload[6 : 6 + msg_len].decode(errors="replace")
                 raise NbdError(f"NBD {what} failed (errno {error}): {message}", error)
@@ -270,7 +305,7 @@ class NbdClient:
                 raise NbdError("the NBD connection is closed")
             try:
                 cookie = self._request(cmd, offset, length, flags, data)
-                return self._replies(cookie, what)
+                return self._replies(cookie, what, length if cmd == CMD_READ else 0)
             except BaseException as exc:
                 # Part of a reply may still be unread: the stream cannot be trusted any
                 # more, so the connection is closed (the caller reconnects or gives up).
@@ -306,24 +341,27 @@ class NbdClient:
         while pos < length:
             n = min(self.max_request, length - pos)
             base = offset + pos
-            covered = 0
+            pieces: list[tuple[int, int]] = []  # (offset, length) each chunk covered
             for rtype, payload in self._call(CMD_READ, base, n, "read", flags=flags):
                 if rtype == REPLY_OFFSET_DATA:
+                    if len(payload) < 8:
+                        raise NbdError("NBD read data reply is truncated")
                     (at,) = struct.unpack(">Q", payload[:8])
                     size = len(payload) - 8
                     if at < base or at + size > base + n:
                         raise NbdError("NBD read reply outside the requested range")
                     out[at - offset : at - offset + size] = memoryview(payload)[8:]
                 elif rtype == REPLY_OFFSET_HOLE:
-                    at, size = struct.unpack(">QI", payload[:12])
+                    if len(payload) != 12:
+                        raise NbdError(f"NBD hole reply of {len(payload)} bytes, not 12")
+                    at, size = struct.unpack(">QI", payload)
                     if at < base or at + size > base + n:
                         raise NbdError("NBD hole reply outside the requested range")
                     # ``out`` starts zeroed.
                 else:
                     continue
-                covered += size
-            if covered != n:
-                raise NbdError(f"NBD read at {base} covered {covered} of {n} bytes")
+                pieces.append((at, size))
+            check_coverage(pieces, base, n)
             pos += n
         return out
 
@@ -374,6 +412,8 @@ class NbdClient:
             for rtype, payload in self._call(CMD_BLOCK_STATUS, pos, n, "block-status"):
                 if rtype != REPLY_BLOCK_STATUS:
                     continue
+                if len(payload) < 12 or (len(payload) - 4) % 8:
+                    raise NbdError(f"NBD block status reply of {len(payload)} bytes is malformed")
                 (got_id,) = struct.unpack(">I", payload[:4])
                 if got_id != ctx_id:
                     continue

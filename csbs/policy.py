@@ -35,7 +35,8 @@ class RetentionKind(StrEnum):
 def parse_time_of_day(text: str) -> int:
     """Minutes after midnight of ``HH:MM``; ValueError naming the rule otherwise."""
     hh, sep, mm = text.partition(":")
-    if not (sep and hh.isdigit() and mm.isdigit() and len(mm) == 2 and len(hh) in (1, 2)):
+    digits = (hh + mm).isascii() and hh.isdigit() and mm.isdigit()
+    if not (sep and digits and len(mm) == 2 and len(hh) in (1, 2)):
         raise ValueError(f"time must be HH:MM (got {text!r})")
     hour, minute = int(hh), int(mm)
     if hour > 23 or minute > 59:
@@ -161,14 +162,40 @@ def select_expired(
     retention: RetentionKind,
     value: int | None,
     now: datetime,
+    covered: frozenset[str] = frozenset(),
 ) -> set[str]:
     """Ids of backups that retention deletes now (P4).
 
     Only scheduled (``autobk_``) backups ever expire. Available ones: beyond the newest
-    ``value`` per server (count), or older than ``value`` days (days), or never (forever).
-    Failed scheduled ones: beyond the newest 10 per server, or older than one month.
+    ``value`` per server (count), or older than ``value`` days (days), or never (forever);
+    but age never takes a server's last available backup (see ``retention_notes``).
+    ``covered`` are the servers that keep another good available backup outside
+    ``backups`` (a manual one, say). Failed scheduled ones: beyond the newest 10 per
+    server, or older than one month.
     """
+    return _retention(backups, retention, value, now, covered)[0]
+
+
+def retention_notes(
+    backups: list[RetainedBackup],
+    retention: RetentionKind,
+    value: int | None,
+    now: datetime,
+    covered: frozenset[str] = frozenset(),
+) -> dict[str, str]:
+    """Why retention kept a backup it would otherwise have deleted, by backup id."""
+    return _retention(backups, retention, value, now, covered)[1]
+
+
+def _retention(
+    backups: list[RetainedBackup],
+    retention: RetentionKind,
+    value: int | None,
+    now: datetime,
+    covered: frozenset[str],
+) -> tuple[set[str], dict[str, str]]:
     expired: set[str] = set()
+    kept: dict[str, str] = {}
     by_server: dict[str, list[RetainedBackup]] = {}
     failed: dict[str, list[RetainedBackup]] = {}
     for b in backups:
@@ -184,10 +211,19 @@ def select_expired(
             expired.update(b.id for b in group[value:])
         elif retention == RetentionKind.DAYS and value is not None:
             cutoff = now - timedelta(days=value)
-            expired.update(b.id for b in group if b.created_at < cutoff)
+            old = [b for b in group if b.created_at < cutoff]
+            if old and old[0] is group[0] and group[0].server_id not in covered:
+                # Every backup of the server is past the age limit (its newer scheduled
+                # backups failed, or none ran): the newest stays, or it would have none.
+                newest = old.pop(0)
+                kept[newest.id] = (
+                    f"kept past {value} days: it is the last available backup of server "
+                    f"{newest.server_id} (newer scheduled backups failed or none ran)"
+                )
+            expired.update(b.id for b in old)
     failed_cutoff = now - timedelta(days=FAILED_KEEP_DAYS)
     for group in failed.values():
         group.sort(key=lambda b: (b.created_at, b.id), reverse=True)
         expired.update(b.id for b in group[FAILED_KEEP_COUNT:])
         expired.update(b.id for b in group if b.created_at < failed_cutoff)
-    return expired
+    return expired, kept

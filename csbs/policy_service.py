@@ -21,12 +21,13 @@ from csbs.catalog import (
 )
 from csbs.drivers import ComputeDriver
 from csbs.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
-from csbs.model import BackupStatus, PolicyRunPlan, TaskKind, TaskStatus
+from csbs.model import BackupStatus, PolicyRunPlan, RetentionPlan, TaskKind, TaskStatus
 from csbs.policy import (
     MAX_POLICIES_PER_TENANT,
     MAX_SERVERS_PER_POLICY,
     PolicySpec,
     RetainedBackup,
+    retention_notes,
     select_expired,
 )
 from csbs.services import BACKUP_STATES
@@ -178,15 +179,30 @@ class PolicyService:
 
     def expired(self, policy_id: str, now: datetime | None = None) -> list[str]:
         """Backups of this policy's schedule that retention deletes now (P4)."""
+        return self.retention(policy_id, now).expired
+
+    def retention(self, policy_id: str, now: datetime | None = None) -> RetentionPlan:
+        """What this policy's retention deletes now, and what it keeps past its rule (a
+        server's last available backup) with why."""
         spec = self.spec(policy_id)
         rows = self.policies.catalog.list_backups(BackupFilter(policy_id=policy_id))
         backups = [
             RetainedBackup(r.id, r.server_id, r.kind, r.status, r.created_at)  # type: ignore[arg-type]
             for r in rows
         ]
-        return sorted(
-            select_expired(backups, spec.retention, spec.retention_value, now or utcnow())
+        mine = {r.id for r in rows}
+        covered = frozenset(
+            server_id
+            for server_id in {r.server_id for r in rows}
+            if any(
+                o.id not in mine and o.verify_status != "failed"
+                for o in self.policies.catalog.list_backups(
+                    BackupFilter(server_id=server_id, status=BackupStatus.AVAILABLE.value)
+                )
+            )
         )
+        args = (backups, spec.retention, spec.retention_value, now or utcnow(), covered)
+        return RetentionPlan(expired=sorted(select_expired(*args)), kept=retention_notes(*args))
 
     def view(self, policy_id: str) -> dict[str, Any]:
         return policy_json(self.policies.get(policy_id), self.policies.bindings(policy_id))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from csbs import verify
+from csbs import gc, verify
 from csbs.catalog import (
     BackupFilter,
     BackupRow,
@@ -106,23 +106,40 @@ class CsbsService:
         self.store = store or ChunkStore(settings)
         self.driver = driver or make_driver(settings)
         self._progress_lock = threading.Lock()
+        #: Given a task's workflow id and run id, why its run is closed ("its workflow was
+        #: terminated"), or None while it runs or cannot be told. The worker sets it (it
+        #: asks Temporal); without it nothing is reconciled.
+        self.closed_run: Callable[[str, str | None], str | None] | None = None
 
     # -- backup ----------------------------------------------------------------------------
     def prepare_backup(
-        self, inp: BackupServerInput, backup_id: str, task_id: str, workflow_id: str
+        self,
+        inp: BackupServerInput,
+        backup_id: str,
+        task_id: str,
+        workflow_id: str,
+        run_id: str = "",
     ) -> PreparedBackup:
-        """Validate the server and create the backup (``creating``) and its task."""
+        """Validate the server and create the backup (``creating``) and its task.
+
+        A backup id that another run created is refused and left as it is (a reset or a
+        reused id must never adopt, or fail, someone else's backup); the creating run's own
+        retry finds its backup and goes on.
+        """
         existing = self.catalog.find_backup(backup_id)
+        if existing is not None and not _same_run(existing, workflow_id, run_id):
+            raise Conflict(
+                f"backup id {backup_id} belongs to another run (workflow "
+                f"{existing.workflow_id}, {existing.status}); start the backup with a new id"
+            )
         if existing is not None and existing.status != BackupStatus.CREATING:
             raise InvalidState(f"backup {backup_id} is {existing.status}; it cannot be made again")
         if existing is None:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
-            if self.catalog.list_tasks(TaskKind.RESTORE, TaskStatus.RUNNING, server_id=server.id):
-                raise Conflict(f"server {server.id} is being restored; back it up afterwards")
             self._check_quota()
-            self.catalog.claim_server(server.id, backup_id)
-            if self.catalog.gc_running():
+            self._claim_server(server.id, backup_id, "backup")
+            if self.catalog.gc_running(self.settings.gc_lease_seconds):
                 self.catalog.release_server(server.id, backup_id)
                 raise GarbageCollectionRunning(
                     "garbage collection is sweeping this project's chunks; the backup "
@@ -142,6 +159,7 @@ class CsbsService:
                     server.name,
                     "; ".join(backup_warnings(server)) or None,
                     started_at=now,
+                    run_id=run_id,
                 )
             )
             self.catalog.add_backup(
@@ -160,6 +178,7 @@ class CsbsService:
                     created_at=now,
                     size_bytes=server.size_bytes,
                     workflow_id=workflow_id,
+                    run_id=run_id or None,
                 )
             )
             for disk in server.disks:
@@ -183,6 +202,16 @@ class CsbsService:
             parent_id=backup.parent_id,
             server_state=self.driver.get_server(backup.server_id).state.value,
         )
+
+    def _claim_server(self, server_id: str, holder: str, operation: str) -> None:
+        """Take the server's lock; when a holder's run has closed without finishing
+        (terminated, timed out), reconcile it first and take the lock."""
+        try:
+            self.catalog.claim_server(server_id, holder, operation)
+        except Conflict:
+            if not self.reconcile(server_id=server_id):
+                raise
+            self.catalog.claim_server(server_id, holder, operation)
 
     def _check_quota(self) -> None:
         """B15: refuse before anything is written when the tenant is at its quota."""
@@ -250,12 +279,16 @@ class CsbsService:
                     note = "the driver reported no changed-block map for this disk"
             manifest, staged = None, 0
             if resume:
-                with contextlib.suppress(NotFound):
+                # A checkpoint is only a shortcut: one that cannot be read (an upload cut
+                # off by a crash can leave a stub) means starting the disk over.
+                with contextlib.suppress(NotFound, CorruptData):
                     manifest = self.store.get_manifest(backup_id, disk_id, staging=True)
                     staged, manifest.complete = manifest.complete or 0, None
             if manifest is None:
                 manifest = Manifest(backup_id, disk_id, reader.size_bytes, self.settings.chunk_size)
             throttle = _Throttle(1.0)
+            suspect = self.catalog.suspect_chunks()
+            repaired: set[bytes] = set()
 
             def on_progress(done: int, staged_now: int, stats: TransferStats) -> None:
                 if heartbeat is not None:
@@ -274,6 +307,8 @@ class CsbsService:
                 checkpoint_seconds=self.settings.checkpoint_seconds,
                 progress=on_progress,
                 chunk_index=self._chunk_index,
+                suspect=suspect,
+                repaired=repaired,
             )
         finally:
             reader.close()
@@ -281,6 +316,8 @@ class CsbsService:
             # A stale attempt that outlived its workflow must not overwrite anything.
             raise InvalidState(f"backup {backup_id} is no longer being created")
         self.store.put_manifest(manifest)
+        # Uploaded anew from data whose digest is their id: whole again in the store.
+        self.catalog.clear_suspect_chunks(sorted(repaired))
         stats.data_bytes = manifest.data_bytes()
         self.catalog.update_disk_backup(
             backup_id,
@@ -376,13 +413,21 @@ class CsbsService:
         self.catalog.release_server(row.server_id, backup_id)
         return backup_json(row, disks)
 
-    def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
-        """Leave the backup in ``error`` and its task failed with ``reason``."""
+    def fail_backup(self, backup_id: str, task_id: str, reason: str, run_id: str = "") -> None:
+        """Leave the backup in ``error`` and its task failed with ``reason``; a backup of
+        another run (an id it was refused) is not touched."""
         backup = self.catalog.find_backup(backup_id)
+        if backup is not None and run_id and backup.run_id and backup.run_id != run_id:
+            backup = None
         if backup is not None:
-            self.catalog.update_backup(
-                backup_id, status=BackupStatus.ERROR.value, error=reason, finished_at=utcnow()
-            )
+            with contextlib.suppress(InvalidState, NotFound):
+                self.catalog.transition_backup(
+                    backup_id,
+                    {BackupStatus.CREATING},
+                    BackupStatus.ERROR,
+                    error=reason,
+                    finished_at=utcnow(),
+                )
             self.catalog.release_server(backup.server_id, backup_id)
         with contextlib.suppress(NotFound):
             self.catalog.finish_task(task_id, ok=False, reason=reason)
@@ -413,9 +458,12 @@ class CsbsService:
 
     # -- restore ---------------------------------------------------------------------------
     def prepare_restore(
-        self, inp: RestoreServerInput, task_id: str, workflow_id: str
+        self, inp: RestoreServerInput, task_id: str, workflow_id: str, run_id: str = ""
     ) -> RestorePlan:
-        """Check backup, server and disk mapping; mark the backup ``restoring``."""
+        """Check backup, server and disk mapping; then, in one transaction, take the
+        server's lock, mark the backup ``restoring`` and record the task (a backup or
+        another restore of the server, or a delete of the backup, that got there first
+        makes it refuse, and nothing changes)."""
         backup = self.catalog.get_backup(inp.backup_id)
         existing = self._find_task(task_id)
         if existing is None and backup.status != BackupStatus.AVAILABLE:
@@ -423,17 +471,6 @@ class CsbsService:
                 f"backup {backup.id} is {backup.status}; only available backups can be restored"
             )
         server = self.driver.get_server(backup.server_id)
-        if existing is None:
-            busy = self.catalog.list_backups(
-                BackupFilter(status=BackupStatus.CREATING.value, server_id=server.id)
-            )
-            if busy:
-                raise Conflict(
-                    f"server {server.id} is being backed up ({busy[0].name}); restore it "
-                    f"when the backup has finished"
-                )
-            if self.catalog.list_tasks(TaskKind.RESTORE, TaskStatus.RUNNING, server_id=server.id):
-                raise Conflict(f"server {server.id} is already being restored")
         if server.state in RESTORE_REFUSED_STATES:
             raise InvalidState(
                 f"server {server.id} is {server.state.value}; servers in fault, resizing or "
@@ -443,19 +480,23 @@ class CsbsService:
             server, self.catalog.disk_backups(backup.id), inp.disk_mapping, inp.disk_ids
         )
         if existing is None:
-            self.catalog.add_task(
-                self._running_task(
-                    task_id,
-                    TaskKind.RESTORE,
-                    workflow_id,
-                    backup.id,
-                    backup.name,
-                    server.id,
-                    server.name,
-                    "; ".join(warnings) or None,
-                )
+            task = self._running_task(
+                task_id,
+                TaskKind.RESTORE,
+                workflow_id,
+                backup.id,
+                backup.name,
+                server.id,
+                server.name,
+                "; ".join(warnings) or None,
+                run_id=run_id,
             )
-            self.catalog.update_backup(backup.id, status=BackupStatus.RESTORING.value, progress=0)
+            try:
+                self.catalog.begin_restore(server.id, backup.id, task)
+            except Conflict:
+                if not self.reconcile(server_id=server.id):
+                    raise
+                self.catalog.begin_restore(server.id, backup.id, task)
         return RestorePlan(
             backup_id=backup.id,
             backup_name=backup.name,
@@ -476,6 +517,7 @@ class CsbsService:
         server_name: str,
         detail: str | None = None,
         started_at: datetime | None = None,
+        run_id: str = "",
     ) -> TaskRow:
         """The record of a task that starts now (backup, restore, verify or delete)."""
         return TaskRow(
@@ -490,6 +532,7 @@ class CsbsService:
             workflow_id=workflow_id,
             started_at=started_at or utcnow(),
             detail=detail,
+            run_id=run_id or None,
         )
 
     def _find_task(self, task_id: str) -> TaskRow | None:
@@ -514,6 +557,15 @@ class CsbsService:
         """Write one backed-up disk onto its target disk (the server is stopped)."""
         backup = self.catalog.get_backup(backup_id)
         manifest = self.store.get_manifest(backup_id, item.source_disk_id)
+        recorded = {d.disk_id: d.size_bytes for d in self.catalog.disk_backups(backup_id)}
+        if manifest.size_bytes != recorded.get(item.source_disk_id):
+            # The manifest decides how far the target disk is cut or grown: never on the
+            # word of an object the catalog does not vouch for.
+            raise CorruptData(
+                f"manifest of disk {item.source_disk_id} of backup {backup_id} says its size "
+                f"is {manifest.size_bytes} bytes, the catalog "
+                f"{recorded.get(item.source_disk_id)}; restore refused, the disk is untouched"
+            )
         server = self.driver.get_server(backup.server_id)
         if item.create and not any(d.id == item.target_disk_id for d in server.disks):
             like = Disk(
@@ -554,8 +606,10 @@ class CsbsService:
             writer.close()
 
     def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
-        """The backup is ``available`` again; the task records the outcome."""
-        self.catalog.update_backup(backup_id, status=BackupStatus.AVAILABLE.value, progress=100)
+        """The backup is ``available`` again, the server's lock free; the task records the
+        outcome."""
+        task = self.catalog.get_task(task_id)
+        self.catalog.end_restore(task.server_id or "", backup_id, task_id)
         self.catalog.finish_task(task_id, ok=ok, reason=reason)
 
     # -- verify ----------------------------------------------------------------------------
@@ -613,6 +667,7 @@ class CsbsService:
                 )
         ok = error is None and not problems
         reason = None if ok else (error or f"verify found {verify.describe(problems)}")
+        self._suspect(backup_id, problems)
         if error is None:
             self.catalog.update_backup(
                 backup_id,
@@ -629,6 +684,13 @@ class CsbsService:
             "problems": [p.model_dump() for p in problems],
             "reason": reason,
         }
+
+    def _suspect(self, backup_id: str, problems: list[ChunkProblem]) -> None:
+        """Chunks found missing or corrupt are never reused by a backup again: the next
+        one that reads their data uploads them anew (and the old backups heal)."""
+        self.catalog.add_suspect_chunks(
+            [(p.chunk_id, p.problem, backup_id) for p in problems if p.chunk_id is not None]
+        )
 
     def backups_to_verify(self, max_age_days: int) -> list[str]:
         """Available backups never verified, or not in the last ``max_age_days`` days."""
@@ -655,6 +717,7 @@ class CsbsService:
         index = self._chunk_index(distinct)
         beat({"step": "checking", "chunks": distinct})
         missing = verify.missing_chunks(self.store, backup.id, disk_ids, index, beat)
+        self._suspect(backup.id, missing)
         if missing:
             raise CorruptData(
                 f"backup {backup.id} cannot be restored: {verify.describe(missing)}; restore "
@@ -663,12 +726,12 @@ class CsbsService:
 
     # -- delete ----------------------------------------------------------------------------
     def prepare_delete(
-        self, inp: DeleteBackupsInput, task_id: str, workflow_id: str
+        self, inp: DeleteBackupsInput, task_id: str, workflow_id: str, run_id: str = ""
     ) -> list[tuple[str, str]]:
-        """Check every backup may be deleted, then mark them ``deleting`` with one task each.
-
-        Returns (backup_id, task_id) pairs. Nothing changes if any backup is refused.
-        """
+        """Mark every backup ``deleting`` with one task each, in one transaction: each must
+        be available, error or delete_failed at that moment (a restore that got there
+        first keeps it). Returns (backup_id, task_id) pairs. Nothing changes if any
+        backup is refused."""
         rows = [self.catalog.get_backup(b) for b in inp.backup_ids]
         pairs = [(row.id, f"{task_id}-{i}") for i, row in enumerate(rows)]
         if self._find_task(pairs[0][1]) is None:
@@ -678,19 +741,20 @@ class CsbsService:
                 raise InvalidState(
                     f"only available, error or delete_failed backups can be deleted: {listing}"
                 )
-            for row, (_, tid) in zip(rows, pairs, strict=True):
-                self.catalog.add_task(
-                    self._running_task(
-                        tid,
-                        TaskKind.DELETE,
-                        workflow_id,
-                        row.id,
-                        row.name,
-                        row.server_id,
-                        row.server_name,
-                    )
+            tasks = [
+                self._running_task(
+                    tid,
+                    TaskKind.DELETE,
+                    workflow_id,
+                    row.id,
+                    row.name,
+                    row.server_id,
+                    row.server_name,
+                    run_id=run_id,
                 )
-                self.catalog.update_backup(row.id, status=BackupStatus.DELETING.value, progress=0)
+                for row, (_, tid) in zip(rows, pairs, strict=True)
+            ]
+            self.catalog.begin_delete([r.id for r in rows], tasks)
         return pairs
 
     def delete_backup(self, backup_id: str, task_id: str) -> None:
@@ -699,36 +763,58 @@ class CsbsService:
         self.catalog.delete_backup(backup_id)
         self.catalog.finish_task(task_id, ok=True)
 
-    def collect_garbage(self, heartbeat: Heartbeat | None = None) -> dict[str, int]:
-        """Delete chunks that no manifest references (D1). Never overlaps a backup."""
-        self.catalog.claim_gc()
-        try:
-            referenced: set[bytes] = set()
-            refs = [(b, d, False) for b, d in self.store.list_manifest_refs()]
-            refs += [(b, d, True) for b, d in self.store.list_manifest_refs(staging=True)]
-            for i, (backup_id, disk_id, staging) in enumerate(refs):
-                try:
-                    manifest = self.store.get_manifest(backup_id, disk_id, staging)
-                except NotFound:
-                    continue  # deleted since it was listed: its chunks are no longer needed
-                referenced |= manifest.chunk_ids()
-                if heartbeat is not None:
-                    heartbeat({"manifests": i + 1})
-            total, doomed, freed = 0, [], 0
-            for chunk_id, size in self.store.list_chunks():
-                total += 1
-                if chunk_id not in referenced:
-                    doomed.append(chunk_id)
-                    freed += size
-            self.store.delete_chunks(doomed)
-        finally:
-            self.catalog.release_gc()
-        return {
-            "manifests": len(refs),
-            "chunks": total,
-            "chunks_deleted": len(doomed),
-            "bytes_freed": freed,
-        }
+    def collect_garbage(
+        self, heartbeat: Heartbeat | None = None, owner: str | None = None
+    ) -> dict[str, int]:
+        """Delete chunks that no manifest references (D1): one sweep per tenant at a time
+        under a lease, never beside a backup (csbs.gc)."""
+        return gc.collect_garbage(
+            self.catalog, self.store, self.settings.gc_lease_seconds, owner, heartbeat
+        )
+
+    # -- reconciliation --------------------------------------------------------------------
+    def reconcile(self, server_id: str | None = None) -> int:
+        """Finish the records of operations whose Temporal run closed without finishing
+        them (terminated, timed out, reset): a backup becomes ``error`` with the reason and
+        its lock and snapshot go; a restore's backup is ``available`` again and the
+        server's lock goes; a delete's backup becomes ``delete_failed``; the task fails
+        with the reason. Needs ``closed_run`` (the worker sets it); returns how many."""
+        if self.closed_run is None:
+            return 0
+        count = 0
+        for task in self.catalog.list_tasks(status=TaskStatus.RUNNING, server_id=server_id):
+            if not task.workflow_id:
+                continue
+            why = self.closed_run(task.workflow_id, task.run_id)
+            if why is None:
+                continue
+            reason = f"{why}; the operation did not finish"
+            self._reconcile_task(task, reason)
+            count += 1
+        return count
+
+    def _reconcile_task(self, task: TaskRow, reason: str) -> None:
+        backup = self.catalog.find_backup(task.backup_id) if task.backup_id else None
+        if task.kind == TaskKind.BACKUP and backup is not None:
+            with contextlib.suppress(InvalidState):
+                self.catalog.transition_backup(
+                    backup.id,
+                    {BackupStatus.CREATING},
+                    BackupStatus.ERROR,
+                    error=reason,
+                    finished_at=utcnow(),
+                )
+            self.release_snapshot(backup.server_id, backup.id, committed=False)
+            self.catalog.release_server(backup.server_id, backup.id)
+        elif task.kind == TaskKind.RESTORE:
+            reason += "; the server may be stopped with disks partly restored: restore again"
+            self.catalog.end_restore(task.server_id or "", task.backup_id or "", task.id)
+        elif task.kind == TaskKind.DELETE and backup is not None:
+            with contextlib.suppress(InvalidState):
+                self.catalog.transition_backup(
+                    backup.id, {BackupStatus.DELETING}, BackupStatus.DELETE_FAILED, error=reason
+                )
+        self.catalog.finish_task(task.id, ok=False, reason=reason)
 
     def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
         if self.catalog.find_backup(backup_id) is not None:
@@ -736,6 +822,14 @@ class CsbsService:
                 backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
             )
         self.catalog.finish_task(task_id, ok=False, reason=reason)
+
+
+def _same_run(row: BackupRow, workflow_id: str, run_id: str) -> bool:
+    """Whether a backup row was created by this run (by workflow id for rows, or callers,
+    that carry no run id)."""
+    if run_id and row.run_id:
+        return row.run_id == run_id
+    return row.workflow_id == workflow_id
 
 
 def full_read_note(

@@ -70,6 +70,8 @@ def backup_disk(
     checkpoint_seconds: float = 10.0,
     progress: ProgressFn | None = None,
     chunk_index: Callable[[int], set[bytes] | None] | None = None,
+    suspect: set[bytes] | None = None,
+    repaired: set[bytes] | None = None,
 ) -> TransferStats:
     """Fill ``manifest`` (positions ``start``..end) from ``reader``; upload new chunks.
 
@@ -78,7 +80,15 @@ def backup_disk(
     ``start`` must already be filled (a resumed attempt loads them from the staging copy).
     ``chunk_index(n)``, given how many chunks will be read, may return every chunk id in
     the store (then no chunk needs an existence check) or None (check each new chunk).
+
+    What is trusted to be in the store: with changed-block tracking, the parent's chunk at
+    every unchanged position (that is the point of an incremental) and the parent's ids;
+    with a full read, only what the store itself says, so a full read uploads whatever
+    the store lost. ``suspect`` chunk ids (found missing or corrupt by a verify) are never
+    trusted: an unchanged position holding one is read again, and a chunk read with that
+    id is uploaded over whatever the store holds; those ids go into ``repaired``.
     """
+    suspect = suspect or set()
     began = time.monotonic()
     size, cs = manifest.size_bytes, manifest.chunk_size
     if parent is not None and parent.chunk_size != cs:
@@ -87,28 +97,38 @@ def backup_disk(
     stats = TransferStats(chunks_total=total, read_mode="cbt" if changed is not None else "full")
     changed_chunks = ranges_to_chunks(changed, cs) if changed is not None else None
     allocated = ranges_to_chunks(reader.allocated_ranges(), cs)
-    known: set[bytes] = parent.chunk_ids() if parent is not None else set()
-    to_read = sum(
-        1
-        for i in range(start, total)
-        if i in allocated
-        and not (
-            changed_chunks is not None
-            and i not in changed_chunks
-            and parent_entry_valid(parent, i, size)
-        )
+    known: set[bytes] = (
+        parent.chunk_ids() - suspect if parent is not None and changed is not None else set()
     )
+
+    def reusable(index: int) -> bool:
+        """An unchanged position whose parent chunk may be referenced without reading."""
+        if changed_chunks is None or index in changed_chunks or parent is None:
+            return False
+        if not parent_entry_valid(parent, index, size):
+            return False
+        return parent.entry(index) not in suspect
+
+    to_read = sum(1 for i in range(start, total) if i in allocated and not reusable(i))
     store_ids = chunk_index(to_read) if chunk_index is not None and to_read else None
     if store_ids is not None:
-        known |= store_ids
+        known |= store_ids - suspect
 
     slots = threading.Semaphore(2 * concurrency)  # chunks whose bytes are in memory
+    repaired_now: set[bytes] = repaired if repaired is not None else set()
+    repaired_lock = threading.Lock()
 
     def work(index: int, data: bytes | bytearray) -> _Result:
         try:
             if is_zero(data):
                 return _Result(index, None, 0, len(data))
             chunk_id = store.chunk_id(data)
+            if chunk_id in suspect:
+                with repaired_lock:
+                    if chunk_id in repaired_now:  # another position of this run uploaded it
+                        return _Result(index, chunk_id, 0, len(data))
+                    repaired_now.add(chunk_id)
+                return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
             if chunk_id in known or (store_ids is None and store.has_chunk(chunk_id)):
                 return _Result(index, chunk_id, 0, len(data))
             return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
@@ -157,12 +177,7 @@ def backup_disk(
         try:
             for index in range(start, total):
                 offset, length = chunk_span(index, size, cs)
-                reuse = (
-                    changed_chunks is not None
-                    and index not in changed_chunks
-                    and parent_entry_valid(parent, index, size)
-                )
-                if reuse and parent is not None:
+                if reusable(index) and parent is not None:
                     entry = parent.entry(index)
                     inflight.append(_Result(index, entry, 0, length))
                 elif index not in allocated:

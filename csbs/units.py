@@ -29,7 +29,7 @@ def parse_size(text: str | int, field: str = "size") -> int:
         if text < 0:
             raise ValueError(f"{field} must not be negative")
         return text
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(
             f"{field} must be a number of bytes or a size like 64MiB, 1GiB, 512KiB (got {text!r})"

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from temporalio.client import WorkflowFailureError
 
 from csbs.catalog import Catalog, backup_json, task_json
@@ -75,8 +76,20 @@ def _global_options(
         os.environ["CSBS_PROJECT"] = project
 
 
-console = Console()
-err_console = Console(stderr=True)
+#: Output never interprets markup: names, descriptions and reasons are user text, and
+#: "[/x]" must print as it is, never crash or restyle the output. Colour comes from
+#: ``Text`` styles instead (see ``say``).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def say(label: str, style: str, message: str, to: Console | None = None) -> None:
+    """Print ``label: message`` with the label coloured and the message literal."""
+    (to or err_console).print(
+        Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True
+    )
+
+
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -86,7 +99,7 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confir
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear line and exit non-zero."""
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    say("error:", "red", message)
     raise typer.Exit(code)
 
 
@@ -268,7 +281,7 @@ def backup_create(
     for backup_id in ids:
         for task in cat.list_tasks(kind=TaskKind.BACKUP, backup_id=backup_id):
             if task.detail:
-                err_console.print(f"[yellow]warning:[/yellow] {task.detail}", highlight=False)
+                say("warning:", "yellow", task.detail)
     views = [_backup_view(cat, b) for b in ids]
     emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
     failed = [v for v in views if v["status"] == BackupStatus.ERROR]
@@ -452,7 +465,7 @@ def backup_restore(
 
     result = run_async(go())
     for warning in result.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        say("warning:", "yellow", warning)
     emit(result, as_json, lambda: console.print(result))
 
 
@@ -651,8 +664,8 @@ def doctor(as_json: JsonOpt = False) -> None:
 
     def render() -> None:
         for c in checks:
-            mark = "[green]ok[/green]  " if c.ok else "[red]FAIL[/red]"
-            console.print(f"{mark} {c.name:18} {c.detail}", highlight=False)
+            mark = ("ok  ", "green") if c.ok else ("FAIL", "red")
+            console.print(Text.assemble(mark, f" {c.name:18} {c.detail}"), highlight=False)
 
     emit([c.as_dict() for c in checks], as_json, render)
     if not all(c.ok for c in checks):
@@ -804,7 +817,7 @@ def main() -> None:
         setup_tracing("csbs-api" if sys.argv[1:3] == ["api", "serve"] else "csbs-cli")
         app()
     except TelemetryConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        say("error:", "red", str(exc))
         code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

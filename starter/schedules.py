@@ -74,6 +74,8 @@ def policy_schedule(policy_id: str, spec: PolicySpec, task_queue: str) -> Schedu
 
 
 RETENTION_SCHEDULE_ID = "csbs-retention-cleanup"
+VERIFY_SCHEDULE_ID = "csbs-verify"
+GC_SCHEDULE_ID = "csbs-gc"
 
 
 def project_schedule_id(base: str, settings: Settings) -> str:
@@ -81,21 +83,33 @@ def project_schedule_id(base: str, settings: Settings) -> str:
     return base if settings.project == "default" else f"{base}.{settings.project}"
 
 
-def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Schedule:
-    """The daily ``RetentionCleanup`` schedule (P5), default 00:00."""
+def daily_schedule(
+    workflow: str,
+    arg: dict[str, object],
+    workflow_id: str,
+    settings: Settings,
+    time_of_day: str,
+    timezone: str,
+    operation: str,
+    summary: str,
+) -> Schedule:
+    """A schedule that starts ``workflow`` once a day on the project's task queue. The
+    workflow id carries the project (``project_schedule_id``): Temporal appends the start
+    time, so two projects' runs at the same minute would otherwise share an id, and only
+    one of them would start."""
     from csbs.policy import parse_time_of_day
 
     minutes = parse_time_of_day(time_of_day)
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            "RetentionCleanup",
-            {},
-            id="retention-cleanup",
-            task_queue=task_queue,
+            workflow,
+            arg,
+            id=project_schedule_id(workflow_id, settings),
+            task_queue=settings.queue,
             typed_search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(SA_OPERATION, "retention")]
+                [SearchAttributePair(SA_OPERATION, operation)]
             ),
-            static_summary="daily retention cleanup of every policy",
+            static_summary=summary,
         ),
         spec=ScheduleSpec(
             calendars=[
@@ -109,37 +123,48 @@ def retention_schedule(time_of_day: str, timezone: str, task_queue: str) -> Sche
     )
 
 
-VERIFY_SCHEDULE_ID = "csbs-verify"
+def retention_schedule(settings: Settings) -> Schedule:
+    """The daily ``RetentionCleanup`` schedule (P5), default 00:00."""
+    return daily_schedule(
+        "RetentionCleanup",
+        {},
+        "retention-cleanup",
+        settings,
+        settings.retention_time,
+        settings.retention_timezone,
+        "retention",
+        "daily retention cleanup of every policy",
+    )
 
 
 def verify_schedule(settings: Settings) -> Schedule:
     """The daily ``VerifyBackups`` schedule: backups not verified within
     ``CSBS_VERIFY_MAX_AGE_DAYS`` are read back and checked at ``CSBS_VERIFY_TIME``."""
-    from csbs.policy import parse_time_of_day
+    return daily_schedule(
+        "VerifyBackups",
+        {"max_age_days": settings.verify_max_age_days},
+        "verify-backups",
+        settings,
+        settings.verify_time,
+        settings.verify_timezone,
+        "verify",
+        f"verify backups not verified in {settings.verify_max_age_days} day(s)",
+    )
 
-    minutes = parse_time_of_day(settings.verify_time)
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            "VerifyBackups",
-            {"max_age_days": settings.verify_max_age_days},
-            id="verify-backups",
-            task_queue=settings.queue,
-            typed_search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(SA_OPERATION, "verify")]
-            ),
-            static_summary=(
-                f"verify backups not verified in {settings.verify_max_age_days} day(s)"
-            ),
-        ),
-        spec=ScheduleSpec(
-            calendars=[
-                ScheduleCalendarSpec(
-                    hour=[ScheduleRange(minutes // 60)], minute=[ScheduleRange(minutes % 60)]
-                )
-            ],
-            time_zone_name=settings.verify_timezone,
-        ),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=CATCHUP_WINDOW),
+
+def gc_schedule(settings: Settings) -> Schedule:
+    """The daily ``CollectGarbage`` schedule (``CSBS_GC_TIME``, default 01:00): it
+    reconciles operations whose runs closed without finishing, then sweeps, so a sweep
+    deferred by running backups is never forgotten."""
+    return daily_schedule(
+        "CollectGarbage",
+        {},
+        "collect-garbage",
+        settings,
+        settings.gc_time,
+        settings.gc_timezone,
+        "gc",
+        "daily reconciliation and sweep of unreferenced chunks",
     )
 
 
@@ -173,18 +198,18 @@ async def reconcile_schedules(
                 await client.get_schedule_handle(sid).delete()
                 removed.append(policy_id)
     await _upsert(
-        client,
-        project_schedule_id(RETENTION_SCHEDULE_ID, settings),
-        retention_schedule(settings.retention_time, settings.retention_timezone, settings.queue),
+        client, project_schedule_id(RETENTION_SCHEDULE_ID, settings), retention_schedule(settings)
     )
-    if settings.verify_time.strip().lower() == "off":
-        verify_id = project_schedule_id(VERIFY_SCHEDULE_ID, settings)
-        if verify_id in existing:
-            await client.get_schedule_handle(verify_id).delete()
-    else:
-        await _upsert(
-            client, project_schedule_id(VERIFY_SCHEDULE_ID, settings), verify_schedule(settings)
-        )
+    for base, time_of_day, make in (
+        (VERIFY_SCHEDULE_ID, settings.verify_time, verify_schedule),
+        (GC_SCHEDULE_ID, settings.gc_time, gc_schedule),
+    ):
+        sid = project_schedule_id(base, settings)
+        if time_of_day.strip().lower() == "off":
+            if sid in existing:
+                await client.get_schedule_handle(sid).delete()
+        else:
+            await _upsert(client, sid, make(settings))
     return {"created": created, "removed": removed}
 
 

@@ -186,8 +186,11 @@ def dev_credentials(var_dir: Path) -> tuple[str, str]:
         import secrets
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"csbs-{secrets.token_hex(4)}\n{secrets.token_hex(16)}\n")
-        path.chmod(0o600)
+        # Created private (0600) in one step: never readable by others, not even briefly.
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"csbs-{secrets.token_hex(4)}\n{secrets.token_hex(16)}\n")
     key, secret = path.read_text().split()[:2]
     return key, secret
 

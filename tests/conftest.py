@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from csbs.config import Settings
 from csbs.drivers.base import ComputeDriver
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
+from csbs.errors import CsbsError, GarbageCollectionRunning
 from csbs.model import BackupServerInput, RestoreServerInput
 from csbs.services import CsbsService
 from starter.client import CsbsClient
@@ -290,6 +292,40 @@ def activity_steps(history: list[Any]) -> list[str]:
             if data is not None and data.payloads:
                 names.append(json.loads(data.payloads[0].data).get("activity_type", "?"))
     return names
+
+
+def service_backup(
+    service: CsbsService, server_id: str, wait_for_sweep: bool = False, check: bool = True
+) -> str | None:
+    """One backup through the service's steps, as ``BackupServer`` runs them (run id
+    "run"); its id. ``wait_for_sweep`` retries the start while a sweep holds the chunks, as
+    the workflow does. A failed backup is left ``error`` with its lock and snapshot
+    released; then this raises, or returns None when not ``check``."""
+    backup_id, task_id = f"bk-{uuid.uuid4().hex[:16]}", f"task-{uuid.uuid4().hex[:16]}"
+    inp = BackupServerInput(server_id=server_id)
+    for _ in range(4000 if wait_for_sweep else 1):
+        try:
+            service.prepare_backup(inp, backup_id, task_id, "wf", "run")
+            break
+        except GarbageCollectionRunning:
+            if not wait_for_sweep:
+                raise
+            time.sleep(0.005)
+    else:
+        raise AssertionError("the sweep never let the backup start")
+    committed = False
+    try:
+        for disk_id in service.take_snapshot(backup_id):
+            service.backup_disk(backup_id, disk_id)
+        service.commit_backup(backup_id, task_id)
+        committed = True
+    except CsbsError as exc:
+        service.fail_backup(backup_id, task_id, str(exc), "run")
+        if check:
+            raise
+    finally:
+        service.release_snapshot(server_id, backup_id, committed)
+    return backup_id if committed else None
 
 
 async def backup(stack: Stack, server_id: str, **kw: Any) -> dict[str, Any]:

@@ -300,12 +300,12 @@ async def test_delete_reclaims_chunks_no_other_backup_uses(stack: Stack) -> None
 async def test_backup_waits_for_a_running_sweep(stack: Stack) -> None:
     """D1: a backup started while GC sweeps retries its start and then runs."""
     server = make_server(stack)
-    stack.catalog.claim_gc()
+    token = stack.catalog.claim_gc()
     client = CsbsClient(stack.client, stack.settings)
     backup_id, handle = await client.start_backup(BackupServerInput(server_id=server.id))
     await asyncio.sleep(2.5)
     assert stack.catalog.find_backup(backup_id) is None  # nothing made while it waits
-    stack.catalog.release_gc()
+    stack.catalog.release_gc(token)
     result = cast(dict[str, Any], await asyncio.wait_for(handle.result(), timeout=60))
     assert result["status"] == "available"
 

@@ -8,8 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from csbs.catalog import BackupFilter, BackupRow, Catalog, DiskBackupRow, TaskRow, backup_json
-from csbs.errors import Conflict, NotFound
+from csbs.catalog import (
+    BackupFilter,
+    BackupRow,
+    Catalog,
+    DiskBackupRow,
+    ServerLockRow,
+    TaskRow,
+    backup_json,
+)
+from csbs.errors import (
+    Conflict,
+    GarbageCollectionDeferred,
+    GarbageCollectionRunning,
+    InvalidState,
+    NotFound,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -121,11 +135,95 @@ def test_gc_and_backups_never_overlap(catalog: Catalog) -> None:
     """D1: a sweep waits for running backups; a backup sees a running sweep."""
     add(catalog, 1, status="creating", server_id="srv-x")
     catalog.claim_server("srv-x", "bk-1")
-    with pytest.raises(Conflict, match="backups are running"):
+    with pytest.raises(GarbageCollectionDeferred, match="backups are running"):
         catalog.claim_gc()
     assert not catalog.gc_running()  # the refused sweep left nothing behind
     catalog.release_server("srv-x", "bk-1")
-    catalog.claim_gc()
+    token = catalog.claim_gc()
     assert catalog.gc_running()
-    catalog.release_gc()
+    catalog.release_gc(token)
     assert not catalog.gc_running()
+
+
+def test_the_sweep_lease_has_one_owner_and_runs_out(catalog: Catalog) -> None:
+    """Issue 14, defect 1 (on both databases): one sweep at a time; a second owner waits;
+    the same owner (a retry) takes over at once; a lapsed lease is taken over and can no
+    longer be renewed; release only frees one's own token."""
+    first = catalog.claim_gc("owner-a", lease=60)
+    with pytest.raises(GarbageCollectionRunning):
+        catalog.claim_gc("owner-b", lease=60)
+    assert catalog.renew_gc(first, lease=60)
+    retry = catalog.claim_gc("owner-a", lease=60)  # Temporal's retry of the same activity
+    assert retry != first and not catalog.renew_gc(first, lease=60)
+    catalog.release_gc(first)  # not the holder any more: no effect
+    assert catalog.gc_running(lease=60) and catalog.renew_gc(retry, lease=60)
+    # Lapsed for over two lease periods: another owner takes it; the old one cannot renew.
+    with catalog.session() as s:
+        row = s.get(ServerLockRow, "gc:p1")
+        assert row is not None
+        row.claimed_at = datetime.now(UTC) - timedelta(seconds=130)
+        s.add(row)
+    assert not catalog.gc_running(lease=60)
+    taken = catalog.claim_gc("owner-b", lease=60)
+    assert not catalog.renew_gc(retry, lease=60) and catalog.renew_gc(taken, lease=60)
+    catalog.release_gc(taken)
+    assert not catalog.gc_running(lease=60)
+
+
+def test_state_changes_are_compare_and_swap(catalog: Catalog) -> None:
+    """Issue 14, defect 4 (on both databases): a restore and a delete of one backup, and a
+    backup and a restore of one server, can never both start."""
+    add(catalog, 1)
+    add(catalog, 3)
+    restore = TaskRow(
+        id="t-r", project="p1", kind="restore", status="running", backup_id="bk-1",
+        server_id="srv-1", started_at=T0,
+    )  # fmt: skip
+    catalog.begin_restore("srv-1", "bk-1", restore)
+    assert catalog.get_backup("bk-1").status == "restoring"
+    with pytest.raises(InvalidState, match="restoring"):
+        catalog.begin_delete(["bk-3", "bk-1"], [])
+    assert catalog.get_backup("bk-3").status == "available"  # all or nothing
+    with pytest.raises(Conflict, match="being restored"):
+        catalog.claim_server("srv-1", "bk-9")
+    other = TaskRow(
+        id="t-r2", project="p1", kind="restore", status="running", backup_id="bk-3",
+        server_id="srv-1", started_at=T0,
+    )  # fmt: skip
+    with pytest.raises(Conflict):
+        catalog.begin_restore("srv-1", "bk-3", other)
+    assert catalog.get_backup("bk-3").status == "available"
+    with pytest.raises(NotFound):
+        catalog.get_task("t-r2")
+    catalog.end_restore("srv-1", "bk-1", "t-r")
+    assert catalog.get_backup("bk-1").status == "available"
+    assert catalog.server_lock("srv-1") is None
+    catalog.begin_delete(["bk-1", "bk-3"], [])
+    with pytest.raises(InvalidState, match="deleting"):
+        catalog.begin_restore("srv-1", "bk-1", restore)
+    assert catalog.server_lock("srv-1") is None  # the refused restore took no lock
+
+
+def test_suspect_chunks_are_kept_per_project(catalog: Catalog) -> None:
+    a, b = bytes(range(32)), bytes(32 * [7])
+    catalog.add_suspect_chunks([(a.hex(), "missing", "bk-1"), (b.hex(), "corrupt", "bk-1")])
+    catalog.add_suspect_chunks([(a.hex(), "corrupt", "bk-2")])  # found again: one row
+    assert catalog.suspect_chunks() == {a, b}
+    other = Catalog(catalog.url, project="p2")
+    assert other.suspect_chunks() == set()
+    other.dispose()
+    catalog.clear_suspect_chunks([a])
+    assert catalog.suspect_chunks() == {b}
+
+
+def test_reading_a_row_never_writes_it(catalog: Catalog) -> None:
+    """A read of a row that another process deletes meanwhile must not fail (it used to
+    write the row back, turning SQLite's naive times aware, and fail on commit)."""
+    add(catalog, 1)
+    with catalog.session() as s:
+        row = s.get(BackupRow, "bk-1")
+        assert row is not None
+        from csbs.catalog import _fix_backup
+
+        _fix_backup(row)
+        assert not s.dirty

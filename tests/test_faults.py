@@ -22,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
-from csbs.errors import Conflict, CsbsError, GarbageCollectionRunning
+from csbs.errors import CsbsError, GarbageCollectionDeferred, GarbageCollectionRunning
 from csbs.model import (
     BackupServerInput,
     DeleteBackupsInput,
@@ -45,10 +46,13 @@ from starter.client import CsbsClient
 from starter.stack import start_seaweed
 from tests.conftest import (
     Stack,
+    backup,
     kill9,
     make_settings,
     max_attempt,
+    restore,
     running_stack,
+    service_backup,
     settings_env,
     start_worker,
 )
@@ -64,7 +68,7 @@ def jittered(service: CsbsService, seed: int) -> Iterator[None]:
     """Sleep a seeded random moment before every S3 request, so that each seed interleaves
     the threads' requests differently."""
     store = service.store
-    names = ["_put", "_get", "_exists", "_delete", "list_objects"]
+    names = ["_put", "_get", "_head", "_delete", "list_objects"]
     originals = {n: getattr(store, n) for n in names}
     local = threading.local()
 
@@ -88,46 +92,34 @@ def jittered(service: CsbsService, seed: int) -> Iterator[None]:
 
 
 def run_backup(service: CsbsService, server_id: str) -> str | None:
-    """One backup through the service's steps, as the workflow runs them."""
-    backup_id, task_id = f"bk-{uuid.uuid4().hex[:16]}", f"task-{uuid.uuid4().hex[:16]}"
-    for _ in range(400):
-        try:
-            prepared = service.prepare_backup(
-                BackupServerInput(server_id=server_id), backup_id, task_id, "wf"
-            )
-            break
-        except GarbageCollectionRunning:
-            time.sleep(0.005)  # a sweep holds the chunks: the workflow retries the same way
-    else:
-        raise AssertionError("the sweep never let the backup start")
-    committed = False
-    try:
-        for disk_id in service.take_snapshot(backup_id):
-            service.backup_disk(backup_id, disk_id)
-        service.commit_backup(backup_id, task_id)
-        committed = True
-    except CsbsError as exc:
-        service.fail_backup(backup_id, task_id, str(exc))
-    finally:
-        service.release_snapshot(server_id, backup_id, committed)
-    assert prepared.backup_id == backup_id
-    return backup_id if committed else None
+    """One backup as the workflow runs it, waiting out a sweep; None if it failed."""
+    return service_backup(service, server_id, wait_for_sweep=True, check=False)
 
 
 def run_delete(service: CsbsService, backup_id: str) -> None:
+    """A delete as ``DeleteBackups`` runs it: mark, delete, then sweep."""
     pairs = service.prepare_delete(
         DeleteBackupsInput(backup_ids=[backup_id]), "del-" + backup_id, "wf"
     )
     for bid, tid in pairs:
         service.delete_backup(bid, tid)
+    run_gc(service)
+
+
+SWEEP_WAITS = (GarbageCollectionDeferred, GarbageCollectionRunning)
 
 
 def run_gc(service: CsbsService) -> None:
-    with contextlib.suppress(Conflict):  # deferred: a backup holds its slot
+    # Deferred (a backup holds its lock) or refused (another sweep holds the lease): the
+    # CollectGarbage workflow waits and tries again; a later sweep here does the same.
+    with contextlib.suppress(*SWEEP_WAITS):
         service.collect_garbage()
 
 
 def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, s3: Any) -> None:
+    """Per seed: a backup, two deletes (each followed by its own sweep, as DeleteBackups
+    does) and a CollectGarbage sweep run at once, their S3 requests jittered by the seed.
+    Up to four sweeps race for the lease beside a backup; nothing it needs may go."""
     settings = make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2)
     service = CsbsService(settings)
     drv = service.driver
@@ -135,26 +127,34 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
     disk = server.disks[0].id
     drv.write(server.id, disk, 0, os.urandom(1 * MIB))
     expected: dict[str, str] = {}
-    first = run_backup(service, server.id)
-    assert first is not None
-    expected[first] = drv.checksum(server.id)[disk]
-    interleavings = checked = 0
+
+    def change_and_back_up(rng: random.Random) -> None:
+        # The guest changes 1-4 chunks; the backup shares the rest with older ones.
+        for _ in range(rng.randint(1, 4)):
+            drv.write(server.id, disk, rng.randrange(16) * 64 * KIB, rng.randbytes(64 * KIB))
+        made = run_backup(service, server.id)
+        assert made is not None
+        expected[made] = drv.checksum(server.id)[disk]
+
+    change_and_back_up(random.Random("first"))
+    change_and_back_up(random.Random("second"))
+    interleavings = checked = double_deletes = 0
     for seed in range(100):
         rng = random.Random(seed)
-        # The guest changes 1-4 chunks; the next backup shares the rest with older ones.
+        change_and_back_up(rng)  # one more to delete, so two deletes each round
         for _ in range(rng.randint(1, 4)):
             drv.write(server.id, disk, rng.randrange(16) * 64 * KIB, rng.randbytes(64 * KIB))
         state = drv.checksum(server.id)[disk]
         live = [b.id for b in service.catalog.list_backups() if b.status == "available"]
-        victim = rng.choice(live[1:]) if len(live) > 2 else None
+        victims = rng.sample(live[1:], k=min(2, len(live) - 1))
+        double_deletes += len(victims) == 2
         made: list[str | None] = []
 
         def backup_job(out: list[str | None] = made) -> None:
             out.append(run_backup(service, server.id))
 
         jobs: list[Callable[[], None]] = [backup_job, lambda: run_gc(service)]
-        if victim is not None:
-            jobs.append(lambda v=victim: run_delete(service, v))  # type: ignore[misc]
+        jobs += [lambda v=v: run_delete(service, v) for v in victims]  # type: ignore[misc]
         rng.shuffle(jobs)
         errors: list[BaseException] = []
 
@@ -166,6 +166,7 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
                     job()
                 except BaseException as exc:
                     sink.append(exc)
+                    traceback.print_exc()
 
             return run
 
@@ -181,7 +182,7 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
         interleavings += 1
         if made and made[0]:
             expected[made[0]] = state
-        if victim is not None:
+        for victim in victims:
             expected.pop(victim, None)
         run_gc(service)  # a sweep with nothing running, the strictest moment
         for b in service.catalog.list_backups():
@@ -194,11 +195,86 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
         result = verify_disk(service.store, backup_id, disk, 4)
         assert result.problems == [], backup_id
     assert set(expected) == {b.id for b in service.catalog.list_backups()}
+    assert double_deletes == 100
     print(
-        f"GC: {interleavings} seeded interleavings of backup, delete and sweep; "
-        f"{checked} backup checks, {len(expected)} backups verified chunk by chunk"
+        f"GC: {interleavings} seeded interleavings of a backup, two deletes (each with its "
+        f"sweep) and a sweep; {checked} backup checks, {len(expected)} backups verified "
+        f"chunk by chunk"
     )
     service.catalog.dispose()
+
+
+async def test_a_sweep_that_outlives_its_heartbeat_loses_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep stalls (no heartbeat) while listing chunks; Temporal gives it up and starts
+    a retry beside it, which takes the lease over and finishes. A backup then commits new
+    chunks. When the stalled attempt wakes, it finds its lease gone and stops before
+    deleting anything: the backup restores bit-identical."""
+    from csbs import gc, tuning
+    from csbs.chunkstore import ChunkStore
+
+    monkeypatch.setattr(tuning, "HEARTBEAT_TIMEOUT", timedelta(seconds=3))
+    server = stack.compute.create_server("gc-stall", [4 * MIB])
+    disk = server.disks[0].id
+    stack.compute.write(server.id, disk, 0, os.urandom(4 * MIB))
+    first = await backup(stack, server.id)
+    for bid, tid in stack.service.prepare_delete(
+        DeleteBackupsInput(backup_ids=[first["id"]]), "del-stall", "wf"
+    ):
+        stack.service.delete_backup(bid, tid)  # its chunks are garbage, no sweep yet
+    wake = threading.Event()
+    real_list, calls = ChunkStore.list_chunks, [0]
+
+    def stalling_list(self: ChunkStore) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            assert wake.wait(120)
+        return real_list(self)
+
+    outcomes: list[Any] = []
+    real_sweep = gc.collect_garbage
+
+    def recorded_sweep(*args: Any, **kwargs: Any) -> Any:
+        try:
+            outcomes.append(real_sweep(*args, **kwargs))
+        except BaseException as exc:
+            outcomes.append(exc)
+            raise
+        return outcomes[-1]
+
+    monkeypatch.setattr(ChunkStore, "list_chunks", stalling_list)
+    monkeypatch.setattr(gc, "collect_garbage", recorded_sweep)
+    handle = await stack.client.start_workflow(
+        "CollectGarbage",
+        {},
+        id=f"gc-stall-{uuid.uuid4().hex[:8]}",
+        task_queue=stack.settings.queue,
+    )
+    swept = await asyncio.wait_for(handle.result(), timeout=120)
+    attempts = await max_attempt(handle)
+    stack.compute.write(server.id, disk, 0, os.urandom(4 * MIB))
+    expected = stack.compute.checksum(server.id)
+    second = await backup(stack, server.id)
+    wake.set()
+    for _ in range(600):
+        if len(outcomes) == 2:
+            break
+        await asyncio.sleep(0.05)
+    lost = [o for o in outcomes if isinstance(o, BaseException)]
+    assert attempts >= 2 and len(outcomes) == 2, (attempts, outcomes)
+    # The stalled attempt stopped at its next heartbeat (Temporal had given it up: the SDK
+    # cancels it) or at its next renewal (the lease was taken over), before any delete.
+    assert len(lost) == 1, outcomes
+    assert "lost its lease" in str(lost[0]) or "Cancel" in type(lost[0]).__name__, outcomes
+    assert missing_chunks(stack.store, second["id"], [disk], None) == []
+    await restore(stack, second["id"])
+    assert stack.compute.checksum(server.id) == expected
+    print(
+        f"GC outliving its heartbeat: attempt 1 stalled, attempt {attempts} took the lease "
+        f"over and deleted {swept['chunks_deleted']} chunks; the stalled one stopped "
+        f"({lost[0]}); the backup made meanwhile restored bit-identical"
+    )
 
 
 # -- the worker killed with SIGKILL --------------------------------------------------------------

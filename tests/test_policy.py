@@ -15,6 +15,7 @@ from csbs.policy import (
     RetainedBackup,
     RetentionKind,
     next_run_days,
+    retention_notes,
     schedule_calendars,
     select_expired,
 )
@@ -111,11 +112,20 @@ def test_count_retention_keeps_the_newest_scheduled_per_server(
 @settings(max_examples=300)
 @given(backups_st, st.integers(1, 400))
 def test_days_retention_and_failed_backup_limits(backups: list[RetainedBackup], days: int) -> None:
-    """P4: past the age they go; failed scheduled ones: at most 10 per server, one month."""
+    """P4: past the age they go, but never a server's last available backup (issue 14);
+    failed scheduled ones: at most 10 per server, one month."""
     expired = select_expired(backups, RetentionKind.DAYS, days, NOW)
+    notes = retention_notes(backups, RetentionKind.DAYS, days, NOW)
+    newest: dict[str, RetainedBackup] = {}
+    good = [b for b in backups if b.kind == "scheduled" and b.status == "available"]
+    for b in sorted(good, key=lambda b: (b.created_at, b.id)):
+        newest[b.server_id] = b
     for b in backups:
         if b.kind == "scheduled" and b.status == "available":
-            assert (b.id in expired) == (b.created_at < NOW - timedelta(days=days))
+            old = b.created_at < NOW - timedelta(days=days)
+            last = newest[b.server_id] is b
+            assert (b.id in expired) == (old and not last)
+            assert (b.id in notes) == (old and last)
         if b.kind != "scheduled" or b.status == "creating":
             assert b.id not in expired
     for server in ("s1", "s2", "s3"):

@@ -96,7 +96,14 @@ texts = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8"), min_size=250, max_size=600),
     st.sampled_from(["..", "../etc", "a/../../b", ".", "", " ", "x" * 256, "中" * 255]),
 )
-ids = st.one_of(texts, st.from_regex(ID_PATTERN, fullmatch=True))
+#: A valid id or name with a line ending or a space after it: ``re.match`` with ``$``
+#: accepted "srv-1\n" (issue 14); every check must take a full match.
+ended = st.tuples(
+    st.from_regex(ID_PATTERN, fullmatch=True) | st.sampled_from(["srv-1", "中文", "a"]),
+    st.sampled_from(["\n", "\r\n", "\r", " ", "\n\n", "\x00"]),
+).map("".join)
+texts = st.one_of(texts, ended)
+ids = st.one_of(texts, ended, st.from_regex(ID_PATTERN, fullmatch=True))
 
 
 def one_line(exc: BaseException) -> str:
@@ -325,7 +332,7 @@ def test_ids_in_paths_never_leave_their_directory(tmp_path: Path) -> None:
             check_id(server_id, "server_id")
         except ValueError:
             return
-        assert not any(c in server_id for c in "/\\.\x00") and server_id[0] != "-"
+        assert not any(c in server_id for c in "/\\.\x00\n\r ") and server_id[0] != "-"
 
     run("ids_in_paths", check, ids, ids, ids)
 

@@ -78,6 +78,23 @@ def transfer(name: str, *args: Any, result_type: type, summary: str) -> Any:
     )
 
 
+#: A sweep may take hours on a large repository; it heartbeats every second in every
+#: phase, so a silent one is given up after HEARTBEAT_TIMEOUT and retried.
+SWEEP_TIMEOUT = timedelta(hours=6)
+
+
+def sweep() -> Any:
+    """Run one garbage-collection sweep (``collect_garbage``) of the worker's project."""
+    return workflow.execute_activity(
+        "collect_garbage",
+        result_type=dict[str, Any],
+        start_to_close_timeout=SWEEP_TIMEOUT,
+        heartbeat_timeout=tuning.HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
+        summary="sweep unreferenced chunks",
+    )
+
+
 def tag(*pairs: SearchAttributeUpdate[Any]) -> None:
     """Upsert search attributes so the run is found by server, backup and operation."""
     workflow.upsert_search_attributes(list(pairs))

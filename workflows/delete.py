@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import contextlib
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -20,6 +21,7 @@ from workflows.common import (
     SA_OPERATION,
     STEP_TIMEOUT,
     reason_of,
+    sweep,
     tag,
 )
 
@@ -76,16 +78,23 @@ class DeleteBackups:
             self._progress["step"] = "reclaiming storage"
             workflow.set_current_details(self._progress["step"])
             try:
-                self._progress["reclaimed"] = await workflow.execute_activity(
-                    "collect_garbage",
-                    result_type=dict[str, Any],
-                    start_to_close_timeout=timedelta(hours=6),
-                    heartbeat_timeout=timedelta(minutes=2),
-                    retry_policy=RETRY,
-                )
+                self._progress["reclaimed"] = await sweep()
             except ActivityError as err:
-                # Backups are running (or S3 failed): the next CollectGarbage reclaims it.
-                self._progress["reclaimed"] = {"deferred": reason_of("reclaim", err).reason}
+                # Backups are running (or another sweep, or S3 failed): hand the sweep to
+                # a CollectGarbage run that waits for them, so it is never forgotten.
+                reclaim = f"collect-garbage-after-delete.{workflow.info().task_queue}"
+                self._progress["reclaimed"] = {
+                    "deferred": reason_of("reclaim", err).reason,
+                    "handed_to": reclaim,
+                }
+                with contextlib.suppress(WorkflowAlreadyStartedError):
+                    await workflow.start_child_workflow(
+                        "CollectGarbage",
+                        {},
+                        id=reclaim,
+                        parent_close_policy=ParentClosePolicy.ABANDON,
+                        static_summary="sweep deferred by a delete while backups ran",
+                    )
         self._progress["step"] = "done"
         if self._progress["failed"]:
             raise ApplicationError(

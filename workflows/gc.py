@@ -1,38 +1,61 @@
-"""``CollectGarbage``: sweep chunks that no manifest references any more (D1)."""
+"""``CollectGarbage``: reconcile operations whose runs closed without finishing, then sweep
+chunks that no manifest references any more (D1); daily from its schedule."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel, ConfigDict, ValidationError
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workflows.common import RETRY, SA_OPERATION, tag
+from workflows.common import SA_OPERATION, act, reason_of, sweep, tag
+
+#: A sweep that meets these waits and tries again (backups run, another sweep holds the
+#: lease); anything else fails the run with its reason.
+WAIT_TYPES = {"GarbageCollectionDeferred", "GarbageCollectionRunning", "LeaseLost"}
 
 
 class CollectGarbageInput(BaseModel):
     """Input of ``CollectGarbage`` (the worker's project is swept)."""
 
     model_config = ConfigDict(extra="forbid")
+    #: While backups run, try again after this many seconds...
+    retry_seconds: int = Field(default=300, ge=1, le=86400)
+    #: ...for at most this long; then the run fails with the reason, and the next daily
+    #: run sweeps.
+    max_wait_seconds: int = Field(default=12 * 3600, ge=0, le=7 * 86400)
 
 
 @workflow.defn(name="CollectGarbage", failure_exception_types=[ValidationError])
 class CollectGarbage:
-    """Mark every chunk referenced by a manifest, delete the rest; never beside a backup."""
+    """Reconcile closed runs; then mark every chunk a manifest references and delete the
+    rest, never beside a backup: while backups run, wait and try again."""
 
     @workflow.run
     async def run(self, inp: CollectGarbageInput | None = None) -> dict[str, Any]:
+        inp = inp or CollectGarbageInput()
         tag(SA_OPERATION.value_set("gc"))
-        workflow.set_current_details("sweeping unreferenced chunks")
-        result: dict[str, Any] = await workflow.execute_activity(
-            "collect_garbage",
-            result_type=dict[str, Any],
-            start_to_close_timeout=timedelta(hours=6),
-            heartbeat_timeout=timedelta(minutes=2),
-            retry_policy=RETRY,
-        )
+        workflow.set_current_details("reconciling operations whose runs closed")
+        reconciled: int = await act("reconcile_operations", result_type=int)
+        waited = 0
+        while True:
+            workflow.set_current_details("sweeping unreferenced chunks")
+            try:
+                result: dict[str, Any] = await sweep()
+                break
+            except ActivityError as err:
+                failed = reason_of("sweep", err)
+                if failed.error_type not in WAIT_TYPES or waited >= inp.max_wait_seconds:
+                    raise ApplicationError(
+                        failed.reason, type=failed.error_type, non_retryable=True
+                    ) from err
+                workflow.set_current_details(
+                    f"waiting {inp.retry_seconds} s ({failed.reason}); waited {waited} s"
+                )
+                await workflow.sleep(inp.retry_seconds)
+                waited += inp.retry_seconds
         workflow.set_current_details(f"deleted {result['chunks_deleted']} chunks")
-        return result
+        return {**result, "reconciled": reconciled, "waited_seconds": waited}

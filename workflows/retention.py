@@ -10,7 +10,7 @@ from temporalio.exceptions import ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, ConfigDict, ValidationError
 
-    from csbs.model import DeleteBackupsInput
+    from csbs.model import DeleteBackupsInput, RetentionPlan
 
 from workflows.common import SA_OPERATION, act, reason_of, tag
 
@@ -21,8 +21,11 @@ class RetentionCleanupInput(BaseModel):
 
 async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, Any]:
     """Delete what one policy's retention expires now, via a ``DeleteBackups`` child."""
-    expired: list[str] = await act("policy_expired_backups", policy_id, result_type=list[str])
+    plan: RetentionPlan = await act("policy_expired_backups", policy_id, result_type=RetentionPlan)
+    expired = plan.expired
     entry: dict[str, Any] = {"expired": expired}
+    if plan.kept:
+        entry["kept"] = plan.kept
     if expired:
         try:
             entry["result"] = await workflow.execute_child_workflow(

@@ -7,12 +7,13 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from csbs.errors import InvalidInput, NotFound
+from csbs.errors import InvalidInput, NotFound, UnsafePath
 from csbs.model import Disk, DiskRole, Server, ServerState, check_id
 
 
@@ -42,6 +43,54 @@ def hash_zeros(digest: Any, count: int) -> None:
         n = min(count, len(zeros))
         digest.update(zeros[:n] if n != len(zeros) else zeros)
         count -= n
+
+
+#: The only variables a child process (QEMU, qemu-img) inherits: never a secret such as
+#: AWS_SECRET_ACCESS_KEY or CSBS_ENCRYPTION_KEY, which it would keep after the worker.
+CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+def child_env() -> dict[str, str]:
+    """A minimal environment for a child process."""
+    env = {k: os.environ[k] for k in CHILD_ENV_KEYS if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
+
+
+def runtime_base() -> Path:
+    """The private directory under which socket directories are made, created if need be.
+
+    ``$XDG_RUNTIME_DIR/csbs-qemu`` when that is set (a per-user directory the system made),
+    else ``$TMPDIR/csbs-qemu-<uid>`` (``/tmp`` when TMPDIR is too long for socket paths).
+    Refused (UnsafePath) unless it is a real directory (not a symlink) owned by us with
+    no access for group or others: another user who made it first could swap sockets.
+    """
+    import tempfile
+
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and len(xdg) <= 60 and os.path.isdir(xdg):
+        base = Path(xdg) / "csbs-qemu"
+    else:
+        tmp = tempfile.gettempdir()
+        if len(tmp) > 60:  # Unix socket paths must stay under 108 bytes
+            tmp = "/tmp"
+        base = Path(tmp) / f"csbs-qemu-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        base.mkdir(mode=0o700)
+    st = os.lstat(base)
+    problem = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a symlink or another file)"
+    elif st.st_uid != os.getuid():
+        problem = f"is owned by uid {st.st_uid}, not by us (uid {os.getuid()})"
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):o}: group or others may use it"
+    if problem is not None:
+        raise UnsafePath(
+            f"QEMU socket directory {base} {problem}; remove it (or set XDG_RUNTIME_DIR or "
+            f"TMPDIR to a private directory) and try again"
+        )
+    return base
 
 
 def check_disk_size(size: int, field: str = "size") -> None:

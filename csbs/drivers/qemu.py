@@ -9,7 +9,12 @@ Unix socket paths are limited to 107 bytes)::
     <servers_dir>/<server_id>/disks/<disk>.qcow2    the disk images
     <servers_dir>/<server_id>/cbt/<disk>.json       {"checkpoint": bitmap | null, "reason"}
     <servers_dir>/<server_id>/snapshots/<id>/       snapshot.json + fleecing overlays
-    $TMPDIR/csbs-qemu-<uid>/<hash>/qmp.sock|nbd.sock
+    $XDG_RUNTIME_DIR/csbs-qemu/<hash>/qmp.sock|nbd.sock   (else $TMPDIR/csbs-qemu-<uid>/)
+
+The socket base directory must belong to us with no access for group or others (and not
+be a symlink): one that another local user created first is refused, since whoever
+controls it could put their own socket where QEMU's should be. QEMU and qemu-img get a
+minimal environment (``child_env``): never the worker's S3 secret or encryption key.
 
 Process model. ``running`` means a QEMU process whose VM runs. ``stopped`` means no
 process, or a paused maintenance process (``-S``) while a snapshot, restore or checksum
@@ -58,8 +63,10 @@ from csbs.drivers.base import Snapshot, SnapshotDisk
 from csbs.drivers.common import (
     DirectoryDriver,
     check_disk_size,
+    child_env,
     hash_zeros,
     merge_ranges,
+    runtime_base,
     write_json,
 )
 from csbs.errors import (
@@ -238,13 +245,11 @@ class QemuDriver(DirectoryDriver):
         return self._dir(server_id) / "disks" / f"{check_id(disk_id, 'disk_id')}.qcow2"
 
     def _new_runtime(self, server_id: str) -> Path:
-        """A fresh short directory for the sockets of a process about to start."""
+        """A fresh short directory for the sockets of a process about to start, inside a
+        private base directory (``$XDG_RUNTIME_DIR/csbs-qemu``, else
+        ``$TMPDIR/csbs-qemu-<uid>``) that must be ours and closed to everyone else."""
         key = hashlib.sha1(str(self._dir(server_id).resolve()).encode()).hexdigest()[:12]
-        tmp = tempfile.gettempdir()
-        if len(tmp) > 60:  # Unix socket paths must stay under 108 bytes
-            tmp = "/tmp"
-        base = Path(tmp) / f"csbs-qemu-{os.getuid()}"
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        base = runtime_base()
         return Path(tempfile.mkdtemp(prefix=f"{key}-", dir=base))
 
     def _record(self, server_id: str) -> dict[str, Any]:
@@ -355,6 +360,7 @@ class QemuDriver(DirectoryDriver):
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     cmd,
+                    env=child_env(),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
@@ -488,7 +494,12 @@ class QemuDriver(DirectoryDriver):
     def _img(self, *args: str) -> str:
         try:
             result = subprocess.run(
-                [self.qemu_img, *args], capture_output=True, text=True, timeout=120, check=False
+                [self.qemu_img, *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                env=child_env(),
             )
         except FileNotFoundError:
             raise DiskUnavailable(
