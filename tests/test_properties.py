@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -36,6 +37,9 @@ from csbs.naming import check_description, check_name
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
 from csbs.services import plan_disk_mapping
+
+#: 11,600 generated inputs take about 30 s: CI runs them; the quick loop does not.
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 #: Inputs per test; their sum is the "inputs tried" figure.
