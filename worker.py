@@ -16,7 +16,7 @@ from activities import CsbsActivities
 from csbs.config import Settings
 from csbs.services import CsbsService
 from csbs.telemetry import setup_tracing, shutdown_tracing
-from starter.client import connect
+from runtime.connection import connect
 from workflows import ALL_WORKFLOWS
 
 
@@ -50,7 +50,7 @@ async def reconcile(client: object, settings: Settings) -> None:
     from csbs.catalog import Catalog
     from csbs.drivers import make_driver
     from csbs.policy_service import PolicyService
-    from starter.schedules import reconcile_schedules
+    from runtime.schedules import reconcile_schedules
 
     catalog = Catalog(settings.effective_database_url, settings.project)
     try:

@@ -21,7 +21,8 @@ from typing import Any, cast
 from csbs.config import Settings
 from csbs.drivers import make_driver
 from csbs.model import BackupServerInput, RestoreServerInput
-from starter.client import CsbsClient, connect
+from runtime.connection import connect
+from starter.client import CsbsClient
 from starter.stack import stack_env
 
 MIB = 1024 * 1024

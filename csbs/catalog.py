@@ -27,7 +27,7 @@ from csbs.errors import (
     InvalidState,
     NotFound,
 )
-from csbs.model import BackupKind, BackupStatus, TaskKind, TaskStatus
+from csbs.model import BackedUpDisk, BackupKind, BackupStatus, DiskRole, TaskKind, TaskStatus
 from csbs.schema import upgrade_catalog
 
 
@@ -98,6 +98,15 @@ class DiskBackupRow(SQLModel, table=True):
     read_note: str = Field(default="", max_length=500)
     progress: int = 0
     done: bool = False
+
+    def view(self) -> BackedUpDisk:
+        """The disk as the domain rules see it."""
+        return BackedUpDisk(
+            disk_id=self.disk_id,
+            name=self.disk_name,
+            role=DiskRole(self.role),
+            size_bytes=self.size_bytes,
+        )
 
 
 class TaskRow(SQLModel, table=True):

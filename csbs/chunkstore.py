@@ -34,6 +34,7 @@ from csbs.format import (
     FORMAT_VERSION,
     HASH_NAME,
     MIN_CHUNK_OBJECT,
+    BackupDescriptor,
     Manifest,
     chunk_digest,
     decode_chunk,
@@ -404,14 +405,16 @@ class ChunkStore:
             )
         return manifest
 
-    def put_descriptor(self, backup_id: str, descriptor: dict[str, Any]) -> None:
-        key = self.descriptor_key(backup_id)
-        self._put(key, self._seal(key, json.dumps(descriptor, indent=2).encode()))
+    def put_descriptor(self, descriptor: BackupDescriptor) -> None:
+        key = self.descriptor_key(descriptor.backup_id)
+        self._put(key, self._seal(key, descriptor.encode()))
 
-    def get_descriptor(self, backup_id: str) -> dict[str, Any]:
+    def get_descriptor(self, backup_id: str) -> BackupDescriptor:
         key = self.descriptor_key(backup_id)
-        data: dict[str, Any] = json.loads(self._open(key, self._get(key)))
-        return data
+        descriptor = BackupDescriptor.decode(self._open(key, self._get(key)))
+        if descriptor.backup_id != backup_id:
+            raise CorruptData(f"descriptor at {key} belongs to another backup")
+        return descriptor
 
     def delete_staging(self, backup_id: str) -> None:
         self._delete(list(self.list_keys(f"staging/{check_id(backup_id)}/")))

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import blake3
 import zstandard
+from pydantic import BaseModel, ValidationError
 
 from csbs.errors import CorruptData
 
@@ -254,3 +256,59 @@ def ranges_to_chunks(ranges: list[tuple[int, int]], chunk_size: int) -> set[int]
             continue
         touched.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
     return touched
+
+
+class DescriptorServer(BaseModel):
+    """The server a backup was made of."""
+
+    id: str
+    name: str
+    type: str
+
+
+class DescriptorDisk(BaseModel):
+    """One disk of a backup: what it was and where its manifest is."""
+
+    disk_id: str
+    name: str
+    role: str
+    size_bytes: int
+    data_bytes: int
+    manifest: str
+
+
+class BackupDescriptor(BaseModel):
+    """``backups/<backup_id>.json`` (docs/format.md, "Backup descriptor"): written last,
+    its presence commits the backup; with the manifests it is all a restore needs."""
+
+    format_version: int = FORMAT_VERSION
+    backup_id: str
+    project: str
+    name: str
+    description: str = ""
+    kind: str
+    policy_id: str | None = None
+    parent_id: str | None = None
+    created_at: datetime
+    snapshot_at: datetime | None = None
+    server: DescriptorServer
+    chunk_size: int
+    disks: list[DescriptorDisk]
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> BackupDescriptor:
+        """Parse a descriptor; CorruptData unless it is one of this format version."""
+        try:
+            descriptor = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise CorruptData(
+                f"backup descriptor is malformed ({exc.error_count()} errors)"
+            ) from exc
+        if descriptor.format_version != FORMAT_VERSION:
+            raise CorruptData(
+                f"backup descriptor has unsupported format version {descriptor.format_version}"
+            )
+        return descriptor

@@ -100,6 +100,15 @@ class Server(BaseModel):
         return sum(d.size_bytes for d in self.disks)
 
 
+class BackedUpDisk(BaseModel):
+    """One disk as a backup holds it (what restore planning needs)."""
+
+    disk_id: str
+    name: str = ""
+    role: DiskRole = DiskRole.DATA
+    size_bytes: int
+
+
 # --- workflow inputs (the public contract: one JSON object each) -----------------------
 
 

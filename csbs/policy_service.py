@@ -30,7 +30,7 @@ from csbs.policy import (
     retention_notes,
     select_expired,
 )
-from csbs.services import BACKUP_STATES
+from csbs.rules import BACKUP_STATES
 
 
 def policy_json(row: PolicyRow, bindings: list[BindingRow]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from csbs.catalog import (
 )
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
-from csbs.drivers import ComputeDriver, SnapshotReader, make_driver
+from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import (
     Conflict,
     CorruptData,
@@ -36,35 +36,34 @@ from csbs.errors import (
     NotFound,
     QuotaExceeded,
 )
-from csbs.format import Manifest
+from csbs.format import BackupDescriptor, DescriptorDisk, DescriptorServer, Manifest
 from csbs.model import (
     BackupServerInput,
     BackupStatus,
     ChunkProblem,
     DeleteBackupsInput,
     Disk,
-    DiskRole,
     PreparedBackup,
     RestoreItem,
     RestorePlan,
     RestoreServerInput,
     Server,
-    ServerState,
     TaskKind,
     TaskStatus,
     TransferStats,
     VerifyDiskResult,
     VerifyPlan,
-    check_id,
 )
 from csbs.naming import default_name
+from csbs.rules import (
+    BACKUP_STATES,
+    DELETABLE,
+    RESTORE_REFUSED_STATES,
+    backup_warnings,
+    full_read_note,
+    plan_disk_mapping,
+)
 from csbs.transfer import backup_disk, restore_disk
-
-BACKUP_STATES = {ServerState.RUNNING, ServerState.STOPPED}
-RESTORE_REFUSED_STATES = {ServerState.FAULT, ServerState.RESIZING, ServerState.RESIZE_VERIFYING}
-#: Servers larger than this get a warning (B8): their backups take long.
-LARGE_SERVER_BYTES = 4 * 1024**4
-DELETABLE = {BackupStatus.AVAILABLE, BackupStatus.ERROR, BackupStatus.DELETE_FAILED}
 
 #: Called by long steps with resumable details; activities turn it into a heartbeat.
 Heartbeat = Callable[[dict[str, Any]], None]
@@ -368,36 +367,33 @@ class CsbsService:
         missing = [d.disk_id for d in disks if not d.done]
         if missing:
             raise InvalidState(f"backup {backup_id}: disks {missing} were not backed up")
-        descriptor = {
-            "format_version": 1,
-            "backup_id": backup.id,
-            "project": backup.project,
-            "name": backup.name,
-            "description": backup.description,
-            "kind": backup.kind,
-            "policy_id": backup.policy_id,
-            "parent_id": backup.parent_id,
-            "created_at": backup.created_at.isoformat(),
-            "snapshot_at": backup.snapshot_at.isoformat() if backup.snapshot_at else None,
-            "server": {
-                "id": backup.server_id,
-                "name": backup.server_name,
-                "type": backup.server_type,
-            },
-            "chunk_size": self.settings.chunk_size,
-            "disks": [
-                {
-                    "disk_id": d.disk_id,
-                    "name": d.disk_name,
-                    "role": d.role,
-                    "size_bytes": d.size_bytes,
-                    "data_bytes": d.data_bytes,
-                    "manifest": self.store.manifest_key(backup_id, d.disk_id),
-                }
+        descriptor = BackupDescriptor(
+            backup_id=backup.id,
+            project=backup.project,
+            name=backup.name,
+            description=backup.description,
+            kind=backup.kind,
+            policy_id=backup.policy_id,
+            parent_id=backup.parent_id,
+            created_at=backup.created_at,
+            snapshot_at=backup.snapshot_at,
+            server=DescriptorServer(
+                id=backup.server_id, name=backup.server_name, type=backup.server_type
+            ),
+            chunk_size=self.settings.chunk_size,
+            disks=[
+                DescriptorDisk(
+                    disk_id=d.disk_id,
+                    name=d.disk_name,
+                    role=d.role,
+                    size_bytes=d.size_bytes,
+                    data_bytes=d.data_bytes,
+                    manifest=self.store.manifest_key(backup_id, d.disk_id),
+                )
                 for d in disks
             ],
-        }
-        self.store.put_descriptor(backup_id, descriptor)
+        )
+        self.store.put_descriptor(descriptor)
         self.store.delete_staging(backup_id)
         row = self.catalog.update_backup(
             backup_id,
@@ -477,7 +473,10 @@ class CsbsService:
                 f"resize_verifying cannot be restored"
             )
         items, warnings = plan_disk_mapping(
-            server, self.catalog.disk_backups(backup.id), inp.disk_mapping, inp.disk_ids
+            server,
+            [d.view() for d in self.catalog.disk_backups(backup.id)],
+            inp.disk_mapping,
+            inp.disk_ids,
         )
         if existing is None:
             task = self._running_task(
@@ -830,123 +829,3 @@ def _same_run(row: BackupRow, workflow_id: str, run_id: str) -> bool:
     if run_id and row.run_id:
         return row.run_id == run_id
     return row.workflow_id == workflow_id
-
-
-def full_read_note(
-    reader: SnapshotReader, parent: Manifest | None, parent_id: str | None
-) -> str | None:
-    """Why a disk must be read in full (allocated ranges, diffed by chunk id) rather than
-    by its changed blocks; None when the changed blocks since the parent can be trusted."""
-    if parent_id is None:
-        return "first backup of this server: every allocated range is read"
-    if parent is None:
-        return "the disk is not in the parent backup: every allocated range is read"
-    if parent.size_bytes != reader.size_bytes:
-        return (
-            f"the disk changed size since the parent backup ({parent.size_bytes} -> "
-            f"{reader.size_bytes} bytes): every allocated range is read"
-        )
-    if reader.changed_since != parent_id:
-        why = reader.full_read_reason or (
-            f"changed blocks are tracked since {reader.changed_since}, not since the parent "
-            f"backup {parent_id}"
-        )
-        return f"{why}: every allocated range is read and diffed by chunk"
-    return None
-
-
-def backup_warnings(server: Server) -> list[str]:
-    """Warnings a backup of ``server`` carries but does not refuse on (B8)."""
-    if server.size_bytes > LARGE_SERVER_BYTES:
-        return [
-            f"server {server.id} has {server.size_bytes / 1024**4:.1f} TiB of disks (over 4 TiB): "
-            f"its backups will take long"
-        ]
-    return []
-
-
-def _shown(value: str) -> str:
-    """An id as a person should see it in a message: quoted when it is not a plain id."""
-    try:
-        return check_id(value)
-    except ValueError:
-        return repr(value)
-
-
-def plan_disk_mapping(
-    server: Server,
-    disks: list[DiskBackupRow],
-    mapping: dict[str, str],
-    only: list[str] | None = None,
-) -> tuple[list[RestoreItem], list[str]]:
-    """Decide which backed-up disk goes onto which disk of the server (R4).
-
-    Default: each disk onto itself. Rules: a mapped source must be in the backup, a target
-    must be a disk of the server with capacity not smaller than the source, a data disk
-    never goes onto the system disk, and no target is used twice.
-    """
-    by_id = {d.disk_id: d for d in disks}
-    for src in [*mapping, *(only or [])]:
-        if src not in by_id:
-            raise InvalidInput(f"disk_mapping: disk {_shown(src)} is not in this backup")
-    chosen = [d for d in disks if not only or d.disk_id in only]
-    for src in mapping:
-        if only and src not in only:
-            raise InvalidInput(
-                f"disk_mapping: disk {_shown(src)} is mapped but not chosen for restore"
-            )
-    items: list[RestoreItem] = []
-    warnings: list[str] = []
-    targets_used: set[str] = set()
-    server_disks = {d.id: d for d in server.disks}
-    for disk in chosen:
-        target_id = mapping.get(disk.disk_id, disk.disk_id)
-        target = server_disks.get(target_id)
-        if target is None and disk.disk_id not in mapping:
-            # R5: the disk was removed since the backup; it comes back as it was.
-            warnings.append(f"disk {disk.disk_id} was removed since the backup: it is re-created")
-            items.append(
-                RestoreItem(
-                    source_disk_id=disk.disk_id,
-                    target_disk_id=disk.disk_id,
-                    size_bytes=disk.size_bytes,
-                    create=True,
-                    name=disk.disk_name,
-                    role=DiskRole(disk.role),
-                )
-            )
-            targets_used.add(disk.disk_id)
-            continue
-        if target is None:
-            raise InvalidInput(
-                f"disk_mapping: disk {_shown(target_id)} is not a disk of server {server.id}"
-            )
-        if target_id != disk.disk_id and target.size_bytes < disk.size_bytes:
-            raise InvalidInput(
-                f"disk_mapping: target disk {target_id} ({target.size_bytes} bytes) is smaller "
-                f"than backed-up disk {disk.disk_id} ({disk.size_bytes} bytes)"
-            )
-        if disk.role == DiskRole.DATA.value and target.role == DiskRole.SYSTEM:
-            raise InvalidInput(
-                f"disk_mapping: data disk {disk.disk_id} cannot be restored onto system disk "
-                f"{target_id}"
-            )
-        if target_id in targets_used:
-            raise InvalidInput(f"disk_mapping: target disk {target_id} is used more than once")
-        targets_used.add(target_id)
-        items.append(
-            RestoreItem(
-                source_disk_id=disk.disk_id, target_disk_id=target_id, size_bytes=disk.size_bytes
-            )
-        )
-    if only:
-        warnings.append(
-            f"only disk(s) {', '.join(only)} restored: the server's other disks keep their "
-            f"current data, so data across disks may not be consistent"
-        )
-    elif len(server.disks) > len(disks):
-        warnings.append(
-            f"server {server.id} now has {len(server.disks)} disks, the backup {len(disks)}: "
-            f"disks not in the backup keep their data, so data across disks may not be consistent"
-        )
-    return items, warnings

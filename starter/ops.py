@@ -33,7 +33,8 @@ from csbs.model import (
 )
 from csbs.naming import default_name, numbered
 from csbs.policy_service import PolicyService
-from starter.client import CsbsClient, connect
+from runtime.connection import connect
+from starter.client import CsbsClient
 
 T = TypeVar("T")
 
@@ -264,7 +265,7 @@ class Operations:
     async def sync_policy(self, policy_id: str) -> None:
         """Write the policy's Temporal Schedule from the catalog (the catalog is written
         first; ``policy reconcile`` repairs a schedule this could not write)."""
-        from starter.schedules import upsert_policy_schedule
+        from runtime.schedules import upsert_policy_schedule
 
         await upsert_policy_schedule(
             await self.client(), policy_id, self.policies.spec(policy_id), self.settings.queue
@@ -273,14 +274,14 @@ class Operations:
     async def delete_policy(self, policy_id: str) -> None:
         from temporalio.service import RPCError
 
-        from starter.schedules import schedule_id
+        from runtime.schedules import schedule_id
 
         self.policies.delete(policy_id)
         with contextlib.suppress(RPCError):  # already gone is fine
             await (await self.client()).get_schedule_handle(schedule_id(policy_id)).delete()
 
     async def next_runs(self, policy_id: str) -> list[str]:
-        from starter.schedules import schedule_id
+        from runtime.schedules import schedule_id
 
         handle = (await self.client()).get_schedule_handle(schedule_id(policy_id))
         desc = await handle.describe()

@@ -222,7 +222,7 @@ def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = Fals
 @policy_app.command("reconcile")
 def policy_reconcile(as_json: JsonOpt = False) -> None:
     """Repair drift: create missing policy schedules, delete orphans, ensure daily cleanup."""
-    from starter.schedules import reconcile_schedules
+    from runtime.schedules import reconcile_schedules
 
     cli = _cli()
     ops, svc = _service()

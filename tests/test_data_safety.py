@@ -651,7 +651,7 @@ async def test_the_daily_runs_of_two_projects_never_share_a_workflow_id(
 ) -> None:
     from csbs.drivers import make_driver
     from csbs.policy_service import PolicyService
-    from starter.schedules import (
+    from runtime.schedules import (
         GC_SCHEDULE_ID,
         RETENTION_SCHEDULE_ID,
         VERIFY_SCHEDULE_ID,

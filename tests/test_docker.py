@@ -143,10 +143,12 @@ def test_the_wheel_the_image_installs_carries_the_migrations(tmp_path: Path) -> 
     # Build from a copy of what the Dockerfile copies, as the image's build stage does.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "worker.py"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("csbs", "workflows", "activities", "starter"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DOCKER / "Dockerfile").read_text(), re.M)
+    for name in (path for line in copied for path in line.split()):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
     out = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
@@ -161,6 +163,8 @@ def test_the_wheel_the_image_installs_carries_the_migrations(tmp_path: Path) -> 
         "csbs/migrations/versions/0001_baseline_catalog.py",
         "csbs/migrations/versions/0002_disk_read_note.py",
         "starter/api.py",
+        "runtime/connection.py",
+        "runtime/schedules.py",
         "worker.py",
     ):
         assert needed in names, needed

@@ -102,3 +102,30 @@ def test_chunk_spans_tile_the_disk(size: int, chunk_size: int) -> None:
     assert first[0] == 0
     assert last[0] + last[1] == size
     assert 0 < last[1] <= chunk_size
+
+
+def test_backup_descriptor_round_trips_and_refuses_what_it_does_not_know() -> None:
+    from datetime import UTC, datetime
+
+    from csbs.format import BackupDescriptor, DescriptorDisk, DescriptorServer
+
+    descriptor = BackupDescriptor(
+        backup_id="bk-1",
+        project="p1",
+        name="manualbk_abcd",
+        kind="manual",
+        created_at=datetime(2026, 11, 27, 8, 0, tzinfo=UTC),
+        server=DescriptorServer(id="srv-1", name="web", type="local"),
+        chunk_size=4 * 1024 * 1024,
+        disks=[
+            DescriptorDisk(
+                disk_id="vda", name="sys", role="system", size_bytes=8, data_bytes=8, manifest="m"
+            )
+        ],
+    )
+    assert BackupDescriptor.decode(descriptor.encode()) == descriptor
+    with pytest.raises(CorruptData, match="malformed"):
+        BackupDescriptor.decode(b'{"backup_id": "bk-1"}')
+    future = descriptor.model_copy(update={"format_version": 2})
+    with pytest.raises(CorruptData, match="version 2"):
+        BackupDescriptor.decode(future.encode())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from temporalio.service import RPCError
 
-from starter.schedules import schedule_id
+from runtime.schedules import schedule_id
 from tests.conftest import MIB, Stack
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ async def test_reconcile_and_daily_retention_cleanup(stack: Stack) -> None:
     from csbs.catalog import utcnow
     from csbs.policy import PolicySpec
     from csbs.policy_service import PolicyService
-    from starter.schedules import RETENTION_SCHEDULE_ID, policy_schedule
+    from runtime.schedules import RETENTION_SCHEDULE_ID, policy_schedule
 
     svc = PolicyService(stack.catalog, stack.driver)
     spec = PolicySpec(times=["04:00"], weekdays=["sun"], retention="days", retention_value=2)
@@ -144,7 +144,7 @@ async def test_a_triggered_schedule_runs_the_policy(stack: Stack) -> None:
 
     from csbs.policy import PolicySpec
     from csbs.policy_service import PolicyService
-    from starter.schedules import upsert_policy_schedule
+    from runtime.schedules import upsert_policy_schedule
 
     svc = PolicyService(stack.catalog, stack.driver)
     policy = svc.create(PolicySpec(times=["05:00"], every_days=1, retention_value=5))

@@ -18,13 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from csbs.catalog import Catalog, DiskBackupRow
+from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
 from csbs.errors import CsbsError
 from csbs.model import (
     ID_PATTERN,
+    BackedUpDisk,
     BackupServerInput,
     Disk,
     DiskRole,
@@ -36,7 +37,7 @@ from csbs.model import (
 from csbs.naming import check_description, check_name
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
-from csbs.services import plan_disk_mapping
+from csbs.rules import plan_disk_mapping
 
 #: 11,600 generated inputs take about 30 s: CI runs them; the quick loop does not.
 pytestmark = pytest.mark.slow
@@ -275,9 +276,9 @@ SERVER = Server(
     ],
 )
 BACKED_UP = [
-    DiskBackupRow(backup_id="bk", disk_id="vda", role="system", size_bytes=10 * MIB),
-    DiskBackupRow(backup_id="bk", disk_id="vdb", role="data", size_bytes=20 * MIB),
-    DiskBackupRow(backup_id="bk", disk_id="vdx", role="data", size_bytes=1 * MIB),
+    BackedUpDisk(disk_id="vda", role=DiskRole.SYSTEM, size_bytes=10 * MIB),
+    BackedUpDisk(disk_id="vdb", role=DiskRole.DATA, size_bytes=20 * MIB),
+    BackedUpDisk(disk_id="vdx", role=DiskRole.DATA, size_bytes=1 * MIB),
 ]
 disk_ids = st.sampled_from(["vda", "vdb", "vdc", "vdx", "vdz"]) | ids
 

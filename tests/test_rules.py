@@ -7,12 +7,19 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from csbs.catalog import DiskBackupRow
 from csbs.errors import InvalidInput
 from csbs.format import Manifest
-from csbs.model import BackupServerInput, Disk, DiskRole, Server, ServerState, check_id
+from csbs.model import (
+    BackedUpDisk,
+    BackupServerInput,
+    Disk,
+    DiskRole,
+    Server,
+    ServerState,
+    check_id,
+)
 from csbs.naming import check_description, check_name, default_name, numbered
-from csbs.services import full_read_note, plan_disk_mapping
+from csbs.rules import full_read_note, plan_disk_mapping
 from csbs.units import parse_size
 
 MIB = 1024 * 1024
@@ -97,10 +104,10 @@ def _server(*sizes: int) -> Server:
     )
 
 
-def _backed_up(*sizes: int) -> list[DiskBackupRow]:
+def _backed_up(*sizes: int) -> list[BackedUpDisk]:
     return [
-        DiskBackupRow(
-            backup_id="b", disk_id=f"d{i}", size_bytes=s, role="system" if i == 0 else "data"
+        BackedUpDisk(
+            disk_id=f"d{i}", size_bytes=s, role=DiskRole.SYSTEM if i == 0 else DiskRole.DATA
         )
         for i, s in enumerate(sizes)
     ]
@@ -131,7 +138,7 @@ def test_mapping_rules() -> None:
 
 def test_servers_over_4_tib_warn() -> None:
     """B8: a server larger than 4 TB is backed up with a warning."""
-    from csbs.services import backup_warnings
+    from csbs.rules import backup_warnings
 
     assert backup_warnings(_server(1 << 40, 3 << 40)) == []
     (warning,) = backup_warnings(_server(1 << 40, 3 << 40, 1))

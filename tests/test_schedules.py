@@ -10,7 +10,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from csbs.policy import PolicySpec, next_run_days
-from starter.schedules import schedule_id, upsert_policy_schedule
+from runtime.schedules import schedule_id, upsert_policy_schedule
 
 pytestmark = pytest.mark.slow
 

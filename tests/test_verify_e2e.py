@@ -11,7 +11,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from csbs.model import ServerState, VerifyBackupsInput
-from starter.schedules import VERIFY_SCHEDULE_ID, reconcile_schedules
+from runtime.schedules import VERIFY_SCHEDULE_ID, reconcile_schedules
 from tests.conftest import Stack, backup, restore
 
 pytestmark = pytest.mark.slow
