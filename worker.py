@@ -14,7 +14,7 @@ from temporalio.worker import Worker
 
 from activities import CsbsActivities
 from csbs.config import Settings
-from csbs.services import CsbsService
+from csbs.services import Services
 from csbs.telemetry import setup_tracing, shutdown_tracing
 from runtime.connection import connect
 from workflows import ALL_WORKFLOWS
@@ -22,7 +22,7 @@ from workflows import ALL_WORKFLOWS
 
 def build_worker(client: object, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
     """The worker: every workflow and activity of csbs on the configured task queue."""
-    service = CsbsService(settings)
+    service = Services(settings)
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:

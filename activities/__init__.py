@@ -34,7 +34,7 @@ from csbs.model import (
     VerifyPlan,
 )
 from csbs.policy_service import PolicyService
-from csbs.services import CsbsService
+from csbs.services import Services
 from csbs.telemetry import set_attributes, step_span
 
 P = ParamSpec("P")
@@ -97,15 +97,15 @@ class CsbsActivities:
 
     def __init__(
         self,
-        service: CsbsService,
+        services: Services,
         client: Client | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.service = service
-        self.policies = PolicyService(service.catalog, service.driver)
+        self.services = services
+        self.policies = PolicyService(services.catalog, services.driver)
         self.client, self.loop = client, loop
         if client is not None and loop is not None:
-            service.closed_run = self._closed_run
+            services.closed_run = self._closed_run
 
     def _closed_run(self, workflow_id: str, run_id: str | None) -> str | None:
         """Why the run is closed ("its workflow backup-x was terminated"), or None while
@@ -165,7 +165,7 @@ class CsbsActivities:
     def prepare_backup(
         self, inp: BackupServerInput, backup_id: str, task_id: str
     ) -> PreparedBackup:
-        return self.service.prepare_backup(
+        return self.services.backup.prepare_backup(
             inp, backup_id, task_id, activity.info().workflow_id or "", _run_id()
         )
 
@@ -173,7 +173,7 @@ class CsbsActivities:
     @_typed_errors
     def take_snapshot(self, backup_id: str) -> list[str]:
         with step_span("csbs.snapshot", backup_id=backup_id) as span:
-            disks = self.service.take_snapshot(backup_id)
+            disks = self.services.backup.take_snapshot(backup_id)
             set_attributes(span, disks=len(disks), disk_ids=",".join(disks))
             return disks
 
@@ -185,7 +185,7 @@ class CsbsActivities:
         with step_span(
             "csbs.transfer", backup_id=backup_id, disk_id=disk_id, resumed=resume
         ) as span:
-            stats = self.service.backup_disk(
+            stats = self.services.backup.backup_disk(
                 backup_id, disk_id, resume=resume, heartbeat=_heartbeat
             )
             _stats_attributes(span, stats)
@@ -195,42 +195,42 @@ class CsbsActivities:
     @activity.defn(name="commit_backup")
     @_typed_errors
     def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
-        record = self.service.commit_backup(backup_id, task_id)
+        record = self.services.backup.commit_backup(backup_id, task_id)
         metrics.backup_committed(record)
         return record
 
     @activity.defn(name="fail_backup")
     @_typed_errors
     def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
-        self.service.fail_backup(backup_id, task_id, reason, _run_id())
+        self.services.backup.fail_backup(backup_id, task_id, reason, _run_id())
 
     @activity.defn(name="release_snapshot")
     @_typed_errors
     def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
-        self.service.release_snapshot(server_id, backup_id, committed)
+        self.services.backup.release_snapshot(server_id, backup_id, committed)
 
     # -- restore -----------------------------------------------------------------------------
     @activity.defn(name="prepare_restore")
     @_typed_errors
     def prepare_restore(self, inp: RestoreServerInput, task_id: str) -> RestorePlan:
-        return self.service.prepare_restore(
+        return self.services.restore.prepare_restore(
             inp, task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @activity.defn(name="stop_server")
     @_typed_errors
     def stop_server(self, server_id: str) -> None:
-        self.service.stop_server(server_id)
+        self.services.restore.stop_server(server_id)
 
     @activity.defn(name="start_server")
     @_typed_errors
     def start_server(self, server_id: str) -> None:
-        self.service.start_server(server_id)
+        self.services.restore.start_server(server_id)
 
     @activity.defn(name="check_restore")
     @_typed_errors
     def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
-        self.service.check_restore(backup_id, disk_ids, heartbeat=_heartbeat)
+        self.services.restore.check_restore(backup_id, disk_ids, heartbeat=_heartbeat)
 
     @activity.defn(name="restore_disk")
     @_typed_errors
@@ -243,7 +243,9 @@ class CsbsActivities:
             target_disk_id=item.target_disk_id,
             resumed_at_chunk=done or None,
         ) as span:
-            stats = self.service.restore_disk(backup_id, item, done=done, heartbeat=_heartbeat)
+            stats = self.services.restore.restore_disk(
+                backup_id, item, done=done, heartbeat=_heartbeat
+            )
             _stats_attributes(span, stats)
         metrics.transfer("restore", stats)
         return stats
@@ -251,20 +253,20 @@ class CsbsActivities:
     @activity.defn(name="finish_restore")
     @_typed_errors
     def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
-        self.service.finish_restore(backup_id, task_id, ok, reason)
+        self.services.restore.finish_restore(backup_id, task_id, ok, reason)
 
     # -- delete ------------------------------------------------------------------------------
     @activity.defn(name="prepare_delete")
     @_typed_errors
     def prepare_delete(self, inp: DeleteBackupsInput, task_id: str) -> list[tuple[str, str]]:
-        return self.service.prepare_delete(
+        return self.services.delete.prepare_delete(
             inp, task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @activity.defn(name="delete_backup")
     @_typed_errors
     def delete_backup(self, backup_id: str, task_id: str) -> None:
-        self.service.delete_backup(backup_id, task_id)
+        self.services.delete.delete_backup(backup_id, task_id)
 
     @activity.defn(name="collect_garbage")
     @_typed_errors
@@ -273,17 +275,19 @@ class CsbsActivities:
         # because the previous attempt went silent takes its lease over at once.
         info = activity.info()
         owner = hashlib.sha256(f"{info.workflow_run_id}/{info.activity_id}".encode())
-        return self.service.collect_garbage(heartbeat=_heartbeat, owner=owner.hexdigest()[:16])
+        return self.services.delete.collect_garbage(
+            heartbeat=_heartbeat, owner=owner.hexdigest()[:16]
+        )
 
     @activity.defn(name="reconcile_operations")
     @_typed_errors
     def reconcile_operations(self) -> int:
-        return self.service.reconcile()
+        return self.services.reconcile()
 
     @activity.defn(name="fail_delete")
     @_typed_errors
     def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
-        self.service.fail_delete(backup_id, task_id, reason)
+        self.services.delete.fail_delete(backup_id, task_id, reason)
 
     # -- policies ----------------------------------------------------------------------------
     @activity.defn(name="plan_policy_run")
@@ -310,13 +314,15 @@ class CsbsActivities:
     @activity.defn(name="prepare_verify")
     @_typed_errors
     def prepare_verify(self, backup_id: str, task_id: str) -> VerifyPlan:
-        return self.service.prepare_verify(backup_id, task_id, activity.info().workflow_id or "")
+        return self.services.verify.prepare_verify(
+            backup_id, task_id, activity.info().workflow_id or ""
+        )
 
     @activity.defn(name="verify_disk")
     @_typed_errors
     def verify_disk(self, backup_id: str, disk_id: str) -> VerifyDiskResult:
         with step_span("csbs.verify", backup_id=backup_id, disk_id=disk_id) as span:
-            result = self.service.verify_disk(backup_id, disk_id, heartbeat=_heartbeat)
+            result = self.services.verify.verify_disk(backup_id, disk_id, heartbeat=_heartbeat)
             set_attributes(
                 span,
                 chunks_checked=result.chunks_checked,
@@ -330,9 +336,9 @@ class CsbsActivities:
     def finish_verify(
         self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
     ) -> dict[str, Any]:
-        return self.service.finish_verify(backup_id, task_id, results, error)
+        return self.services.verify.finish_verify(backup_id, task_id, results, error)
 
     @activity.defn(name="backups_to_verify")
     @_typed_errors
     def backups_to_verify(self, max_age_days: int) -> list[str]:
-        return self.service.backups_to_verify(max_age_days)
+        return self.services.verify.backups_to_verify(max_age_days)

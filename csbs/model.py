@@ -223,6 +223,20 @@ class PolicyRunPlan(BaseModel):
     skipped: dict[str, str] = {}
 
 
+class CollectGarbageInput(_Input):
+    """Input of ``CollectGarbage`` (the worker's project is swept)."""
+
+    #: While backups run, try again after this many seconds...
+    retry_seconds: int = Field(default=300, ge=1, le=86400)
+    #: ...for at most this long; then the run fails with the reason, and the next daily
+    #: run sweeps.
+    max_wait_seconds: int = Field(default=12 * 3600, ge=0, le=7 * 86400)
+
+
+class RetentionCleanupInput(_Input):
+    """Input of ``RetentionCleanup`` (every policy of the worker's project)."""
+
+
 class RetentionPlan(BaseModel):
     """What one policy's retention deletes now, and what it kept past its rule and why."""
 

@@ -34,7 +34,7 @@ from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
 from csbs.errors import CsbsError, GarbageCollectionRunning
 from csbs.model import BackupServerInput, RestoreServerInput
-from csbs.services import CsbsService
+from csbs.services import Services
 from starter.client import CsbsClient
 from starter.stack import SeaweedS3, start_seaweed, tool
 from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON, qemu_version
@@ -130,7 +130,7 @@ class Stack:
     """Everything one end-to-end test needs, wired to the session's real servers."""
 
     settings: Settings
-    service: CsbsService
+    service: Services
     client: Client
     env: dict[str, str]
 
@@ -219,7 +219,7 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
 @asynccontextmanager
 async def running_stack(temporal: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Stack]:
     """Run a worker for ``settings`` while the block runs."""
-    service = CsbsService(settings)
+    service = Services(settings)
     address = temporal.client.service_client.config.target_host
     with ThreadPoolExecutor(settings.max_concurrent_activities) as executor:
         worker = build_worker(temporal.client, settings, executor)
@@ -295,7 +295,7 @@ def activity_steps(history: list[Any]) -> list[str]:
 
 
 def service_backup(
-    service: CsbsService, server_id: str, wait_for_sweep: bool = False, check: bool = True
+    service: Services, server_id: str, wait_for_sweep: bool = False, check: bool = True
 ) -> str | None:
     """One backup through the service's steps, as ``BackupServer`` runs them (run id
     "run"); its id. ``wait_for_sweep`` retries the start while a sweep holds the chunks, as
@@ -305,7 +305,7 @@ def service_backup(
     inp = BackupServerInput(server_id=server_id)
     for _ in range(4000 if wait_for_sweep else 1):
         try:
-            service.prepare_backup(inp, backup_id, task_id, "wf", "run")
+            service.backup.prepare_backup(inp, backup_id, task_id, "wf", "run")
             break
         except GarbageCollectionRunning:
             if not wait_for_sweep:
@@ -315,16 +315,16 @@ def service_backup(
         raise AssertionError("the sweep never let the backup start")
     committed = False
     try:
-        for disk_id in service.take_snapshot(backup_id):
-            service.backup_disk(backup_id, disk_id)
-        service.commit_backup(backup_id, task_id)
+        for disk_id in service.backup.take_snapshot(backup_id):
+            service.backup.backup_disk(backup_id, disk_id)
+        service.backup.commit_backup(backup_id, task_id)
         committed = True
     except CsbsError as exc:
-        service.fail_backup(backup_id, task_id, str(exc), "run")
+        service.backup.fail_backup(backup_id, task_id, str(exc), "run")
         if check:
             raise
     finally:
-        service.release_snapshot(server_id, backup_id, committed)
+        service.backup.release_snapshot(server_id, backup_id, committed)
     return backup_id if committed else None
 
 

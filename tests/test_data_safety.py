@@ -41,7 +41,7 @@ from csbs.model import (
 )
 from csbs.naming import check_name
 from csbs.policy import RetainedBackup, RetentionKind, select_expired
-from csbs.services import CsbsService
+from csbs.services import Services
 from csbs.verify import missing_chunks
 from starter.client import CsbsClient
 from tests import conftest
@@ -52,40 +52,38 @@ KIB = 1024
 
 
 # -- helpers: a delete and a verify through the service, as the workflows run them ----------
-def service_backup(svc: CsbsService, server_id: str) -> str:
+def service_backup(svc: Services, server_id: str) -> str:
     made = conftest.service_backup(svc, server_id)
     assert made is not None
     return made
 
 
-def service_delete(svc: CsbsService, backup_id: str) -> None:
+def service_delete(svc: Services, backup_id: str) -> None:
     """Delete a backup's manifests and rows, leaving its chunks to a sweep."""
-    pairs = svc.prepare_delete(
+    pairs = svc.delete.prepare_delete(
         DeleteBackupsInput(backup_ids=[backup_id]), f"del-{uuid.uuid4().hex[:8]}", "wf"
     )
     for bid, tid in pairs:
-        svc.delete_backup(bid, tid)
+        svc.delete.delete_backup(bid, tid)
 
 
-def service_verify(svc: CsbsService, backup_id: str) -> dict[str, Any]:
+def service_verify(svc: Services, backup_id: str) -> dict[str, Any]:
     task_id = f"task-{uuid.uuid4().hex[:16]}"
-    plan = svc.prepare_verify(backup_id, task_id, "wf")
-    results = [svc.verify_disk(backup_id, d) for d in plan.disk_ids]
-    return svc.finish_verify(backup_id, task_id, results, None)
+    plan = svc.verify.prepare_verify(backup_id, task_id, "wf")
+    results = [svc.verify.verify_disk(backup_id, d) for d in plan.disk_ids]
+    return svc.verify.finish_verify(backup_id, task_id, results, None)
 
 
-def small_service(tmp_path: Path, s3: Any, **kw: Any) -> CsbsService:
-    return CsbsService(
-        make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2, **kw)
-    )
+def small_service(tmp_path: Path, s3: Any, **kw: Any) -> Services:
+    return Services(make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2, **kw))
 
 
-def twin(svc: CsbsService) -> CsbsService:
+def twin(svc: Services) -> Services:
     """Another worker over the same catalog, repository and servers."""
-    return CsbsService(svc.settings)
+    return Services(svc.settings)
 
 
-def server_with_data(svc: CsbsService, size: int = 1 * MIB) -> tuple[str, str]:
+def server_with_data(svc: Services, size: int = 1 * MIB) -> tuple[str, str]:
     server = svc.driver.create_server(f"srv-{uuid.uuid4().hex[:6]}", [size])
     disk = server.disks[0].id
     svc.driver.write(server.id, disk, 0, os.urandom(size))
@@ -137,11 +135,11 @@ def test_two_sweeps_never_overlap_so_a_backup_between_them_keeps_its_chunks(
     service_delete(first, service_backup(first, server_id))  # its chunks are garbage now
     go = threading.Event()
     listing = stall_first_call(first.store, "list_chunks", go)
-    sweeper, swept = in_thread(first.collect_garbage)
+    sweeper, swept = in_thread(first.delete.collect_garbage)
     assert listing.wait(30)
     # The first sweep has marked (nothing is referenced) and is about to list chunks.
     with pytest.raises((Conflict, GarbageCollectionRunning)):
-        other.collect_garbage()
+        other.delete.collect_garbage()
     try:
         made = service_backup(other, server_id)
         late = False
@@ -167,11 +165,11 @@ def test_a_sweep_that_lost_its_lease_stops_before_it_deletes_anything(
     service_delete(first, service_backup(first, server_id))
     go = threading.Event()
     listing = stall_first_call(first.store, "list_chunks", go)
-    sweeper, swept = in_thread(first.collect_garbage)
+    sweeper, swept = in_thread(first.delete.collect_garbage)
     assert listing.wait(30)
     time.sleep(2.5)  # the lease (1 s) and its grace (1 s) run out: the sweep is presumed dead
     beats: list[dict[str, Any]] = []
-    other.collect_garbage(heartbeat=beats.append)  # takes the lease over, sweeps, releases
+    other.delete.collect_garbage(heartbeat=beats.append)  # takes the lease over, sweeps, releases
     made = service_backup(other, server_id)  # new chunks, unknown to the stalled sweep
     go.set()
     sweeper.join(60)
@@ -201,7 +199,7 @@ def test_a_manifest_that_cannot_be_read_stops_the_sweep_before_it_deletes(
 
     svc.store.get_manifest = flaky  # type: ignore[method-assign]
     with pytest.raises(CsbsError, match="nothing was deleted"):
-        svc.collect_garbage()
+        svc.delete.collect_garbage()
     svc.store.get_manifest = original  # type: ignore[method-assign]
     assert chunks <= set(svc.store.list_chunk_ids())
 
@@ -235,14 +233,16 @@ def test_a_creating_backup_of_another_run_is_not_adopted(tmp_path: Path, s3: Any
     svc = small_service(tmp_path, s3)
     server_id, _ = server_with_data(svc)
     inp = BackupServerInput(server_id=server_id)
-    svc.prepare_backup(inp, "bk-shared0000000001", "task-a", "wf-a", "run-a")
+    svc.backup.prepare_backup(inp, "bk-shared0000000001", "task-a", "wf-a", "run-a")
     with pytest.raises(Conflict, match="belongs to another"):
-        svc.prepare_backup(inp, "bk-shared0000000001", "task-b", "wf-b", "run-b")
-    svc.fail_backup("bk-shared0000000001", "task-b", "refused", "run-b")
+        svc.backup.prepare_backup(inp, "bk-shared0000000001", "task-b", "wf-b", "run-b")
+    svc.backup.fail_backup("bk-shared0000000001", "task-b", "refused", "run-b")
     row = svc.catalog.get_backup("bk-shared0000000001")
     assert (row.status, row.error) == ("creating", None)
     # The owner's own retry is still its own.
-    assert svc.prepare_backup(inp, "bk-shared0000000001", "task-a", "wf-a", "run-a").backup_id
+    assert svc.backup.prepare_backup(
+        inp, "bk-shared0000000001", "task-a", "wf-a", "run-a"
+    ).backup_id
 
 
 # -- 3. a lost or corrupt chunk is uploaded again ----------------------------------------------
@@ -338,18 +338,20 @@ def test_a_restore_and_a_delete_of_one_backup_are_never_both_accepted(
         row = original(backup_id)
         if not fired:  # the delete lands between the restore's read and its write
             fired.append(backup_id)
-            other.prepare_delete(DeleteBackupsInput(backup_ids=[backup_id]), "t-del", "wf-del")
+            other.delete.prepare_delete(
+                DeleteBackupsInput(backup_ids=[backup_id]), "t-del", "wf-del"
+            )
         return row
 
     svc.catalog.get_backup = read_then_delete  # type: ignore[method-assign]
     with pytest.raises((InvalidState, Conflict)):
-        svc.prepare_restore(RestoreServerInput(backup_id=made), "t-rest", "wf-rest", "run")
+        svc.restore.prepare_restore(RestoreServerInput(backup_id=made), "t-rest", "wf-rest", "run")
     assert fired
     svc.catalog.get_backup = original  # type: ignore[method-assign]
     assert svc.catalog.get_backup(made).status == "deleting"
 
 
-def race_backup_and_restore(svc: CsbsService, other: CsbsService, n: int) -> list[Any]:
+def race_backup_and_restore(svc: Services, other: Services, n: int) -> list[Any]:
     """Both read the server's state at the same moment (a barrier in ``get_server``),
     then race to start; their outcomes (a plan, or the exception)."""
     server_id, _ = server_with_data(svc, 256 * KIB)
@@ -371,12 +373,12 @@ def race_backup_and_restore(svc: CsbsService, other: CsbsService, n: int) -> lis
         s.driver.get_server = meeting(real)  # type: ignore[method-assign,assignment]
     try:
         restoring, restored = in_thread(
-            lambda: svc.prepare_restore(
+            lambda: svc.restore.prepare_restore(
                 RestoreServerInput(backup_id=made), f"t-rest-{n}", "wf-rest", "run"
             )
         )
         backing, backed = in_thread(
-            lambda: other.prepare_backup(
+            lambda: other.backup.prepare_backup(
                 BackupServerInput(server_id=server_id), f"bk-race{n:011d}", f"t-bk-{n}", "w", "r"
             )
         )
@@ -780,7 +782,7 @@ def test_a_manifest_of_another_chunk_size_or_disk_size_is_refused(tmp_path: Path
     item = RestoreItem(source_disk_id=disk, target_disk_id=disk, size_bytes=before)
     svc.driver.stop(server_id)
     with pytest.raises(CorruptData, match="size"):
-        svc.restore_disk(made, item)
+        svc.restore.restore_disk(made, item)
     assert svc.driver.get_server(server_id).disk(disk).size_bytes == before
     other = Manifest(made, disk, good.size_bytes, 128 * KIB)
     svc.store.put_manifest(other)

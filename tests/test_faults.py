@@ -40,7 +40,7 @@ from csbs.model import (
     RestoreServerInput,
     ServerState,
 )
-from csbs.services import CsbsService
+from csbs.services import Services
 from csbs.verify import missing_chunks, verify_disk
 from starter.client import CsbsClient
 from starter.stack import start_seaweed
@@ -64,7 +64,7 @@ KIB = 1024
 
 # -- garbage collection against backups and deletes --------------------------------------------
 @contextmanager
-def jittered(service: CsbsService, seed: int) -> Iterator[None]:
+def jittered(service: Services, seed: int) -> Iterator[None]:
     """Sleep a seeded random moment before every S3 request, so that each seed interleaves
     the threads' requests differently."""
     store = service.store
@@ -91,29 +91,29 @@ def jittered(service: CsbsService, seed: int) -> Iterator[None]:
             setattr(store, n, fn)
 
 
-def run_backup(service: CsbsService, server_id: str) -> str | None:
+def run_backup(service: Services, server_id: str) -> str | None:
     """One backup as the workflow runs it, waiting out a sweep; None if it failed."""
     return service_backup(service, server_id, wait_for_sweep=True, check=False)
 
 
-def run_delete(service: CsbsService, backup_id: str) -> None:
+def run_delete(service: Services, backup_id: str) -> None:
     """A delete as ``DeleteBackups`` runs it: mark, delete, then sweep."""
-    pairs = service.prepare_delete(
+    pairs = service.delete.prepare_delete(
         DeleteBackupsInput(backup_ids=[backup_id]), "del-" + backup_id, "wf"
     )
     for bid, tid in pairs:
-        service.delete_backup(bid, tid)
+        service.delete.delete_backup(bid, tid)
     run_gc(service)
 
 
 SWEEP_WAITS = (GarbageCollectionDeferred, GarbageCollectionRunning)
 
 
-def run_gc(service: CsbsService) -> None:
+def run_gc(service: Services) -> None:
     # Deferred (a backup holds its lock) or refused (another sweep holds the lease): the
     # CollectGarbage workflow waits and tries again; a later sweep here does the same.
     with contextlib.suppress(*SWEEP_WAITS):
-        service.collect_garbage()
+        service.delete.collect_garbage()
 
 
 def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, s3: Any) -> None:
@@ -121,7 +121,7 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
     does) and a CollectGarbage sweep run at once, their S3 requests jittered by the seed.
     Up to four sweeps race for the lease beside a backup; nothing it needs may go."""
     settings = make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2)
-    service = CsbsService(settings)
+    service = Services(settings)
     drv = service.driver
     server = drv.create_server("gc-race", [1 * MIB])
     disk = server.disks[0].id
@@ -219,10 +219,10 @@ async def test_a_sweep_that_outlives_its_heartbeat_loses_nothing(
     disk = server.disks[0].id
     stack.compute.write(server.id, disk, 0, os.urandom(4 * MIB))
     first = await backup(stack, server.id)
-    for bid, tid in stack.service.prepare_delete(
+    for bid, tid in stack.service.delete.prepare_delete(
         DeleteBackupsInput(backup_ids=[first["id"]]), "del-stall", "wf"
     ):
-        stack.service.delete_backup(bid, tid)  # its chunks are garbage, no sweep yet
+        stack.service.delete.delete_backup(bid, tid)  # its chunks are garbage, no sweep yet
     wake = threading.Event()
     real_list, calls = ChunkStore.list_chunks, [0]
 
@@ -506,7 +506,7 @@ async def test_temporal_restarted_mid_backup(tmp_path: Path, s3: Any) -> None:
         "CSBS_CHECKPOINT_SECONDS": "0.05",
     }
     worker = start_worker(worker_env)
-    service = CsbsService(settings)
+    service = Services(settings)
     try:
         client = await Client.connect(f"127.0.0.1:{port}", data_converter=pydantic_data_converter)
         stack = Stack(settings, service, client, worker_env)

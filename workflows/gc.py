@@ -9,24 +9,15 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import ValidationError
+
+    from csbs.model import CollectGarbageInput
 
 from workflows.common import SA_OPERATION, act, reason_of, sweep, tag
 
 #: A sweep that meets these waits and tries again (backups run, another sweep holds the
 #: lease); anything else fails the run with its reason.
 WAIT_TYPES = {"GarbageCollectionDeferred", "GarbageCollectionRunning", "LeaseLost"}
-
-
-class CollectGarbageInput(BaseModel):
-    """Input of ``CollectGarbage`` (the worker's project is swept)."""
-
-    model_config = ConfigDict(extra="forbid")
-    #: While backups run, try again after this many seconds...
-    retry_seconds: int = Field(default=300, ge=1, le=86400)
-    #: ...for at most this long; then the run fails with the reason, and the next daily
-    #: run sweeps.
-    max_wait_seconds: int = Field(default=12 * 3600, ge=0, le=7 * 86400)
 
 
 @workflow.defn(name="CollectGarbage", failure_exception_types=[ValidationError])

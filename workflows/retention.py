@@ -8,15 +8,11 @@ from temporalio import workflow
 from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel, ConfigDict, ValidationError
+    from pydantic import ValidationError
 
-    from csbs.model import DeleteBackupsInput, RetentionPlan
+    from csbs.model import DeleteBackupsInput, RetentionCleanupInput, RetentionPlan
 
 from workflows.common import SA_OPERATION, act, reason_of, tag
-
-
-class RetentionCleanupInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, Any]:

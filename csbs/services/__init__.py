@@ -1,0 +1,82 @@
+"""The service layer: every step of backup, restore, verify and delete, one service per
+feature (as ``workflows/`` has one workflow per feature), over one shared context.
+
+Each method is one step a workflow retries as a unit, so each is idempotent: calling it
+again after a crash either finds its work done or finishes it. Pure rules live in
+``csbs.rules``; the on-storage formats in ``csbs.format``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from csbs.catalog import Catalog
+from csbs.chunkstore import ChunkStore
+from csbs.config import Settings
+from csbs.drivers import ComputeDriver, make_driver
+from csbs.services.backup import BackupService
+from csbs.services.base import Context, Heartbeat, Service
+from csbs.services.delete import DeleteService
+from csbs.services.restore import RestoreService
+from csbs.services.verify import VerifyService
+
+__all__ = [
+    "BackupService",
+    "Context",
+    "DeleteService",
+    "Heartbeat",
+    "RestoreService",
+    "Service",
+    "Services",
+    "VerifyService",
+]
+
+
+class Services:
+    """Every service of one project, sharing its catalog, object store and driver."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        store: ChunkStore | None = None,
+        driver: ComputeDriver | None = None,
+    ) -> None:
+        self.ctx = Context(
+            settings,
+            catalog or Catalog(settings.effective_database_url, settings.project),
+            store or ChunkStore(settings),
+            driver or make_driver(settings),
+        )
+        self.backup = BackupService(self.ctx)
+        self.restore = RestoreService(self.ctx)
+        self.verify = VerifyService(self.ctx)
+        self.delete = DeleteService(self.ctx)
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.ctx.catalog
+
+    @property
+    def store(self) -> ChunkStore:
+        return self.ctx.store
+
+    @property
+    def driver(self) -> ComputeDriver:
+        return self.ctx.driver
+
+    @property
+    def closed_run(self) -> Callable[[str, str | None], str | None] | None:
+        return self.ctx.closed_run
+
+    @closed_run.setter
+    def closed_run(self, fn: Callable[[str, str | None], str | None] | None) -> None:
+        self.ctx.closed_run = fn
+
+    def reconcile(self, server_id: str | None = None) -> int:
+        """Reconcile operations whose runs closed without finishing them (see Service)."""
+        return self.backup.reconcile(server_id)

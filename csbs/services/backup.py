@@ -1,0 +1,354 @@
+"""Backups (B1-B15): validate and claim the server, group-snapshot, chunk and upload
+each disk (resuming from its checkpoint), commit the descriptor; fail with a reason."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any
+
+from csbs.catalog import (
+    BackupRow,
+    DiskBackupRow,
+    backup_json,
+    utcnow,
+)
+from csbs.errors import (
+    Conflict,
+    CorruptData,
+    GarbageCollectionRunning,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    QuotaExceeded,
+)
+from csbs.format import BackupDescriptor, DescriptorDisk, DescriptorServer, Manifest
+from csbs.model import (
+    BackupServerInput,
+    BackupStatus,
+    PreparedBackup,
+    Server,
+    TaskKind,
+    TransferStats,
+)
+from csbs.naming import default_name
+from csbs.rules import (
+    BACKUP_STATES,
+    backup_warnings,
+    full_read_note,
+)
+
+#: Called by long steps with resumable details; activities turn it into a heartbeat.
+from csbs.services.base import Heartbeat, Service, _pct, _Throttle
+from csbs.transfer import backup_disk
+
+
+def _same_run(row: BackupRow, workflow_id: str, run_id: str) -> bool:
+    """Whether a backup row was created by this run (by workflow id for rows, or callers,
+    that carry no run id)."""
+    if run_id and row.run_id:
+        return row.run_id == run_id
+    return row.workflow_id == workflow_id
+
+
+class BackupService(Service):
+    """Every step of a backup, each idempotent (a workflow retries it as a unit)."""
+
+    def prepare_backup(
+        self,
+        inp: BackupServerInput,
+        backup_id: str,
+        task_id: str,
+        workflow_id: str,
+        run_id: str = "",
+    ) -> PreparedBackup:
+        """Validate the server and create the backup (``creating``) and its task.
+
+        A backup id that another run created is refused and left as it is (a reset or a
+        reused id must never adopt, or fail, someone else's backup); the creating run's own
+        retry finds its backup and goes on.
+        """
+        existing = self.catalog.find_backup(backup_id)
+        if existing is not None and not _same_run(existing, workflow_id, run_id):
+            raise Conflict(
+                f"backup id {backup_id} belongs to another run (workflow "
+                f"{existing.workflow_id}, {existing.status}); start the backup with a new id"
+            )
+        if existing is not None and existing.status != BackupStatus.CREATING:
+            raise InvalidState(f"backup {backup_id} is {existing.status}; it cannot be made again")
+        if existing is None:
+            server = self.driver.get_server(inp.server_id)
+            self._check_backup_allowed(server)
+            self._check_quota()
+            self._claim_server(server.id, backup_id, "backup")
+            if self.catalog.gc_running(self.settings.gc_lease_seconds):
+                self.catalog.release_server(server.id, backup_id)
+                raise GarbageCollectionRunning(
+                    "garbage collection is sweeping this project's chunks; the backup "
+                    "starts when it is done"
+                )
+            parent = self.catalog.last_available_backup(server.id)
+            name = inp.name or default_name(inp.kind, random.Random(backup_id))
+            now = utcnow()
+            self.catalog.add_task(
+                self._running_task(
+                    task_id,
+                    TaskKind.BACKUP,
+                    workflow_id,
+                    backup_id,
+                    name,
+                    server.id,
+                    server.name,
+                    "; ".join(backup_warnings(server)) or None,
+                    started_at=now,
+                    run_id=run_id,
+                )
+            )
+            self.catalog.add_backup(
+                BackupRow(
+                    id=backup_id,
+                    project=self.settings.project,
+                    name=name,
+                    description=inp.description or "",
+                    server_id=server.id,
+                    server_name=server.name,
+                    server_type=server.type,
+                    status=BackupStatus.CREATING.value,
+                    kind=inp.kind.value,
+                    policy_id=inp.policy_id,
+                    parent_id=parent.id if parent else None,
+                    created_at=now,
+                    size_bytes=server.size_bytes,
+                    workflow_id=workflow_id,
+                    run_id=run_id or None,
+                )
+            )
+            for disk in server.disks:
+                self.catalog.upsert_disk_backup(
+                    DiskBackupRow(
+                        backup_id=backup_id,
+                        disk_id=disk.id,
+                        disk_name=disk.name,
+                        role=disk.role.value,
+                        size_bytes=disk.size_bytes,
+                    )
+                )
+        backup = self.catalog.get_backup(backup_id)
+        return PreparedBackup(
+            backup_id=backup.id,
+            task_id=task_id,
+            name=backup.name,
+            server_id=backup.server_id,
+            server_name=backup.server_name,
+            disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup_id)],
+            parent_id=backup.parent_id,
+            server_state=self.driver.get_server(backup.server_id).state.value,
+        )
+
+    def _check_quota(self) -> None:
+        """B15: refuse before anything is written when the tenant is at its quota."""
+        s = self.settings
+        if s.quota_backups is None and s.quota_bytes is None:
+            return
+        backups = self.catalog.list_backups()
+        if s.quota_backups is not None and len(backups) >= s.quota_backups:
+            raise QuotaExceeded(
+                f"project {s.project} has {len(backups)} backups and its quota is "
+                f"{s.quota_backups}; delete backups or raise CSBS_QUOTA_BACKUPS"
+            )
+        stored = sum(b.stored_bytes for b in backups)
+        if s.quota_bytes is not None and stored >= s.quota_bytes:
+            raise QuotaExceeded(
+                f"project {s.project} stores {stored} bytes and its quota is {s.quota_bytes} "
+                f"bytes; delete backups or raise CSBS_QUOTA_BYTES"
+            )
+
+    @staticmethod
+    def _check_backup_allowed(server: Server) -> None:
+        if server.state not in BACKUP_STATES:
+            raise InvalidState(
+                f"server {server.id} is {server.state.value}; only running or stopped "
+                f"servers can be backed up"
+            )
+        shared = [d.id for d in server.disks if d.shared]
+        if shared:
+            raise InvalidInput(
+                f"server {server.id} has shared disk(s) {', '.join(shared)}; servers with "
+                f"shared disks cannot be backed up"
+            )
+
+    def take_snapshot(self, backup_id: str) -> list[str]:
+        """Group-snapshot all disks of the backup's server; return the disk ids."""
+        backup = self.catalog.get_backup(backup_id)
+        self.store.ensure_config()  # fail before the snapshot when the store is unusable
+        self.release_stale_snapshots(backup.server_id, keep=backup_id)
+        snapshot = self.driver.group_snapshot(backup.server_id, backup_id)
+        if self.catalog.get_backup(backup_id).status != BackupStatus.CREATING:
+            # A stale attempt that outlived its workflow (cancelled, timed out) must not
+            # leave a snapshot behind that nothing would release.
+            self.driver.release_snapshot(backup.server_id, backup_id, committed=False)
+            raise InvalidState(f"backup {backup_id} is no longer being created")
+        if backup.snapshot_at is None:
+            self.catalog.update_backup(backup_id, snapshot_at=utcnow())
+        return [d.disk_id for d in snapshot.disks]
+
+    def backup_disk(
+        self, backup_id: str, disk_id: str, resume: bool = False, heartbeat: Heartbeat | None = None
+    ) -> TransferStats:
+        """Chunk, diff and upload one disk of the snapshot; write its manifest.
+
+        With ``resume`` (a retried attempt), continue after the positions that the last
+        staging checkpoint in S3 records as final, instead of starting over.
+        """
+        backup = self.catalog.get_backup(backup_id)
+        reader = self.driver.open_snapshot(backup.server_id, backup_id, disk_id)
+        try:
+            parent = self._parent_manifest(backup.parent_id, disk_id)
+            changed, note = None, full_read_note(reader, parent, backup.parent_id)
+            if note is None:
+                changed = reader.changed_ranges()
+                if changed is None:
+                    note = "the driver reported no changed-block map for this disk"
+            manifest, staged = None, 0
+            if resume:
+                # A checkpoint is only a shortcut: one that cannot be read (an upload cut
+                # off by a crash can leave a stub) means starting the disk over.
+                with contextlib.suppress(NotFound, CorruptData):
+                    manifest = self.store.get_manifest(backup_id, disk_id, staging=True)
+                    staged, manifest.complete = manifest.complete or 0, None
+            if manifest is None:
+                manifest = Manifest(backup_id, disk_id, reader.size_bytes, self.settings.chunk_size)
+            throttle = _Throttle(1.0)
+            suspect = self.catalog.suspect_chunks()
+            repaired: set[bytes] = set()
+
+            def on_progress(done: int, staged_now: int, stats: TransferStats) -> None:
+                if heartbeat is not None:
+                    heartbeat({"staged": staged_now, "done": done})
+                if throttle.ready(force=done == stats.chunks_total):
+                    self._disk_progress(backup_id, disk_id, _pct(done, stats.chunks_total))
+
+            stats = backup_disk(
+                self.store,
+                reader,
+                manifest,
+                parent,
+                changed,
+                start=staged,
+                concurrency=self.settings.transfer_concurrency,
+                checkpoint_seconds=self.settings.checkpoint_seconds,
+                progress=on_progress,
+                chunk_index=self._chunk_index,
+                suspect=suspect,
+                repaired=repaired,
+            )
+        finally:
+            reader.close()
+        if self.catalog.get_backup(backup_id).status != BackupStatus.CREATING:
+            # A stale attempt that outlived its workflow must not overwrite anything.
+            raise InvalidState(f"backup {backup_id} is no longer being created")
+        self.store.put_manifest(manifest)
+        # Uploaded anew from data whose digest is their id: whole again in the store.
+        self.catalog.clear_suspect_chunks(sorted(repaired))
+        stats.data_bytes = manifest.data_bytes()
+        self.catalog.update_disk_backup(
+            backup_id,
+            disk_id,
+            size_bytes=manifest.size_bytes,
+            data_bytes=stats.data_bytes,
+            stored_bytes=stats.bytes_uploaded,
+            bytes_read=stats.bytes_read,
+            chunks_total=stats.chunks_total,
+            chunks_uploaded=stats.chunks_uploaded,
+            chunks_reused=stats.chunks_reused,
+            chunks_zero=stats.chunks_zero,
+            read_mode=stats.read_mode,
+            read_note=note or "",
+            progress=100,
+            done=True,
+        )
+        return stats
+
+    def _parent_manifest(self, parent_id: str | None, disk_id: str) -> Manifest | None:
+        if parent_id is None:
+            return None
+        try:
+            return self.store.get_manifest(parent_id, disk_id)
+        except NotFound:
+            return None  # the disk is new since the parent: read it whole
+
+    def _disk_progress(self, backup_id: str, disk_id: str, pct: int) -> None:
+        with self._progress_lock:
+            self.catalog.update_disk_backup(backup_id, disk_id, progress=pct)
+            disks = self.catalog.disk_backups(backup_id)
+            total = sum(d.size_bytes for d in disks) or 1
+            overall = int(sum(d.progress * d.size_bytes for d in disks) / total)
+            self.catalog.update_backup(backup_id, progress=min(overall, 99))
+
+    def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
+        """Write the backup's descriptor, mark it ``available`` and its task succeeded."""
+        backup = self.catalog.get_backup(backup_id)
+        disks = self.catalog.disk_backups(backup_id)
+        missing = [d.disk_id for d in disks if not d.done]
+        if missing:
+            raise InvalidState(f"backup {backup_id}: disks {missing} were not backed up")
+        descriptor = BackupDescriptor(
+            backup_id=backup.id,
+            project=backup.project,
+            name=backup.name,
+            description=backup.description,
+            kind=backup.kind,
+            policy_id=backup.policy_id,
+            parent_id=backup.parent_id,
+            created_at=backup.created_at,
+            snapshot_at=backup.snapshot_at,
+            server=DescriptorServer(
+                id=backup.server_id, name=backup.server_name, type=backup.server_type
+            ),
+            chunk_size=self.settings.chunk_size,
+            disks=[
+                DescriptorDisk(
+                    disk_id=d.disk_id,
+                    name=d.disk_name,
+                    role=d.role,
+                    size_bytes=d.size_bytes,
+                    data_bytes=d.data_bytes,
+                    manifest=self.store.manifest_key(backup_id, d.disk_id),
+                )
+                for d in disks
+            ],
+        )
+        self.store.put_descriptor(descriptor)
+        self.store.delete_staging(backup_id)
+        row = self.catalog.update_backup(
+            backup_id,
+            status=BackupStatus.AVAILABLE.value,
+            progress=100,
+            finished_at=utcnow(),
+            data_bytes=sum(d.data_bytes for d in disks),
+            stored_bytes=sum(d.stored_bytes for d in disks),
+            size_bytes=sum(d.size_bytes for d in disks),
+            error=None,
+        )
+        self.catalog.finish_task(task_id, ok=True)
+        self.catalog.release_server(row.server_id, backup_id)
+        return backup_json(row, disks)
+
+    def fail_backup(self, backup_id: str, task_id: str, reason: str, run_id: str = "") -> None:
+        """Leave the backup in ``error`` and its task failed with ``reason``; a backup of
+        another run (an id it was refused) is not touched."""
+        backup = self.catalog.find_backup(backup_id)
+        if backup is not None and run_id and backup.run_id and backup.run_id != run_id:
+            backup = None
+        if backup is not None:
+            with contextlib.suppress(InvalidState, NotFound):
+                self.catalog.transition_backup(
+                    backup_id,
+                    {BackupStatus.CREATING},
+                    BackupStatus.ERROR,
+                    error=reason,
+                    finished_at=utcnow(),
+                )
+            self.catalog.release_server(backup.server_id, backup_id)
+        with contextlib.suppress(NotFound):
+            self.catalog.finish_task(task_id, ok=False, reason=reason)

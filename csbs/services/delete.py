@@ -1,0 +1,78 @@
+"""Deletes (D1) and garbage collection: mark backups ``deleting`` in one transaction,
+remove their manifests and rows, sweep unreferenced chunks under the lease."""
+
+from __future__ import annotations
+
+from csbs import gc
+from csbs.errors import (
+    InvalidState,
+)
+from csbs.model import (
+    BackupStatus,
+    DeleteBackupsInput,
+    TaskKind,
+)
+from csbs.rules import (
+    DELETABLE,
+)
+
+#: Called by long steps with resumable details; activities turn it into a heartbeat.
+from csbs.services.base import Heartbeat, Service
+
+
+class DeleteService(Service):
+    """Every step of a delete, and the sweep that reclaims chunks."""
+
+    def prepare_delete(
+        self, inp: DeleteBackupsInput, task_id: str, workflow_id: str, run_id: str = ""
+    ) -> list[tuple[str, str]]:
+        """Mark every backup ``deleting`` with one task each, in one transaction: each must
+        be available, error or delete_failed at that moment (a restore that got there
+        first keeps it). Returns (backup_id, task_id) pairs. Nothing changes if any
+        backup is refused."""
+        rows = [self.catalog.get_backup(b) for b in inp.backup_ids]
+        pairs = [(row.id, f"{task_id}-{i}") for i, row in enumerate(rows)]
+        if self._find_task(pairs[0][1]) is None:
+            refused = [r for r in rows if r.status not in {s.value for s in DELETABLE}]
+            if refused:
+                listing = ", ".join(f"{r.id} ({r.status})" for r in refused)
+                raise InvalidState(
+                    f"only available, error or delete_failed backups can be deleted: {listing}"
+                )
+            tasks = [
+                self._running_task(
+                    tid,
+                    TaskKind.DELETE,
+                    workflow_id,
+                    row.id,
+                    row.name,
+                    row.server_id,
+                    row.server_name,
+                    run_id=run_id,
+                )
+                for row, (_, tid) in zip(rows, pairs, strict=True)
+            ]
+            self.catalog.begin_delete([r.id for r in rows], tasks)
+        return pairs
+
+    def delete_backup(self, backup_id: str, task_id: str) -> None:
+        """Remove a backup's manifests, descriptor and catalog rows (chunks are left to GC)."""
+        self.store.delete_backup_objects(backup_id)
+        self.catalog.delete_backup(backup_id)
+        self.catalog.finish_task(task_id, ok=True)
+
+    def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
+        if self.catalog.find_backup(backup_id) is not None:
+            self.catalog.update_backup(
+                backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
+            )
+        self.catalog.finish_task(task_id, ok=False, reason=reason)
+
+    def collect_garbage(
+        self, heartbeat: Heartbeat | None = None, owner: str | None = None
+    ) -> dict[str, int]:
+        """Delete chunks that no manifest references (D1): one sweep per tenant at a time
+        under a lease, never beside a backup (csbs.gc)."""
+        return gc.collect_garbage(
+            self.catalog, self.store, self.settings.gc_lease_seconds, owner, heartbeat
+        )

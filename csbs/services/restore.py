@@ -1,0 +1,175 @@
+"""Restores (R1-R5): check the backup, take the server's lock, write each disk from its
+manifest, give the lock back."""
+
+from __future__ import annotations
+
+from csbs import verify
+from csbs.errors import (
+    Conflict,
+    CorruptData,
+    InvalidState,
+)
+from csbs.model import (
+    BackupStatus,
+    Disk,
+    RestoreItem,
+    RestorePlan,
+    RestoreServerInput,
+    TaskKind,
+    TransferStats,
+)
+from csbs.rules import (
+    RESTORE_REFUSED_STATES,
+    plan_disk_mapping,
+)
+
+#: Called by long steps with resumable details; activities turn it into a heartbeat.
+from csbs.services.base import Heartbeat, Service, _pct, _Throttle
+from csbs.transfer import restore_disk
+
+
+class RestoreService(Service):
+    """Every step of a restore, each idempotent."""
+
+    def prepare_restore(
+        self, inp: RestoreServerInput, task_id: str, workflow_id: str, run_id: str = ""
+    ) -> RestorePlan:
+        """Check backup, server and disk mapping; then, in one transaction, take the
+        server's lock, mark the backup ``restoring`` and record the task (a backup or
+        another restore of the server, or a delete of the backup, that got there first
+        makes it refuse, and nothing changes)."""
+        backup = self.catalog.get_backup(inp.backup_id)
+        existing = self._find_task(task_id)
+        if existing is None and backup.status != BackupStatus.AVAILABLE:
+            raise InvalidState(
+                f"backup {backup.id} is {backup.status}; only available backups can be restored"
+            )
+        server = self.driver.get_server(backup.server_id)
+        if server.state in RESTORE_REFUSED_STATES:
+            raise InvalidState(
+                f"server {server.id} is {server.state.value}; servers in fault, resizing or "
+                f"resize_verifying cannot be restored"
+            )
+        items, warnings = plan_disk_mapping(
+            server,
+            [d.view() for d in self.catalog.disk_backups(backup.id)],
+            inp.disk_mapping,
+            inp.disk_ids,
+        )
+        if existing is None:
+            task = self._running_task(
+                task_id,
+                TaskKind.RESTORE,
+                workflow_id,
+                backup.id,
+                backup.name,
+                server.id,
+                server.name,
+                "; ".join(warnings) or None,
+                run_id=run_id,
+            )
+            try:
+                self.catalog.begin_restore(server.id, backup.id, task)
+            except Conflict:
+                if not self.reconcile(server_id=server.id):
+                    raise
+                self.catalog.begin_restore(server.id, backup.id, task)
+        return RestorePlan(
+            backup_id=backup.id,
+            backup_name=backup.name,
+            task_id=task_id,
+            server_id=server.id,
+            items=items,
+            warnings=warnings,
+        )
+
+    def check_restore(
+        self, backup_id: str, disk_ids: list[str], heartbeat: Heartbeat | None = None
+    ) -> None:
+        """Refuse, before any disk is touched, a backup that failed its last verification
+        or whose chunks are not all in the object store (and a wrong or missing key)."""
+        self.store.ensure_config()
+        backup = self.catalog.get_backup(backup_id)
+        if backup.verify_status == "failed":
+            raise CorruptData(
+                f"backup {backup.id} failed verification at {backup.verified_at:%Y-%m-%d %H:%M} "
+                f"({backup.verify_error}); restore refused before any disk was touched"
+            )
+        beat = heartbeat or (lambda _details: None)
+        manifests = [self.store.get_manifest(backup.id, d) for d in disk_ids]
+        distinct = len(set().union(*(m.chunk_ids() for m in manifests))) if manifests else 0
+        beat({"step": "listing"})
+        index = self._chunk_index(distinct)
+        beat({"step": "checking", "chunks": distinct})
+        missing = verify.missing_chunks(self.store, backup.id, disk_ids, index, beat)
+        self._suspect(backup.id, missing)
+        if missing:
+            raise CorruptData(
+                f"backup {backup.id} cannot be restored: {verify.describe(missing)}; restore "
+                f"refused before any disk was touched"
+            )
+
+    def restore_disk(
+        self,
+        backup_id: str,
+        item: RestoreItem,
+        done: int = 0,
+        heartbeat: Heartbeat | None = None,
+    ) -> TransferStats:
+        """Write one backed-up disk onto its target disk (the server is stopped)."""
+        backup = self.catalog.get_backup(backup_id)
+        manifest = self.store.get_manifest(backup_id, item.source_disk_id)
+        recorded = {d.disk_id: d.size_bytes for d in self.catalog.disk_backups(backup_id)}
+        if manifest.size_bytes != recorded.get(item.source_disk_id):
+            # The manifest decides how far the target disk is cut or grown: never on the
+            # word of an object the catalog does not vouch for.
+            raise CorruptData(
+                f"manifest of disk {item.source_disk_id} of backup {backup_id} says its size "
+                f"is {manifest.size_bytes} bytes, the catalog "
+                f"{recorded.get(item.source_disk_id)}; restore refused, the disk is untouched"
+            )
+        server = self.driver.get_server(backup.server_id)
+        if item.create and not any(d.id == item.target_disk_id for d in server.disks):
+            like = Disk(
+                id=item.target_disk_id, name=item.name, size_bytes=item.size_bytes, role=item.role
+            )
+            self.driver.add_disk(server.id, item.size_bytes, like)
+            server = self.driver.get_server(backup.server_id)
+        target = server.disk(item.target_disk_id)
+        # Restoring onto the original disk returns it to its size at backup time (R5);
+        # onto another (larger) disk, the data goes to its start and the size stays.
+        size = (
+            manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
+        )
+        self.release_stale_snapshots(backup.server_id)
+        writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
+        throttle = _Throttle(1.0)
+
+        def on_progress(done_now: int, _staged: int, stats: TransferStats) -> None:
+            if heartbeat is not None:
+                heartbeat({"done": done_now})
+            if throttle.ready(force=done_now == stats.chunks_total):
+                self.catalog.update_backup(
+                    backup_id, progress=min(99, _pct(done_now, stats.chunks_total))
+                )
+
+        try:
+            if size > manifest.size_bytes and done == 0:
+                writer.zero(manifest.size_bytes, size - manifest.size_bytes)
+            return restore_disk(
+                self.store,
+                manifest,
+                writer,
+                start=done,
+                concurrency=self.settings.transfer_concurrency,
+                progress=on_progress,
+            )
+        finally:
+            writer.close()
+
+    def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
+        """The backup is ``available`` again, the server's lock free; the task records the
+        outcome."""
+        task = self.catalog.get_task(task_id)
+        self.catalog.end_restore(task.server_id or "", backup_id, task_id)
+        self.catalog.finish_task(task_id, ok=ok, reason=reason)

