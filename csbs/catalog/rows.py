@@ -1,0 +1,208 @@
+"""The catalog's tables (SQLModel rows) and what reads them raw: each row type, the
+backup filter, and the times SQLite hands back naive."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import Field, SQLModel
+
+from csbs.model import BackedUpDisk, BackupKind, DiskRole
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _ts() -> Any:
+    return sa.Column(sa.DateTime(timezone=True), nullable=True)
+
+
+class BackupRow(SQLModel, table=True):
+    __tablename__ = "backups"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    name: str = Field(index=True, max_length=300)
+    description: str = Field(default="", max_length=255)
+    server_id: str = Field(index=True, max_length=64)
+    server_name: str = Field(default="", max_length=255)
+    server_type: str = Field(default="", max_length=64)
+    status: str = Field(index=True, max_length=32)
+    kind: str = Field(default=BackupKind.MANUAL.value, max_length=32)
+    policy_id: str | None = Field(default=None, max_length=64)
+    parent_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), index=True))
+    snapshot_at: datetime | None = Field(default=None, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    progress: int = 0
+    size_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    data_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    workflow_id: str | None = Field(default=None, max_length=255)
+    #: The last verification (every chunk read and its digest checked): when, ok or
+    #: failed, and what it found. A backup that failed verification is never restored.
+    verified_at: datetime | None = Field(default=None, sa_column=_ts())
+    verify_status: str = Field(default="", max_length=16)
+    verify_error: str | None = Field(default=None, sa_type=sa.Text)
+    #: The Temporal run that creates the backup: a step of any other run is refused.
+    run_id: str | None = Field(default=None, max_length=64)
+
+
+class DiskBackupRow(SQLModel, table=True):
+    __tablename__ = "disk_backups"
+
+    backup_id: str = Field(primary_key=True, max_length=64, foreign_key="backups.id")
+    disk_id: str = Field(primary_key=True, max_length=64)
+    disk_name: str = Field(default="", max_length=255)
+    role: str = Field(default="data", max_length=16)
+    size_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    data_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    bytes_read: int = Field(default=0, sa_type=sa.BigInteger)
+    chunks_total: int = 0
+    chunks_uploaded: int = 0
+    chunks_reused: int = 0
+    chunks_zero: int = 0
+    read_mode: str = Field(default="", max_length=32)
+    #: Why the disk was read in full instead of by changed blocks (empty when it was not).
+    read_note: str = Field(default="", max_length=500)
+    progress: int = 0
+    done: bool = False
+
+    def view(self) -> BackedUpDisk:
+        """The disk as the domain rules see it."""
+        return BackedUpDisk(
+            disk_id=self.disk_id,
+            name=self.disk_name,
+            role=DiskRole(self.role),
+            size_bytes=self.size_bytes,
+        )
+
+
+class TaskRow(SQLModel, table=True):
+    __tablename__ = "tasks"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    kind: str = Field(index=True, max_length=16)
+    status: str = Field(index=True, max_length=16)
+    backup_id: str | None = Field(default=None, index=True, max_length=64)
+    backup_name: str = Field(default="", max_length=300)
+    server_id: str | None = Field(default=None, index=True, max_length=64)
+    server_name: str = Field(default="", max_length=255)
+    workflow_id: str | None = Field(default=None, max_length=255)
+    started_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), index=True))
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    progress: int = 0
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    detail: str | None = Field(default=None, sa_type=sa.Text)
+    #: The Temporal run of the task (reconciliation asks Temporal whether it still runs).
+    run_id: str | None = Field(default=None, max_length=64)
+
+
+class ServerLockRow(SQLModel, table=True):
+    """A server's operation lock (B14): one backup or one restore at a time, the primary
+    key makes a second claim fail. The row ``gc:<project>`` is the tenant's sweep lease.
+
+    ``backup_id`` holds the owner: the backup id (backup), the restore task id (restore)
+    or the sweep's token (gc); ``claimed_at`` is when it was taken, or for the sweep lease
+    when it was last renewed (docs/format.md, "Locks and leases").
+    """
+
+    __tablename__ = "server_locks"
+
+    server_id: str = Field(primary_key=True, max_length=80)
+    backup_id: str = Field(max_length=64)
+    claimed_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    operation: str = Field(
+        default="backup",
+        sa_column=sa.Column(sa.String(16), nullable=False, server_default="backup"),
+    )
+
+
+class SuspectChunkRow(SQLModel, table=True):
+    """A chunk that a verify (or a restore's check) found missing or corrupt. Backups never
+    reuse it: the next one that reads its data uploads it again, and the row goes."""
+
+    __tablename__ = "suspect_chunks"
+
+    project: str = Field(primary_key=True, max_length=64)
+    chunk_id: str = Field(primary_key=True, max_length=64)
+    problem: str = Field(max_length=16)
+    backup_id: str | None = Field(default=None, max_length=64)
+    found_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class PolicyRow(SQLModel, table=True):
+    """A backup policy; ``spec`` is the JSON of :class:`csbs.policy.PolicySpec`."""
+
+    __tablename__ = "policies"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=255)
+    enabled: bool = True
+    spec: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    updated_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+
+
+class BindingRow(SQLModel, table=True):
+    """A server bound to a policy; the key makes it one policy per server (P6)."""
+
+    __tablename__ = "policy_bindings"
+
+    server_id: str = Field(primary_key=True, max_length=64)
+    policy_id: str = Field(index=True, max_length=64, foreign_key="policies.id")
+    project: str = Field(index=True, max_length=64)
+    bound_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+
+
+class BackupFilter(SQLModel):
+    """Every filter of ``backup list``."""
+
+    status: str | None = None
+    server_id: str | None = None
+    server_name: str | None = None
+    server_type: str | None = None
+    name: str | None = None
+    id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    policy_id: str | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def _fix_times(row: SQLModel, *names: str) -> None:
+    """Make the row's stored times aware (SQLite hands them back naive) without marking the
+    row changed: a read must never write (an UPDATE of a row deleted meanwhile fails)."""
+    for name in names:
+        value = getattr(row, name)
+        if value is not None and value.tzinfo is None:
+            set_committed_value(row, name, value.replace(tzinfo=UTC))
+
+
+def _fix_backup(row: BackupRow) -> BackupRow:
+    _fix_times(row, "created_at", "snapshot_at", "finished_at", "verified_at")
+    return row
+
+
+def _fix_task(row: TaskRow) -> TaskRow:
+    _fix_times(row, "started_at", "finished_at")
+    return row
