@@ -18,9 +18,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def _cli() -> Any:
-    from starter import cli
+    from starter import cli_common
 
-    return cli
+    return cli_common
 
 
 def _service() -> tuple[Operations, PolicyService]:

@@ -442,7 +442,7 @@ async def test_a_sweep_deferred_by_a_running_backup_waits_and_then_sweeps(
     """Defect 5: GC's Conflict was a dead end (the run failed and nothing swept until
     someone started one by hand). Now a CollectGarbage run waits for the backup, and a
     delete whose own sweep is deferred hands it to one."""
-    from csbs import services
+    from csbs.services import backup as backup_service
 
     old = stack.compute.create_server("garbage", [4 * MIB])
     stack.compute.write(old.id, old.disks[0].id, 0, os.urandom(4 * MIB))
@@ -450,14 +450,14 @@ async def test_a_sweep_deferred_by_a_running_backup_waits_and_then_sweeps(
     server = stack.compute.create_server("busy", [4 * MIB])
     stack.compute.write(server.id, server.disks[0].id, 0, os.urandom(4 * MIB))
     go, uploading = threading.Event(), threading.Event()
-    real_transfer = services.backup_disk  # type: ignore[attr-defined]
+    real_transfer = backup_service.backup_disk  # type: ignore[attr-defined]
 
     def held_transfer(*args: Any, **kwargs: Any) -> Any:
         uploading.set()
         assert go.wait(120)
         return real_transfer(*args, **kwargs)
 
-    monkeypatch.setattr(services, "backup_disk", held_transfer)
+    monkeypatch.setattr(backup_service, "backup_disk", held_transfer)
     client = CsbsClient(stack.client, stack.settings)
     backup_id, running = await client.start_backup(BackupServerInput(server_id=server.id))
     assert await asyncio.to_thread(uploading.wait, 60)  # the backup holds its server lock

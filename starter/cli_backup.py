@@ -1,0 +1,332 @@
+"""``csbs backup …``: create, list, show, delete, restore and verify backups."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any, cast
+
+import typer
+from rich.table import Table
+from temporalio.client import WorkflowFailureError
+
+from csbs.catalog import Catalog, backup_json
+from csbs.model import (
+    BackupStatus,
+    DeleteBackupsInput,
+    RestoreServerInput,
+    TaskKind,
+    TaskStatus,
+)
+from csbs.units import format_size
+from starter.cli_common import (
+    JsonOpt,
+    WaitOpt,
+    YesOpt,
+    _progress_bar,
+    _task_table,
+    confirm,
+    console,
+    emit,
+    fail,
+    guarded,
+    guarded_async,
+    operations,
+    run_async,
+    say,
+    settings,
+)
+from starter.ops import backup_inputs, workflow_error
+
+backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore, delete backups.")
+
+
+# -- backups --------------------------------------------------------------------------------
+def _backup_table(rows: list[dict[str, Any]]) -> None:
+    table = Table("id", "name", "server", "status", "kind", "created", "size", "stored")
+    for b in rows:
+        status = b["status"]
+        if status in (BackupStatus.CREATING, BackupStatus.RESTORING, BackupStatus.DELETING):
+            status = f"{status} {b['progress']}%"
+        table.add_row(
+            b["id"],
+            b["name"],
+            f"{b['server_name']} ({b['server_id']})",
+            status,
+            b["kind"],
+            (b["created_at"] or "")[:19],
+            format_size(b["size_bytes"]),
+            format_size(b["stored_bytes"]),
+        )
+    console.print(table)
+
+
+def _backup_view(cat: Catalog, backup_id: str) -> dict[str, Any]:
+    return backup_json(cat.get_backup(backup_id), cat.disk_backups(backup_id))
+
+
+@backup_app.command("create")
+def backup_create(
+    server_ids: Annotated[list[str], typer.Argument(help="Servers to back up.")],
+    name: Annotated[str | None, typer.Option(help="Backup name (default manualbk_xxxx).")] = None,
+    description: Annotated[str | None, typer.Option(help="At most 255 characters.")] = None,
+    offline: Annotated[bool, typer.Option(help="Stop the server for the snapshot.")] = False,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up one or more servers now (one backup per server)."""
+    s = settings()
+    inputs = guarded(lambda: backup_inputs(server_ids, name, description, offline))
+    ops = operations(s)
+    cat = ops.catalog
+
+    async def start() -> list[str]:
+        return await guarded_async(ops.create_backups(inputs))
+
+    ids = run_async(start())
+    if wait:
+        for backup_id in ids:
+
+            def poll(b: str = backup_id) -> tuple[int, bool]:
+                row = cat.get_backup(b)
+                return row.progress, row.status != BackupStatus.CREATING
+
+            if not as_json:
+                _progress_bar(f"backup {cat.get_backup(backup_id).name}", poll)
+            else:
+                while not poll()[1]:
+                    time.sleep(0.5)
+    for backup_id in ids:
+        for task in cat.list_tasks(kind=TaskKind.BACKUP, backup_id=backup_id):
+            if task.detail:
+                say("warning:", "yellow", task.detail)
+    views = [_backup_view(cat, b) for b in ids]
+    emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
+    failed = [v for v in views if v["status"] == BackupStatus.ERROR]
+    if wait and failed:
+        fail("; ".join(f"backup {v['id']} failed: {v['error']}" for v in failed))
+
+
+@backup_app.command("list")
+def backup_list(
+    status: Annotated[BackupStatus | None, typer.Option(help="Only backups in this state.")] = None,
+    server_id: Annotated[str | None, typer.Option(help="Only backups of this server.")] = None,
+    server_name: Annotated[str | None, typer.Option(help="Server name contains this.")] = None,
+    server_type: Annotated[str | None, typer.Option(help="Only servers of this type.")] = None,
+    name: Annotated[str | None, typer.Option(help="Backup name contains this.")] = None,
+    id: Annotated[str | None, typer.Option("--id", help="This backup id.")] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after (ISO time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Created at or before (ISO time).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List backups, newest first."""
+    ops = operations(settings())
+    rows = guarded(
+        lambda: ops.list_backups(
+            status.value if status else None,
+            server_id,
+            server_name,
+            server_type,
+            name,
+            id,
+            since,
+            until,
+        )
+    )
+    emit(rows, as_json, lambda: _backup_table(rows))
+
+
+@backup_app.command("show")
+def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
+    """Show one backup: disks, sizes, parent, times, tasks."""
+    view = guarded(lambda: operations(settings()).backup_detail(backup_id))
+
+    def render() -> None:
+        table = Table(show_header=False)
+        for key in (
+            "id",
+            "name",
+            "description",
+            "status",
+            "progress",
+            "kind",
+            "server_id",
+            "server_name",
+            "server_type",
+            "parent_id",
+            "policy_id",
+            "created_at",
+            "snapshot_at",
+            "finished_at",
+            "size_bytes",
+            "data_bytes",
+            "stored_bytes",
+            "error",
+        ):
+            table.add_row(key, "" if view[key] is None else str(view[key]))
+        console.print(table)
+        disks = Table("disk", "name", "role", "size", "data", "stored", "read", "mode")
+        for d in view["disks"]:
+            disks.add_row(
+                d["disk_id"],
+                d["name"],
+                d["role"],
+                format_size(d["size_bytes"]),
+                format_size(d["data_bytes"]),
+                format_size(d["stored_bytes"]),
+                format_size(d["bytes_read"]),
+                d["read_mode"],
+            )
+        console.print(disks)
+        _task_table(view["tasks"])
+
+    emit(view, as_json, render)
+
+
+@backup_app.command("delete")
+def backup_delete(
+    backup_ids: list[str], yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
+) -> None:
+    """Delete backups (available, error or delete_failed)."""
+    ops = operations(settings())
+    guarded(lambda: DeleteBackupsInput(backup_ids=backup_ids))
+    for b in backup_ids:
+        guarded(lambda b=b: ops.catalog.get_backup(b))  # type: ignore[misc]
+    confirm(f"Delete {len(backup_ids)} backup(s)? This cannot be undone.", yes)
+
+    async def go() -> dict[str, Any]:
+        handle = await guarded_async(ops.delete_backups(backup_ids))
+        if wait:
+            try:
+                result = cast(dict[str, Any], await handle.result())
+            except WorkflowFailureError as exc:
+                fail(workflow_error(exc))
+            return result
+        return {"workflow_id": handle.id, "backup_ids": backup_ids, "status": "deleting"}
+
+    result = run_async(go())
+    emit(result, as_json, lambda: console.print(result))
+
+
+def _parse_map(pairs: list[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            fail(f"--map must be SRC_DISK=DST_DISK (got {pair!r})")
+        if src in mapping:
+            fail(f"--map: disk {src} is mapped twice")
+        mapping[src] = dst
+    return mapping
+
+
+@backup_app.command("restore")
+def backup_restore(
+    backup_id: str,
+    map_: Annotated[list[str] | None, typer.Option("--map", help="SRC_DISK=DST_DISK")] = None,
+    disk: Annotated[
+        list[str] | None, typer.Option("--disk", help="Restore only this backed-up disk (R7).")
+    ] = None,
+    power_on: Annotated[
+        bool, typer.Option("--power-on/--no-power-on", help="Start the server afterwards.")
+    ] = True,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Read and check every chunk before touching any disk."),
+    ] = False,
+    yes: YesOpt = False,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a server's disks from a backup (overwrites them; stops the server)."""
+    s = settings()
+    inp = guarded(
+        lambda: RestoreServerInput(
+            backup_id=backup_id,
+            disk_mapping=_parse_map(map_ or []),
+            power_on=power_on,
+            disk_ids=disk or [],
+            verify=verify,
+        )
+    )
+    ops = operations(s)
+    cat = ops.catalog
+    backup = guarded(lambda: cat.get_backup(backup_id))
+    confirm(
+        f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
+        f"overwritten.",
+        yes,
+    )
+
+    async def go() -> dict[str, Any]:
+        handle, task_id = await guarded_async(ops.restore(inp))
+        if not wait:
+            return {
+                "workflow_id": handle.id,
+                "task_id": task_id,
+                "backup_id": backup_id,
+                "status": "restoring",
+            }
+        if not as_json:
+
+            def poll() -> tuple[int, bool]:
+                task = cat.get_task(task_id)
+                row = cat.get_backup(backup_id)
+                return row.progress, task.status != TaskStatus.RUNNING
+
+            await asyncio.to_thread(_progress_bar, f"restore {backup.name}", poll)
+        try:
+            result = cast(dict[str, Any], await handle.result())
+        except WorkflowFailureError as exc:
+            fail(workflow_error(exc))
+        return result
+
+    result = run_async(go())
+    for warning in result.get("warnings", []):
+        say("warning:", "yellow", warning)
+    emit(result, as_json, lambda: console.print(result))
+
+
+@backup_app.command("verify")
+def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+    """Read every chunk of a backup from S3 and check its digest; problems are reported by
+    disk and chunk, and a backup that fails is never restored."""
+    ops = operations(settings())
+
+    async def go() -> dict[str, Any]:
+        handle, task_id = await guarded_async(ops.verify(backup_id))
+        if not wait:
+            return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
+        try:
+            return cast(dict[str, Any], await handle.result())
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            details = getattr(cause, "details", None)
+            if details and isinstance(details[0], dict):
+                return dict(details[0])
+            fail(workflow_error(exc))
+
+    result = run_async(go())
+
+    def render() -> None:
+        if "ok" not in result:
+            console.print(result)
+            return
+        console.print(
+            f"backup {backup_id}: {result['chunks_checked']} chunks, "
+            f"{format_size(result['bytes_checked'])} checked",
+            highlight=False,
+        )
+        for p in result["problems"]:
+            where = (
+                f"chunk {p['index']} ({(p['chunk_id'] or '')[:16]})"
+                if p["index"] is not None
+                else ""
+            )
+            console.print(
+                f"  disk {p['disk_id']} {where}: {p['problem']}: {p['message']}", highlight=False
+            )
+
+    emit(result, as_json, render)
+    if result.get("ok") is False:
+        fail(result["reason"])

@@ -1,0 +1,193 @@
+"""What every ``csbs`` command shares: output (never markup), errors as one line, settings,
+the catalog, driver and operations, waiting with progress. No command lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from csbs.catalog import Catalog
+from csbs.config import Settings
+from csbs.drivers import ComputeDriver, make_driver
+from csbs.errors import CsbsError
+from csbs.model import (
+    Server,
+)
+from csbs.units import format_size
+from starter.ops import Operations, workflow_error
+
+#: Output never interprets markup: names, descriptions and reasons are user text, and
+#: "[/x]" must print as it is, never crash or restyle the output. Colour comes from
+#: ``Text`` styles instead (see ``say``).
+console = Console(markup=False)
+
+
+err_console = Console(stderr=True, markup=False)
+
+
+def say(label: str, style: str, message: str, to: Console | None = None) -> None:
+    """Print ``label: message`` with the label coloured and the message literal."""
+    (to or err_console).print(
+        Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True
+    )
+
+
+T = TypeVar("T")
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until it finishes, with progress.")]
+
+
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one clear line and exit non-zero."""
+    say("error:", "red", message)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "input"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def catalog(s: Settings) -> Catalog:
+    return Catalog(s.effective_database_url, s.project)
+
+
+def driver(s: Settings) -> ComputeDriver:
+    return make_driver(s)
+
+
+def operations(s: Settings) -> Operations:
+    return Operations(s)
+
+
+async def guarded_async(coro: Awaitable[T]) -> T:
+    """Await an operation, turning domain errors into one line and a non-zero exit."""
+    try:
+        return await coro
+    except CsbsError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+
+
+def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
+    if as_json or render is None:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    else:
+        render()
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    async def wrapped() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(wrapped())
+    except RuntimeError as exc:
+        if "Failed client connect" in str(exc) or "connection" in str(exc).lower():
+            fail(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
+        raise
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run a command body, turning domain errors into one line and a non-zero exit."""
+    try:
+        return fn()
+    except CsbsError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{question} needs confirmation: pass --yes")
+    if not typer.confirm(question):
+        fail("cancelled", code=2)
+
+
+def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: float = 0.5) -> None:
+    """Show a progress bar fed by ``get() -> (percent, finished)`` until finished."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=100)
+        while True:
+            pct, finished = get()
+            bar.update(task, completed=pct)
+            if finished:
+                return
+            time.sleep(interval)
+
+
+# -- servers --------------------------------------------------------------------------------
+def _server_table(servers: list[Server]) -> None:
+    table = Table("id", "name", "type", "state", "disks")
+    for s in servers:
+        disks = ", ".join(
+            f"{d.id} ({d.role.value}{', shared' if d.shared else ''}, {format_size(d.size_bytes)})"
+            for d in s.disks
+        )
+        table.add_row(s.id, s.name, s.type, s.state.value, disks)
+    console.print(table)
+
+
+def _server_json(s: Server) -> dict[str, Any]:
+    return s.model_dump(mode="json", exclude={"project"})
+
+
+def _task_table(rows: list[dict[str, Any]]) -> None:
+    table = Table("id", "kind", "status", "backup", "server", "started", "finished", "reason")
+    for t in rows:
+        table.add_row(
+            t["id"],
+            t["kind"],
+            t["status"],
+            t["backup_name"] or t["backup_id"] or "",
+            t["server_name"] or t["server_id"] or "",
+            (t["started_at"] or "")[:19],
+            (t["finished_at"] or "")[:19],
+            t["reason"] or "",
+        )
+    console.print(table)
+
+
+__all__ = ["workflow_error"]
