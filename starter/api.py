@@ -12,263 +12,47 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from csbs.catalog import task_json
 from csbs.config import Settings
 from csbs.errors import CsbsError, InvalidInput, NotFound
-from csbs.model import ID_PATTERN, BackupStatus, RestoreServerInput, TaskKind, TaskStatus
-from csbs.naming import NAME_RE
-from csbs.policy import PolicySpec, RetentionKind
+from csbs.model import BackupStatus, RestoreServerInput, TaskKind, TaskStatus
+from csbs.policy import PolicySpec
+from starter.api_models import (
+    ISO_TIME,
+    STATUS,
+    BackupCreate,
+    BackupDetail,
+    BackupOut,
+    Bound,
+    Deleted,
+    DeleteRequest,
+    Health,
+    Id,
+    PolicyCreate,
+    PolicyOut,
+    PolicyPatch,
+    RestoreRequest,
+    ServerIds,
+    ServerOut,
+    Started,
+    TaskOut,
+    _allowed,
+    _problem_media_type,
+    _responses,
+    _validation_errors,
+    problem,
+)
 from starter.ops import Operations, StartFailed, backup_inputs
 
 log = logging.getLogger(__name__)
-PROBLEM = "application/problem+json"
-Id = Annotated[str, Path(pattern=ID_PATTERN, max_length=64, description="An id.")]
-BodyId = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=64)]
-#: ISO 8601 date or date and time, as ``csbs backup list --since`` takes it.
-ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
-
-#: HTTP status of each core error type (also of a workflow's typed ApplicationError).
-STATUS = {
-    "InvalidInput": 422,
-    "ValidationError": 422,
-    "NotFound": 404,
-    "InvalidState": 409,
-    "Conflict": 409,
-    "QuotaExceeded": 409,
-    "GarbageCollectionRunning": 503,
-    "StorageUnavailable": 503,
-    "StorageError": 503,
-    "DriverError": 503,
-    "DiskUnavailable": 409,
-    "CorruptData": 409,
-    "Unavailable": 503,
-}
-
-
-# -- documents ----------------------------------------------------------------------------------
-class Problem(BaseModel):
-    """An error (RFC 9457): ``detail`` says what is wrong and what to do."""
-
-    type: str = Field(description="urn:csbs:problem:<error type>")
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, Any]] | None = Field(
-        default=None, description="Each invalid field, for a validation problem."
-    )
-
-
-class DiskOut(BaseModel):
-    id: str
-    name: str
-    size_bytes: int
-    role: Literal["system", "data"]
-    shared: bool
-
-
-class ServerOut(BaseModel):
-    id: str
-    name: str
-    type: str
-    state: str
-    disks: list[DiskOut]
-
-
-class DiskBackupOut(BaseModel):
-    disk_id: str
-    name: str
-    role: str
-    size_bytes: int
-    data_bytes: int
-    stored_bytes: int
-    chunks_total: int
-    chunks_uploaded: int
-    chunks_reused: int
-    chunks_zero: int
-    bytes_read: int
-    read_mode: str
-    read_note: str
-
-
-class TaskOut(BaseModel):
-    id: str
-    kind: str
-    status: str
-    backup_id: str | None
-    backup_name: str
-    server_id: str | None
-    server_name: str
-    started_at: str | None
-    finished_at: str | None
-    progress: int
-    reason: str | None
-    detail: str | None
-    workflow_id: str | None
-    project: str
-
-
-class BackupOut(BaseModel):
-    id: str
-    name: str
-    description: str
-    server_id: str
-    server_name: str
-    server_type: str
-    status: str
-    kind: str
-    policy_id: str | None
-    parent_id: str | None
-    created_at: str | None
-    finished_at: str | None
-    progress: int
-    size_bytes: int
-    stored_bytes: int
-    disks: list[DiskBackupOut]
-    snapshot_at: str | None
-    data_bytes: int
-    error: str | None
-    project: str
-    verified_at: str | None
-    verify_status: Literal["ok", "failed"] | None
-    verify_error: str | None
-
-
-class BackupDetail(BackupOut):
-    tasks: list[TaskOut]
-
-
-class BackupCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    server_ids: list[BodyId] = Field(min_length=1, max_length=64)
-    name: str | None = None
-    description: str | None = None
-    offline: bool = False
-
-
-class RestoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    disk_mapping: dict[BodyId, BodyId] = Field(default_factory=dict)
-    disk_ids: list[BodyId] = Field(default_factory=list)
-    power_on: bool = True
-    #: Read and check every chunk before the server is stopped or a disk written.
-    verify: bool = False
-
-
-class DeleteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    backup_ids: list[BodyId] = Field(min_length=1, max_length=100)
-
-
-class Started(BaseModel):
-    """A workflow that was started and has recorded its task."""
-
-    workflow_id: str
-    task_id: str | None = None
-    status: str
-
-
-class PolicyOut(BaseModel):
-    id: str
-    name: str
-    enabled: bool
-    times: list[str]
-    weekdays: list[str] | None
-    every_days: int | None
-    timezone: str
-    retention: RetentionKind
-    retention_value: int | None
-    server_ids: list[str]
-    created_at: str | None
-    updated_at: str | None
-    next_runs: list[str] | None = None
-
-
-Name = Annotated[str, StringConstraints(pattern=NAME_RE.pattern)]
-TimeOfDay = Annotated[str, StringConstraints(pattern=r"^([01]?[0-9]|2[0-3]):[0-5][0-9]$")]
-Weekday = Literal["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-
-
-class PolicyCreate(BaseModel):
-    """A new policy (P1-P3): times at least an hour apart; weekdays or every_days; keep
-    by count, by days, or forever. The rules the schema cannot say are checked too."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name = "backup_policy"
-    enabled: bool = True
-    times: list[TimeOfDay] = Field(min_length=1, max_length=24)
-    weekdays: list[Weekday] | None = Field(default=None, min_length=1, max_length=7)
-    every_days: int | None = Field(default=None, ge=1, le=30)
-    timezone: str = "UTC"
-    retention: RetentionKind = RetentionKind.COUNT
-    retention_value: int | None = Field(default=None, ge=1, le=99999)
-
-
-class PolicyPatch(BaseModel):
-    """Fields to change; the whole policy is validated again (P7)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name | None = None
-    times: list[TimeOfDay] | None = Field(default=None, min_length=1, max_length=24)
-    weekdays: list[Weekday] | None = Field(default=None, min_length=1, max_length=7)
-    every_days: int | None = Field(default=None, ge=1, le=30)
-    timezone: str | None = None
-    retention: RetentionKind | None = None
-    retention_value: int | None = Field(default=None, ge=1, le=99999)
-
-
-class ServerIds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    server_ids: list[BodyId] = Field(min_length=1, max_length=64)
-
-
-class Bound(BaseModel):
-    policy_id: str
-    server_ids: list[str]
-
-
-class Deleted(BaseModel):
-    deleted: list[str]
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-# -- errors ---------------------------------------------------------------------------------
-def problem(status: int, type_name: str, detail: str, errors: Any = None) -> JSONResponse:
-    body = Problem(
-        type=f"urn:csbs:problem:{type_name}",
-        title=type_name,
-        status=status,
-        detail=detail,
-        errors=errors,
-    )
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
-
-
-def _validation_errors(errors: Any) -> tuple[str, list[dict[str, Any]]]:
-    items = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "input"
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        items.append({"field": loc, "message": msg})
-    return "; ".join(f"{i['field']}: {i['message']}" for i in items), items
 
 
 @contextlib.contextmanager
@@ -283,10 +67,6 @@ def body_references() -> Iterator[None]:
         if exc.cause_type == "NotFound":
             raise InvalidInput(str(exc)) from exc
         raise
-
-
-def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Problem, "description": "A problem document."} for code in codes}
 
 
 # -- the application ------------------------------------------------------------------------
@@ -621,69 +401,3 @@ def create_app(settings: Settings | None = None, ops: Operations | None = None) 
 
     _problem_media_type(app)
     return app
-
-
-def _allowed(app: FastAPI, request: Request) -> list[str]:
-    """Every method some route serves on this path (FastAPI has one route per method, so
-    Starlette's own 405 names only the first)."""
-    methods: set[str] = set()
-    for route in app.routes:
-        if isinstance(route, APIRoute):
-            match, _ = route.matches(request.scope)
-            if match in (Match.FULL, Match.PARTIAL):
-                methods |= route.methods or set()
-    return sorted(methods)
-
-
-def _problem_media_type(app: FastAPI) -> None:
-    """Document error responses as ``application/problem+json``, which is what they are;
-    a request body that is not JSON at all is a 400; links let a client (and schemathesis's
-    stateful tests) follow a created policy or backup to its other operations."""
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = original()
-        for path in schema.get("paths", {}).values():
-            for op in path.values():
-                responses = op.get("responses", {})
-                if "requestBody" in op and "400" not in responses:
-                    responses["400"] = {
-                        "description": "The body is not JSON.",
-                        "content": {"application/json": {"schema": PROBLEM_REF}},
-                    }
-                for code, response in responses.items():
-                    content = response.get("content", {})
-                    if code.startswith(("4", "5")) and "application/json" in content:
-                        content[PROBLEM] = content.pop("application/json")
-        _links(schema)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
-
-
-#: Operations that create something, and where the id is in their response.
-_CREATES = {
-    "/v1/policies/{policy_id}": ("/v1/policies", "201", "policy_id", "$response.body#/id"),
-    "/v1/backups/{backup_id}": ("/v1/backups", "202", "backup_id", "$response.body#/0/id"),
-}
-
-
-def _links(schema: dict[str, Any]) -> None:
-    """OpenAPI links from each create operation to every operation on what it created."""
-    paths = schema["paths"]
-    for path, item in paths.items():
-        for prefix, (source, code, param, expr) in _CREATES.items():
-            if not path.startswith(prefix):
-                continue
-            links = paths[source]["post"]["responses"][code].setdefault("links", {})
-            for op in item.values():
-                links[op["operationId"]] = {
-                    "operationId": op["operationId"],
-                    "parameters": {param: expr},
-                }
