@@ -539,7 +539,7 @@ def fake_nbd(path: str, reply: Callable[[socket.socket, int, int, int], None]) -
     """A one-connection NBD server: handshake, then ``reply(sock, cookie, offset, length)``
     for the first READ. ``reply`` may also be called with cookie -1 to answer the
     STRUCTURED_REPLY option itself."""
-    from csbs import nbd
+    from csbs.drivers import nbd
 
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
@@ -591,7 +591,7 @@ def fake_nbd(path: str, reply: Callable[[socket.socket, int, int, int], None]) -
 
 
 def chunk(cookie: int, rtype: int, payload: bytes, done: bool = False, length: int = -1) -> bytes:
-    from csbs import nbd
+    from csbs.drivers import nbd
 
     size = len(payload) if length < 0 else length
     flags = nbd.REPLY_FLAG_DONE if done else 0
@@ -600,7 +600,7 @@ def chunk(cookie: int, rtype: int, payload: bytes, done: bool = False, length: i
 
 
 def overlapping(conn: socket.socket, cookie: int, offset: int, length: int) -> None:
-    from csbs import nbd
+    from csbs.drivers import nbd
 
     half = length // 2  # two data chunks over the first half: covered == length, a gap of zeros
     conn.sendall(chunk(cookie, nbd.REPLY_OFFSET_DATA, struct.pack(">Q", offset) + b"A" * half))
@@ -610,13 +610,13 @@ def overlapping(conn: socket.socket, cookie: int, offset: int, length: int) -> N
 
 
 def oversized(conn: socket.socket, cookie: int, offset: int, length: int) -> None:
-    from csbs import nbd
+    from csbs.drivers import nbd
 
     conn.sendall(chunk(cookie, nbd.REPLY_OFFSET_DATA, b"", done=True, length=0xFFFFFF00))
 
 
 def huge_option_reply(conn: socket.socket, cookie: int, offset: int, length: int) -> None:
-    from csbs import nbd
+    from csbs.drivers import nbd
 
     conn.sendall(
         struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK, 1 << 31)
@@ -634,7 +634,7 @@ def huge_option_reply(conn: socket.socket, cookie: int, offset: int, length: int
 def test_the_nbd_client_bounds_every_length_by_the_request(
     tmp_path: Path, reply: Callable[..., None], message: str
 ) -> None:
-    from csbs.nbd import NbdClient, NbdError
+    from csbs.drivers.nbd import NbdClient, NbdError
 
     path = str(tmp_path / "nbd.sock")
     fake_nbd(path, reply)

@@ -1,4 +1,4 @@
-"""csbs.nbd against a real NBD server (``qemu-nbd``): handshake, reads with holes, writes,
+"""csbs.drivers.nbd against a real NBD server (``qemu-nbd``): handshake, reads with holes, writes,
 zeroes, allocation and dirty-bitmap block status, and clear errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from csbs.nbd import (
+from csbs.drivers.nbd import (
     ALLOCATION,
     STATE_DIRTY,
     STATE_ZERO,

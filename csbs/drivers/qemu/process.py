@@ -1,0 +1,313 @@
+"""The QEMU process of a server: its runtime directory and record, launching and quitting
+it, QMP sessions, NBD exports and the changed-block records of its disks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from csbs.drivers.common import (
+    DirectoryDriver,
+    child_env,
+    runtime_base,
+    write_json,
+)
+from csbs.drivers.qemu.qmp import (
+    QEMU_TIMEOUT,
+    REASON_FIRST,
+    QmpError,
+    _children,
+    _launch_error,
+    _opt,
+    _pid_alive,
+    _Qmp,
+    _reap,
+    drive_id,
+    node_name,
+)
+from csbs.errors import (
+    DiskUnavailable,
+    DriverError,
+)
+from csbs.model import Server, ServerState, check_id
+
+
+class QemuProcesses(DirectoryDriver):
+    """Servers as QEMU processes (the process half of the driver)."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        root: Path,
+        project: str = "default",
+        qemu_binary: str = "qemu-system-x86_64",
+        qemu_img: str = "qemu-img",
+    ) -> None:
+        super().__init__(root, project)
+        self.qemu_binary = qemu_binary
+        self.qemu_img = qemu_img
+
+    # -- paths --------------------------------------------------------------------------
+    def _disk_path(self, server_id: str, disk_id: str) -> Path:
+        return self._dir(server_id) / "disks" / f"{check_id(disk_id, 'disk_id')}.qcow2"
+
+    def _new_runtime(self, server_id: str) -> Path:
+        """A fresh short directory for the sockets of a process about to start, inside a
+        private base directory (``$XDG_RUNTIME_DIR/csbs-qemu``, else
+        ``$TMPDIR/csbs-qemu-<uid>``) that must be ours and closed to everyone else."""
+        key = hashlib.sha1(str(self._dir(server_id).resolve()).encode()).hexdigest()[:12]
+        base = runtime_base()
+        return Path(tempfile.mkdtemp(prefix=f"{key}-", dir=base))
+
+    def _record(self, server_id: str) -> dict[str, Any]:
+        """The running process's record: pid and the socket paths it was started with
+        (every process uses these, whatever its own TMPDIR)."""
+        try:
+            record: dict[str, Any] = json.loads(self._record_path(server_id).read_text())
+        except FileNotFoundError:
+            raise DriverError(f"server {server_id} has no QEMU process") from None
+        return record
+
+    def _qmp_path(self, server_id: str) -> str:
+        return str(self._record(server_id)["qmp"])
+
+    def _nbd_path(self, server_id: str) -> str:
+        return str(self._record(server_id)["nbd"])
+
+    def _log_path(self, server_id: str) -> Path:
+        return self._dir(server_id) / "qemu.log"
+
+    # -- changed-block records ------------------------------------------------------------
+    def _cbt_path(self, server_id: str, disk_id: str) -> Path:
+        return self._dir(server_id) / "cbt" / f"{check_id(disk_id, 'disk_id')}.json"
+
+    def _cbt(self, server_id: str, disk_id: str) -> tuple[str | None, str | None]:
+        """(checkpoint bitmap name, reason there is none)."""
+        try:
+            record = json.loads(self._cbt_path(server_id, disk_id).read_text())
+        except FileNotFoundError:
+            return None, REASON_FIRST
+        return record.get("checkpoint"), record.get("reason")
+
+    def _set_cbt(
+        self, server_id: str, disk_id: str, checkpoint: str | None, reason: str | None
+    ) -> None:
+        write_json(self._cbt_path(server_id, disk_id), {"checkpoint": checkpoint, "reason": reason})
+
+    # -- the process ----------------------------------------------------------------------
+    def _record_path(self, server_id: str) -> Path:
+        return self._dir(server_id) / "qemu.json"
+
+    def _pid(self, server_id: str) -> int | None:
+        """The live QEMU process of the server, or None. Notices a process that died
+        without our ``quit`` and marks every disk's changed-block record as untrusted."""
+        path = self._record_path(server_id)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        pid = int(record["pid"])
+        if _pid_alive(pid, record["qmp"]):
+            return pid
+        _reap(pid)
+        reason = f"QEMU (pid {pid}) exited uncleanly, so its dirty bitmaps cannot be trusted"
+        self._distrust(server_id, reason)
+        server = self._load(server_id)
+        if server.state == ServerState.RUNNING:
+            server.state = ServerState.STOPPED
+            self._save(server)
+        path.unlink(missing_ok=True)
+        shutil.rmtree(record.get("runtime", "/nonexistent"), ignore_errors=True)
+        return None
+
+    def _distrust(self, server_id: str, reason: str) -> None:
+        for disk in self._load(server_id).disks:
+            self._set_cbt(server_id, disk.id, None, reason)
+
+    def _observe(self, server: Server) -> Server:
+        if server.state == ServerState.RUNNING:
+            try:
+                record = json.loads(self._record_path(server.id).read_text())
+                alive = _pid_alive(int(record["pid"]), record["qmp"])
+            except FileNotFoundError:
+                alive = False
+            if not alive:
+                server = server.model_copy(update={"state": ServerState.STOPPED})
+        return server
+
+    def _server(self, server_id: str) -> Server:
+        """The server, after supervision (call with the lock held)."""
+        self.get_server(server_id)
+        self._pid(server_id)
+        return self._load(server_id)
+
+    def _launch(self, server: Server, paused: bool) -> int:
+        """Start QEMU for the server and wait until it answers on QMP.
+
+        Not ``-daemonize``: QEMU's stdout (where ``qemu-io`` reports) goes to
+        ``qemu.log``, which the guest-write path reads. QEMU runs in its own session, so it
+        outlives the worker that started it, as a VM outlives its management service."""
+        runtime = self._new_runtime(server.id)
+        qmp, nbd = str(runtime / "qmp.sock"), str(runtime / "nbd.sock")
+        cmd = [
+            self.qemu_binary,
+            "-nodefaults",
+            "-display", "none",
+            "-machine", "none",
+            "-accel", "tcg",
+            "-name", f"csbs-{server.id}",
+            "-qmp", f"unix:{_opt(qmp)},server=on,wait=off",
+        ]  # fmt: skip
+        if paused:
+            cmd.append("-S")
+        for disk in server.disks:
+            cmd += ["-drive", self._drive_spec(server.id, disk.id)]
+        log_path = self._log_path(server.id)
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    cmd,
+                    env=child_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+        except FileNotFoundError:
+            shutil.rmtree(runtime, ignore_errors=True)
+            raise DiskUnavailable(
+                f"the QEMU binary {self.qemu_binary!r} is not installed "
+                f"(install qemu-system-x86 or set CSBS_QEMU_BINARY)"
+            ) from None
+        _children[proc.pid] = proc
+        # Recorded before anything else can fail, so no process is ever left unrecorded.
+        write_json(
+            self._record_path(server.id),
+            {"pid": proc.pid, "qmp": qmp, "nbd": nbd, "runtime": str(runtime)},
+        )
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while not os.path.exists(qmp):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                self._record_path(server.id).unlink(missing_ok=True)
+                shutil.rmtree(runtime, ignore_errors=True)
+                raise _launch_error(server.id, log_path)
+            time.sleep(0.005)
+        return proc.pid
+
+    def _drive_spec(self, server_id: str, disk_id: str) -> str:
+        path = _opt(str(self._disk_path(server_id, disk_id)))
+        return (
+            f"if=none,id={drive_id(disk_id)},file={path},format=qcow2,"
+            f"node-name={node_name(disk_id)},discard=unmap"
+        )
+
+    def _ensure(self, server: Server) -> int:
+        """A live QEMU for the server: running if the server runs, else paused."""
+        pid = self._pid(server.id)
+        if pid is None:
+            pid = self._launch(server, paused=server.state != ServerState.RUNNING)
+        return pid
+
+    @contextmanager
+    def _session(self, server_id: str) -> Iterator[_Qmp]:
+        qmp = _Qmp(self._qmp_path(server_id))
+        try:
+            yield qmp
+        finally:
+            qmp.close()
+
+    def _quit(self, server_id: str, qmp: _Qmp, pid: int) -> None:
+        """Quit QEMU cleanly (dirty bitmaps are written to the images) and wait for it."""
+        record = self._record(server_id)
+        with suppress(DriverError):
+            qmp.cmd("quit")
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while _pid_alive(pid, record["qmp"]):
+            _reap(pid)
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                self._distrust(server_id, f"QEMU (pid {pid}) did not quit and was killed")
+                break
+            time.sleep(0.005)
+        _reap(pid)
+        if not _pid_alive(pid, record["qmp"]):
+            self._record_path(server_id).unlink(missing_ok=True)
+            shutil.rmtree(record["runtime"], ignore_errors=True)
+
+    def _settle(self, server_id: str) -> None:
+        """Quit a maintenance process that nothing needs any more (call with the lock)."""
+        server = self._load(server_id)
+        pid = self._pid(server_id)
+        if pid is None or server.state == ServerState.RUNNING or self._active_snapshots(server_id):
+            return
+        with self._session(server_id) as qmp:
+            if qmp.cmd("query-block-exports"):
+                return
+            self._quit(server_id, qmp, pid)
+
+    @staticmethod
+    def _nbd_start(qmp: _Qmp, path: str) -> None:
+        try:
+            qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": path}})
+        except QmpError as exc:
+            if "already running" not in exc.desc:
+                raise
+
+    @staticmethod
+    def _nbd_stop_if_idle(qmp: _Qmp) -> None:
+        if not qmp.cmd("query-block-exports"):
+            qmp.try_cmd("nbd-server-stop")
+
+    @staticmethod
+    def _export_del(qmp: _Qmp, export_id: str) -> None:
+        """Remove an export now, dropping clients, and wait until it is gone."""
+        qmp.try_cmd("block-export-del", id=export_id, mode="hard")
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while any(e["id"] == export_id for e in qmp.cmd("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise DriverError(f"QEMU did not remove export {export_id}")
+            time.sleep(0.01)
+
+    @staticmethod
+    def _bitmaps(qmp: _Qmp, node: str) -> list[dict[str, Any]]:
+        for info in qmp.cmd("query-named-block-nodes", flat=True):
+            if info.get("node-name") == node:
+                return [b for b in info.get("dirty-bitmaps", []) if b.get("name")]
+        raise DriverError(f"QEMU has no block node {node}")
+
+    def _img(self, *args: str) -> str:
+        try:
+            result = subprocess.run(
+                [self.qemu_img, *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                env=child_env(),
+            )
+        except FileNotFoundError:
+            raise DiskUnavailable(
+                f"{self.qemu_img!r} is not installed (install qemu-utils or set CSBS_QEMU_IMG)"
+            ) from None
+        if result.returncode != 0:
+            raise DriverError(f"qemu-img {args[0]} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def pid(self, server_id: str) -> int | None:
+        """The server's QEMU process id, if one runs (for tests and diagnostics)."""
+        with self._lock(server_id, exclusive=True):
+            return self._pid(server_id)
