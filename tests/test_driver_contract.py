@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from csbs.drivers.base import ComputeDriver
-from csbs.drivers.local import BLOCK_SIZE, LocalDriver
+from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
+from csbs.drivers.sparse import BLOCK_SIZE
 from csbs.errors import DiskUnavailable, InvalidInput, InvalidState, NotFound
 from csbs.model import ServerState
 from tests.conftest import kill_qemu
