@@ -72,10 +72,6 @@ class Lease:
             )
         self.renewed = time.monotonic()
 
-    def ready_to_delete(self) -> None:
-        """Renew now; the delete that follows is issued well within the lease."""
-        self.renew()
-
     def release(self) -> None:
         self.catalog.release_gc(self.token)
 
@@ -112,7 +108,7 @@ def collect_garbage(
         lease.keep("deleting", force=True, deleted=0, of=len(doomed))
         for start in range(0, len(doomed), DELETE_BATCH):
             batch = doomed[start : start + DELETE_BATCH]
-            lease.ready_to_delete()
+            lease.renew()  # the delete that follows is issued well within the lease
             store.delete_chunks(batch)
             lease.deleted += len(batch)
             lease.keep("deleting", deleted=lease.deleted, of=len(doomed))

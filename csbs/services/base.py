@@ -88,14 +88,21 @@ class Service:
         return self.ctx.closed_run
 
     def _claim_server(self, server_id: str, holder: str, operation: str) -> None:
-        """Take the server's lock; when a holder's run has closed without finishing
-        (terminated, timed out), reconcile it first and take the lock."""
+        """Take the server's lock (see ``_with_server_lock``)."""
+        self._with_server_lock(
+            server_id, lambda: self.catalog.claim_server(server_id, holder, operation)
+        )
+
+    def _with_server_lock(self, server_id: str, claim: Callable[[], None]) -> None:
+        """Run ``claim`` (a step that takes the server's lock); when the lock's holder
+        belongs to a run that closed without finishing (terminated, timed out), reconcile
+        it and claim once more."""
         try:
-            self.catalog.claim_server(server_id, holder, operation)
+            claim()
         except Conflict:
             if not self.reconcile(server_id=server_id):
                 raise
-            self.catalog.claim_server(server_id, holder, operation)
+            claim()
 
     def release_stale_snapshots(self, server_id: str, keep: str | None = None) -> list[str]:
         """Release the snapshots of a server that no running backup owns (a crash or a

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from csbs import verify
 from csbs.errors import (
-    Conflict,
     CorruptData,
     InvalidState,
 )
@@ -68,12 +67,9 @@ class RestoreService(Service):
                 "; ".join(warnings) or None,
                 run_id=run_id,
             )
-            try:
-                self.catalog.begin_restore(server.id, backup.id, task)
-            except Conflict:
-                if not self.reconcile(server_id=server.id):
-                    raise
-                self.catalog.begin_restore(server.id, backup.id, task)
+            self._with_server_lock(
+                server.id, lambda: self.catalog.begin_restore(server.id, backup.id, task)
+            )
         return RestorePlan(
             backup_id=backup.id,
             backup_name=backup.name,
