@@ -19,15 +19,12 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities import metrics
+from csbs.catalog import BackupView
 from csbs.errors import CsbsError
 from csbs.model import (
-    BackupServerInput,
-    DeleteBackupsInput,
     PolicyRunPlan,
     PreparedBackup,
-    RestoreItem,
     RestorePlan,
-    RestoreServerInput,
     RetentionPlan,
     TransferStats,
     VerifyDiskResult,
@@ -35,6 +32,32 @@ from csbs.model import (
 )
 from csbs.policy_service import PolicyService
 from csbs.services import Services
+from csbs.steps import (
+    BackupIds,
+    BackupsToVerify,
+    CheckRestore,
+    DeletePlan,
+    FailTask,
+    FinishRestore,
+    FinishVerify,
+    OfBackup,
+    OfDisk,
+    OfPolicy,
+    OfServer,
+    OfTask,
+    PlanPolicyRun,
+    PolicyIds,
+    PolicySkips,
+    PrepareBackup,
+    PrepareDelete,
+    PrepareRestore,
+    Reconciled,
+    ReleaseSnapshot,
+    RestoreDisk,
+    SnapshotTaken,
+    SweepResult,
+    VerifySummary,
+)
 from csbs.telemetry import set_attributes, step_span
 
 P = ParamSpec("P")
@@ -162,31 +185,29 @@ class CsbsActivities:
     # -- backup ------------------------------------------------------------------------------
     @activity.defn(name="prepare_backup")
     @_typed_errors
-    def prepare_backup(
-        self, inp: BackupServerInput, backup_id: str, task_id: str
-    ) -> PreparedBackup:
+    def prepare_backup(self, inp: PrepareBackup) -> PreparedBackup:
         return self.services.backup.prepare_backup(
-            inp, backup_id, task_id, activity.info().workflow_id or "", _run_id()
+            inp.request, inp.backup_id, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @activity.defn(name="take_snapshot")
     @_typed_errors
-    def take_snapshot(self, backup_id: str) -> list[str]:
-        with step_span("csbs.snapshot", backup_id=backup_id) as span:
-            disks = self.services.backup.take_snapshot(backup_id)
+    def take_snapshot(self, inp: OfBackup) -> SnapshotTaken:
+        with step_span("csbs.snapshot", backup_id=inp.backup_id) as span:
+            disks = self.services.backup.take_snapshot(inp.backup_id)
             set_attributes(span, disks=len(disks), disk_ids=",".join(disks))
-            return disks
+            return SnapshotTaken(disk_ids=disks)
 
     @activity.defn(name="backup_disk")
     @_typed_errors
-    def backup_disk(self, backup_id: str, disk_id: str) -> TransferStats:
+    def backup_disk(self, inp: OfDisk) -> TransferStats:
         # A retried attempt resumes from the checkpoint its predecessor saved in S3.
         resume = activity.info().attempt > 1
         with step_span(
-            "csbs.transfer", backup_id=backup_id, disk_id=disk_id, resumed=resume
+            "csbs.transfer", backup_id=inp.backup_id, disk_id=inp.disk_id, resumed=resume
         ) as span:
             stats = self.services.backup.backup_disk(
-                backup_id, disk_id, resume=resume, heartbeat=_heartbeat
+                inp.backup_id, inp.disk_id, resume=resume, heartbeat=_heartbeat
             )
             _stats_attributes(span, stats)
         metrics.transfer("backup", stats)
@@ -194,57 +215,58 @@ class CsbsActivities:
 
     @activity.defn(name="commit_backup")
     @_typed_errors
-    def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
-        record = self.services.backup.commit_backup(backup_id, task_id)
+    def commit_backup(self, inp: OfTask) -> BackupView:
+        record = self.services.backup.commit_backup(inp.backup_id, inp.task_id)
         metrics.backup_committed(record)
         return record
 
     @activity.defn(name="fail_backup")
     @_typed_errors
-    def fail_backup(self, backup_id: str, task_id: str, reason: str) -> None:
-        self.services.backup.fail_backup(backup_id, task_id, reason, _run_id())
+    def fail_backup(self, inp: FailTask) -> None:
+        self.services.backup.fail_backup(inp.backup_id, inp.task_id, inp.reason, _run_id())
 
     @activity.defn(name="release_snapshot")
     @_typed_errors
-    def release_snapshot(self, server_id: str, backup_id: str, committed: bool) -> None:
-        self.services.backup.release_snapshot(server_id, backup_id, committed)
+    def release_snapshot(self, inp: ReleaseSnapshot) -> None:
+        self.services.backup.release_snapshot(inp.server_id, inp.backup_id, inp.committed)
 
     # -- restore -----------------------------------------------------------------------------
     @activity.defn(name="prepare_restore")
     @_typed_errors
-    def prepare_restore(self, inp: RestoreServerInput, task_id: str) -> RestorePlan:
+    def prepare_restore(self, inp: PrepareRestore) -> RestorePlan:
         return self.services.restore.prepare_restore(
-            inp, task_id, activity.info().workflow_id or "", _run_id()
+            inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @activity.defn(name="stop_server")
     @_typed_errors
-    def stop_server(self, server_id: str) -> None:
-        self.services.restore.stop_server(server_id)
+    def stop_server(self, inp: OfServer) -> None:
+        self.services.restore.stop_server(inp.server_id)
 
     @activity.defn(name="start_server")
     @_typed_errors
-    def start_server(self, server_id: str) -> None:
-        self.services.restore.start_server(server_id)
+    def start_server(self, inp: OfServer) -> None:
+        self.services.restore.start_server(inp.server_id)
 
     @activity.defn(name="check_restore")
     @_typed_errors
-    def check_restore(self, backup_id: str, disk_ids: list[str]) -> None:
-        self.services.restore.check_restore(backup_id, disk_ids, heartbeat=_heartbeat)
+    def check_restore(self, inp: CheckRestore) -> None:
+        self.services.restore.check_restore(inp.backup_id, inp.disk_ids, heartbeat=_heartbeat)
 
     @activity.defn(name="restore_disk")
     @_typed_errors
-    def restore_disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
+    def restore_disk(self, inp: RestoreDisk) -> TransferStats:
         done = int(_resume_details().get("done", 0))
+        item = inp.item
         with step_span(
             "csbs.restore",
-            backup_id=backup_id,
+            backup_id=inp.backup_id,
             disk_id=item.source_disk_id,
             target_disk_id=item.target_disk_id,
             resumed_at_chunk=done or None,
         ) as span:
             stats = self.services.restore.restore_disk(
-                backup_id, item, done=done, heartbeat=_heartbeat
+                inp.backup_id, item, done=done, heartbeat=_heartbeat
             )
             _stats_attributes(span, stats)
         metrics.transfer("restore", stats)
@@ -252,25 +274,31 @@ class CsbsActivities:
 
     @activity.defn(name="finish_restore")
     @_typed_errors
-    def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
-        self.services.restore.finish_restore(backup_id, task_id, ok, reason)
+    def finish_restore(self, inp: FinishRestore) -> None:
+        self.services.restore.finish_restore(inp.backup_id, inp.task_id, inp.ok, inp.reason)
 
     # -- delete ------------------------------------------------------------------------------
     @activity.defn(name="prepare_delete")
     @_typed_errors
-    def prepare_delete(self, inp: DeleteBackupsInput, task_id: str) -> list[tuple[str, str]]:
-        return self.services.delete.prepare_delete(
-            inp, task_id, activity.info().workflow_id or "", _run_id()
+    def prepare_delete(self, inp: PrepareDelete) -> DeletePlan:
+        targets = self.services.delete.prepare_delete(
+            inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
+        return DeletePlan(targets=targets)
 
     @activity.defn(name="delete_backup")
     @_typed_errors
-    def delete_backup(self, backup_id: str, task_id: str) -> None:
-        self.services.delete.delete_backup(backup_id, task_id)
+    def delete_backup(self, inp: OfTask) -> None:
+        self.services.delete.delete_backup(inp.backup_id, inp.task_id)
+
+    @activity.defn(name="fail_delete")
+    @_typed_errors
+    def fail_delete(self, inp: FailTask) -> None:
+        self.services.delete.fail_delete(inp.backup_id, inp.task_id, inp.reason)
 
     @activity.defn(name="collect_garbage")
     @_typed_errors
-    def collect_garbage(self) -> dict[str, int]:
+    def collect_garbage(self) -> SweepResult:
         # Every attempt of this activity is one owner: a retry that Temporal started
         # because the previous attempt went silent takes its lease over at once.
         info = activity.info()
@@ -281,48 +309,45 @@ class CsbsActivities:
 
     @activity.defn(name="reconcile_operations")
     @_typed_errors
-    def reconcile_operations(self) -> int:
-        return self.services.reconcile()
-
-    @activity.defn(name="fail_delete")
-    @_typed_errors
-    def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
-        self.services.delete.fail_delete(backup_id, task_id, reason)
+    def reconcile_operations(self) -> Reconciled:
+        return Reconciled(count=self.services.reconcile())
 
     # -- policies ----------------------------------------------------------------------------
     @activity.defn(name="plan_policy_run")
     @_typed_errors
-    def plan_policy_run(self, policy_id: str, trigger: str) -> PolicyRunPlan:
-        return self.policies.plan_run(policy_id, trigger)
+    def plan_policy_run(self, inp: PlanPolicyRun) -> PolicyRunPlan:
+        return self.policies.plan_run(inp.policy_id, inp.trigger)
 
     @activity.defn(name="record_policy_skips")
     @_typed_errors
-    def record_policy_skips(self, policy_id: str, skipped: dict[str, str], run_id: str) -> None:
-        self.policies.record_skips(policy_id, skipped, run_id)
+    def record_policy_skips(self, inp: PolicySkips) -> None:
+        self.policies.record_skips(inp.policy_id, inp.skipped, inp.run_id)
 
     @activity.defn(name="policy_expired_backups")
     @_typed_errors
-    def policy_expired_backups(self, policy_id: str) -> RetentionPlan:
-        return self.policies.retention(policy_id)
+    def policy_expired_backups(self, inp: OfPolicy) -> RetentionPlan:
+        return self.policies.retention(inp.policy_id)
 
     @activity.defn(name="list_policy_ids")
     @_typed_errors
-    def list_policy_ids(self) -> list[str]:
-        return [p.id for p in self.policies.policies.all()]
+    def list_policy_ids(self) -> PolicyIds:
+        return PolicyIds(policy_ids=[p.id for p in self.policies.policies.all()])
 
     # -- verify ------------------------------------------------------------------------------
     @activity.defn(name="prepare_verify")
     @_typed_errors
-    def prepare_verify(self, backup_id: str, task_id: str) -> VerifyPlan:
+    def prepare_verify(self, inp: OfTask) -> VerifyPlan:
         return self.services.verify.prepare_verify(
-            backup_id, task_id, activity.info().workflow_id or ""
+            inp.backup_id, inp.task_id, activity.info().workflow_id or ""
         )
 
     @activity.defn(name="verify_disk")
     @_typed_errors
-    def verify_disk(self, backup_id: str, disk_id: str) -> VerifyDiskResult:
-        with step_span("csbs.verify", backup_id=backup_id, disk_id=disk_id) as span:
-            result = self.services.verify.verify_disk(backup_id, disk_id, heartbeat=_heartbeat)
+    def verify_disk(self, inp: OfDisk) -> VerifyDiskResult:
+        with step_span("csbs.verify", backup_id=inp.backup_id, disk_id=inp.disk_id) as span:
+            result = self.services.verify.verify_disk(
+                inp.backup_id, inp.disk_id, heartbeat=_heartbeat
+            )
             set_attributes(
                 span,
                 chunks_checked=result.chunks_checked,
@@ -333,12 +358,12 @@ class CsbsActivities:
 
     @activity.defn(name="finish_verify")
     @_typed_errors
-    def finish_verify(
-        self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
-    ) -> dict[str, Any]:
-        return self.services.verify.finish_verify(backup_id, task_id, results, error)
+    def finish_verify(self, inp: FinishVerify) -> VerifySummary:
+        return self.services.verify.finish_verify(
+            inp.backup_id, inp.task_id, inp.results, inp.error
+        )
 
     @activity.defn(name="backups_to_verify")
     @_typed_errors
-    def backups_to_verify(self, max_age_days: int) -> list[str]:
-        return self.services.verify.backups_to_verify(max_age_days)
+    def backups_to_verify(self, inp: BackupsToVerify) -> BackupIds:
+        return BackupIds(backup_ids=self.services.verify.backups_to_verify(inp.max_age_days))

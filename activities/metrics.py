@@ -12,6 +12,7 @@ from typing import Any
 
 from temporalio import activity
 
+from csbs.catalog import BackupView
 from csbs.model import TransferStats
 
 
@@ -56,16 +57,16 @@ def transfer(operation: str, stats: TransferStats) -> None:
     ).record(stats.seconds, attrs)
 
 
-def backup_committed(record: dict[str, Any]) -> None:
+def backup_committed(record: BackupView) -> None:
     """One more available backup, and how long it took from request to commit."""
     meter = _meter()
     if meter is None:
         return
-    attrs = {"kind": str(record.get("kind", ""))}
+    attrs = {"kind": record.kind.value}
     meter.create_counter("csbs_backups_committed", "Backups that became available", "1").add(
         1, attrs
     )
-    created, finished = record.get("created_at"), record.get("finished_at")
+    created, finished = record.created_at, record.finished_at
     if created and finished:
         seconds = (
             datetime.fromisoformat(finished) - datetime.fromisoformat(created)

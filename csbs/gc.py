@@ -18,6 +18,7 @@ from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.errors import CsbsError, LeaseLost, NotFound
 from csbs.model import BackupStatus
+from csbs.steps import SweepResult
 
 #: Chunks deleted per request (S3's DeleteObjects limit); the lease is renewed before each.
 DELETE_BATCH = 1000
@@ -82,7 +83,7 @@ def collect_garbage(
     lease_seconds: float,
     owner: str | None = None,
     heartbeat: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, int]:
+) -> SweepResult:
     """One sweep of the tenant's chunks; returns counts of manifests, chunks, chunks
     deleted and bytes freed. Raises GarbageCollectionRunning (another sweep holds the
     lease), GarbageCollectionDeferred (backups run), LeaseLost or UnreadableManifest."""
@@ -114,12 +115,9 @@ def collect_garbage(
             lease.keep("deleting", deleted=lease.deleted, of=len(doomed))
     finally:
         lease.release()
-    return {
-        "manifests": len(refs),
-        "chunks": total,
-        "chunks_deleted": len(doomed),
-        "bytes_freed": freed,
-    }
+    return SweepResult(
+        manifests=len(refs), chunks=total, chunks_deleted=len(doomed), bytes_freed=freed
+    )
 
 
 def _read(

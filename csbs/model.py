@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from enum import StrEnum
 from typing import Literal
 
@@ -24,6 +25,12 @@ def check_id(value: str, field: str = "id") -> str:
             f"starting with a letter or digit (got {value!r})"
         )
     return value
+
+
+def new_id(prefix: Literal["bk", "task"], source: uuid.UUID | None = None) -> str:
+    """The one way backup and task ids are made: ``bk-`` or ``task-`` and 16 hex digits.
+    Workflows pass ``workflow.uuid4()`` (replay makes the same id); others get a random one."""
+    return f"{prefix}-{(source or uuid.uuid4()).hex[:16]}"
 
 
 class ServerState(StrEnum):
@@ -67,6 +74,13 @@ class TaskStatus(StrEnum):
     FAILED = "failed"
     #: A scheduled backup not made because the server was busy (P8).
     SKIPPED = "skipped"
+
+
+class VerifyStatus(StrEnum):
+    """The outcome of a backup's last verification (none yet: ``None``)."""
+
+    OK = "ok"
+    FAILED = "failed"
 
 
 class Disk(BaseModel):

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.routing import Match
 
+from csbs.catalog.views import BackupDetailView, BackupView, TaskView
 from csbs.model import ID_PATTERN
 from csbs.naming import NAME_RE
 from csbs.policy import RetentionKind
@@ -75,67 +76,10 @@ class ServerOut(BaseModel):
     disks: list[DiskOut]
 
 
-class DiskBackupOut(BaseModel):
-    disk_id: str
-    name: str
-    role: str
-    size_bytes: int
-    data_bytes: int
-    stored_bytes: int
-    chunks_total: int
-    chunks_uploaded: int
-    chunks_reused: int
-    chunks_zero: int
-    bytes_read: int
-    read_mode: str
-    read_note: str
-
-
-class TaskOut(BaseModel):
-    id: str
-    kind: str
-    status: str
-    backup_id: str | None
-    backup_name: str
-    server_id: str | None
-    server_name: str
-    started_at: str | None
-    finished_at: str | None
-    progress: int
-    reason: str | None
-    detail: str | None
-    workflow_id: str | None
-    project: str
-
-
-class BackupOut(BaseModel):
-    id: str
-    name: str
-    description: str
-    server_id: str
-    server_name: str
-    server_type: str
-    status: str
-    kind: str
-    policy_id: str | None
-    parent_id: str | None
-    created_at: str | None
-    finished_at: str | None
-    progress: int
-    size_bytes: int
-    stored_bytes: int
-    disks: list[DiskBackupOut]
-    snapshot_at: str | None
-    data_bytes: int
-    error: str | None
-    project: str
-    verified_at: str | None
-    verify_status: Literal["ok", "failed"] | None
-    verify_error: str | None
-
-
-class BackupDetail(BackupOut):
-    tasks: list[TaskOut]
+#: Backups and tasks answer with the core's view models, as ``--json`` prints them.
+BackupOut = BackupView
+BackupDetail = BackupDetailView
+TaskOut = TaskView
 
 
 class BackupCreate(BaseModel):

@@ -15,6 +15,7 @@ from csbs.model import (
     RestoreServerInput,
     RunPolicyInput,
     VerifyBackupInput,
+    new_id,
 )
 from workflows.common import SA_BACKUP_ID, SA_OPERATION, SA_POLICY_ID, SA_SERVER_ID
 
@@ -61,7 +62,7 @@ class CsbsClient:
     ) -> tuple[str, WorkflowHandle[object, object]]:
         """Start ``BackupServer``; return (backup id, handle). The Web UI shows the run as
         "backup NAME of server SERVER-NAME (SERVER-ID)"."""
-        backup_id = inp.backup_id or f"bk-{uuid.uuid4().hex[:16]}"
+        backup_id = inp.backup_id or new_id("bk")
         inp = inp.model_copy(update={"backup_id": backup_id})
         handle = await self._start(
             "BackupServer",

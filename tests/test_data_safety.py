@@ -67,7 +67,7 @@ def service_delete(svc: Services, backup_id: str) -> None:
         svc.delete.delete_backup(bid, tid)
 
 
-def service_verify(svc: Services, backup_id: str) -> dict[str, Any]:
+def service_verify(svc: Services, backup_id: str) -> Any:
     task_id = f"task-{uuid.uuid4().hex[:16]}"
     plan = svc.verify.prepare_verify(backup_id, task_id, "wf")
     results = [svc.verify.verify_disk(backup_id, d) for d in plan.disk_ids]
@@ -151,7 +151,7 @@ def test_two_sweeps_never_overlap_so_a_backup_between_them_keeps_its_chunks(
     if late:
         made = service_backup(other, server_id)
     assert missing_chunks(other.store, made, [disk], None) == []
-    assert service_verify(other, made)["ok"]
+    assert service_verify(other, made).ok
 
 
 def test_a_sweep_that_lost_its_lease_stops_before_it_deletes_anything(
@@ -254,12 +254,12 @@ def test_a_parent_that_failed_verify_is_never_used_and_the_next_backup_is_whole(
     first = service_backup(svc, server_id)
     lost = sorted(svc.store.get_manifest(first, disk).chunk_ids())[0]
     svc.store.delete_chunks([lost])
-    assert not service_verify(svc, first)["ok"]
+    assert not service_verify(svc, first).ok
     svc.driver.write(server_id, disk, 0, os.urandom(4 * KIB))  # a small change
     second = service_backup(svc, server_id)
     assert svc.catalog.get_backup(second).parent_id != first
     assert missing_chunks(svc.store, second, [disk], None) == []
-    assert service_verify(svc, second)["ok"]
+    assert service_verify(svc, second).ok
 
 
 def test_a_corrupt_chunk_found_by_verify_is_uploaded_again(tmp_path: Path, s3: Any) -> None:
@@ -269,10 +269,10 @@ def test_a_corrupt_chunk_found_by_verify_is_uploaded_again(tmp_path: Path, s3: A
     bad = sorted(svc.store.get_manifest(first, disk).chunk_ids())[0]
     svc.store._raw_put(svc.store.chunk_key(bad), b"CSBC" + os.urandom(200))
     report = service_verify(svc, first)
-    assert [p["problem"] for p in report["problems"]] == ["corrupt"]
+    assert [p.problem for p in report.problems] == ["corrupt"]
     second = service_backup(svc, server_id)
-    assert service_verify(svc, second)["ok"]
-    assert service_verify(svc, first)["ok"]  # the repair healed the old backup too
+    assert service_verify(svc, second).ok
+    assert service_verify(svc, first).ok  # the repair healed the old backup too
 
 
 def test_an_empty_stub_at_a_chunk_key_is_uploaded_over_not_referenced(
@@ -297,7 +297,7 @@ def test_an_empty_stub_at_a_chunk_key_is_uploaded_over_not_referenced(
     svc.store._raw_put(svc.store.chunk_key(stub), b"")
     made = service_backup(svc, server_id)
     assert stub in svc.store.get_manifest(made, disk).chunk_ids()
-    assert service_verify(svc, made)["ok"]
+    assert service_verify(svc, made).ok
 
 
 def test_a_full_read_uploads_a_chunk_the_parent_lost(tmp_path: Path, s3: Any) -> None:

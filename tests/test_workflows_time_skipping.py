@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from csbs.steps import Reconciled, SweepResult
 from starter.stack import tool
 from workflows import CollectGarbage
 from workflows.common import SEARCH_ATTRIBUTES
@@ -48,17 +49,17 @@ def sweeps(outcomes: list[str]) -> tuple[list[Callable[..., Any]], list[str]]:
     calls: list[str] = []
 
     @activity.defn(name="reconcile_operations")
-    async def reconcile() -> int:
+    async def reconcile() -> Reconciled:
         calls.append("reconcile")
-        return 1
+        return Reconciled(count=1)
 
     @activity.defn(name="collect_garbage")
-    async def sweep() -> dict[str, int]:
+    async def sweep() -> SweepResult:
         outcome = outcomes[min(len(calls) - 1, len(outcomes) - 1)]
         calls.append(outcome)
         if outcome != "ok":
             raise ApplicationError(f"{outcome} for the test", type=outcome, non_retryable=True)
-        return {"manifests": 2, "chunks": 9, "chunks_deleted": 3, "bytes_freed": 300}
+        return SweepResult(manifests=2, chunks=9, chunks_deleted=3, bytes_freed=300)
 
     return [reconcile, sweep], calls
 

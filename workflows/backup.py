@@ -11,7 +11,18 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import BackupServerInput, PreparedBackup, TransferStats
+    from activities import CsbsActivities as A
+    from csbs.catalog import BackupView
+    from csbs.model import BackupServerInput, TransferStats, new_id
+    from csbs.steps import (
+        FailTask,
+        OfBackup,
+        OfDisk,
+        OfServer,
+        OfTask,
+        PrepareBackup,
+        ReleaseSnapshot,
+    )
 
 from workflows.common import (
     SA_BACKUP_ID,
@@ -47,9 +58,9 @@ class BackupServer:
         workflow.set_current_details(details)
 
     @workflow.run
-    async def run(self, inp: BackupServerInput) -> dict[str, Any]:
-        backup_id = inp.backup_id or f"bk-{workflow.uuid4().hex[:16]}"
-        task_id = f"task-{workflow.uuid4().hex[:16]}"
+    async def run(self, inp: BackupServerInput) -> BackupView:
+        backup_id = inp.backup_id or new_id("bk", workflow.uuid4())
+        task_id = new_id("task", workflow.uuid4())
         pairs = [
             SA_SERVER_ID.value_set(inp.server_id),
             SA_BACKUP_ID.value_set(backup_id),
@@ -63,12 +74,16 @@ class BackupServer:
         self._at("validating")
         try:
             prepared = await act(
-                "prepare_backup", inp, backup_id, task_id, result_type=PreparedBackup
+                A.prepare_backup, PrepareBackup(request=inp, backup_id=backup_id, task_id=task_id)
             )
         except Exception as err:
             failed = reason_of("validate", err)
             # Refused before anything was written: there is no backup to mark.
-            await act("fail_backup", backup_id, task_id, failed.reason, cleanup=True)
+            await act(
+                A.fail_backup,
+                FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
+                cleanup=True,
+            )
             raise ApplicationError(
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
@@ -79,24 +94,23 @@ class BackupServer:
         try:
             if restart:
                 self._at("stopping server")
-                await step("stop server", act("stop_server", inp.server_id))
+                await step("stop server", act(A.stop_server, OfServer(server_id=inp.server_id)))
             self._at("snapshot", name=prepared.name)
             try:
-                disk_ids: list[str] = await step(
-                    "group snapshot",
-                    act("take_snapshot", backup_id, result_type=list[str]),
+                snapshot = await step(
+                    "group snapshot", act(A.take_snapshot, OfBackup(backup_id=backup_id))
                 )
+                disk_ids = snapshot.disk_ids
             finally:
                 if restart:
                     self._at("starting server")
-                    await act("start_server", inp.server_id, cleanup=True)
+                    await act(A.start_server, OfServer(server_id=inp.server_id), cleanup=True)
             self._progress["disks_total"] = len(disk_ids)
             self._at("uploading")
             await all_or_cancel([self._disk(backup_id, d) for d in disk_ids])
             self._at("committing")
-            result: dict[str, Any] = await step(
-                "commit",
-                act("commit_backup", backup_id, task_id, result_type=dict[str, Any]),
+            result = await step(
+                "commit", act(A.commit_backup, OfTask(backup_id=backup_id, task_id=task_id))
             )
             committed = True
             self._at("done")
@@ -106,8 +120,12 @@ class BackupServer:
             self._at("failed", reason=failed.reason)
             # Release first: the failure record frees the server for the next backup.
             released = True
-            await act("release_snapshot", inp.server_id, backup_id, False, cleanup=True)
-            await act("fail_backup", backup_id, task_id, failed.reason, cleanup=True)
+            await self._release(inp.server_id, backup_id, committed=False)
+            await act(
+                A.fail_backup,
+                FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
+                cleanup=True,
+            )
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(
@@ -115,15 +133,20 @@ class BackupServer:
             ) from err
         finally:
             if not released:
-                await act("release_snapshot", inp.server_id, backup_id, committed, cleanup=True)
+                await self._release(inp.server_id, backup_id, committed)
+
+    async def _release(self, server_id: str, backup_id: str, committed: bool) -> None:
+        await act(
+            A.release_snapshot,
+            ReleaseSnapshot(server_id=server_id, backup_id=backup_id, committed=committed),
+            cleanup=True,
+        )
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
         try:
-            stats: TransferStats = await transfer(
-                "backup_disk",
-                backup_id,
-                disk_id,
-                result_type=TransferStats,
+            stats = await transfer(
+                A.backup_disk,
+                OfDisk(backup_id=backup_id, disk_id=disk_id),
                 summary=f"disk {disk_id}",
             )
         except Exception as err:

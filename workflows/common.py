@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
@@ -13,7 +13,9 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities import CsbsActivities
     from csbs import tuning
+    from csbs.steps import SweepResult
 
 SA_SERVER_ID = SearchAttributeKey.for_keyword("CsbsServerId")
 SA_BACKUP_ID = SearchAttributeKey.for_keyword("CsbsBackupId")
@@ -45,36 +47,68 @@ CLEANUP_RETRY = RetryPolicy(
 )
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
-def act(name: str, *args: Any, result_type: type | None = None, cleanup: bool = False) -> Any:
+@overload
+def act(step: Callable[[Any], T], *, cleanup: bool = False) -> Awaitable[T]: ...
+
+
+@overload
+def act(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]: ...
+
+
+def act(step: Callable[..., Any], arg: Any = None, *, cleanup: bool = False) -> Awaitable[Any]:
     """Run a short bookkeeping step (catalog record, snapshot, power) as a local activity:
     the worker that runs the workflow task runs it at once, with no round trip through a
     task queue, which keeps a small backup's end-to-end time near its data-bound time.
-    Clean-up steps (``cleanup``) retry far longer. Data transfers stay normal activities
-    (heartbeats, timeouts, any worker of the queue)."""
-    return workflow.execute_local_activity(
-        name,
-        args=list(args),
-        result_type=result_type,
+    ``step`` is a method of ``CsbsActivities``, ``arg`` its one input model. Clean-up
+    steps (``cleanup``) retry far longer. Data transfers stay normal activities."""
+    args = [] if arg is None else [arg]
+    return workflow.execute_local_activity_method(
+        cast(Any, step),
+        args=args,
         start_to_close_timeout=STEP_TIMEOUT,
         retry_policy=CLEANUP_RETRY if cleanup else RETRY,
     )
 
 
-def transfer(name: str, *args: Any, result_type: type, summary: str) -> Any:
-    """Run a data transfer (a disk's backup, restore or verification) as a normal activity:
-    any worker of the queue, heartbeats (a silent one is retried, resuming from its
-    checkpoint), and cancellation that waits for the activity's clean-up."""
-    return workflow.execute_activity(
-        name,
-        args=list(args),
-        result_type=result_type,
-        start_to_close_timeout=TRANSFER_TIMEOUT,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        retry_policy=RETRY,
-        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        summary=summary,
+def remote(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]:
+    """Run a bookkeeping step as a normal activity (any worker of the queue): for steps
+    that may wait on other work, such as a delete's catalog transaction."""
+    return cast(
+        Awaitable[T],
+        workflow.execute_activity_method(
+            cast(Any, step),
+            arg,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=CLEANUP_RETRY if cleanup else RETRY,
+        ),
+    )
+
+
+def transfer(
+    step: Callable[[Any, A], T],
+    arg: A,
+    *,
+    summary: str,
+    timeout: timedelta = TRANSFER_TIMEOUT,
+) -> Awaitable[T]:
+    """Run a data transfer (a disk's backup, restore or verification, a check of every
+    chunk) as a normal activity: any worker of the queue, heartbeats (a silent one is
+    retried, resuming from its checkpoint), and cancellation that waits for the activity's
+    clean-up."""
+    return cast(
+        Awaitable[T],
+        workflow.execute_activity_method(
+            cast(Any, step),
+            arg,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=summary,
+        ),
     )
 
 
@@ -83,15 +117,17 @@ def transfer(name: str, *args: Any, result_type: type, summary: str) -> Any:
 SWEEP_TIMEOUT = timedelta(hours=6)
 
 
-def sweep() -> Any:
+def sweep() -> Awaitable[SweepResult]:
     """Run one garbage-collection sweep (``collect_garbage``) of the worker's project."""
-    return workflow.execute_activity(
-        "collect_garbage",
-        result_type=dict[str, Any],
-        start_to_close_timeout=SWEEP_TIMEOUT,
-        heartbeat_timeout=tuning.HEARTBEAT_TIMEOUT,
-        retry_policy=RETRY,
-        summary="sweep unreferenced chunks",
+    return cast(
+        Awaitable[SweepResult],
+        workflow.execute_activity_method(
+            CsbsActivities.collect_garbage,
+            start_to_close_timeout=SWEEP_TIMEOUT,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=RETRY,
+            summary="sweep unreferenced chunks",
+        ),
     )
 
 

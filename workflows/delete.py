@@ -12,18 +12,12 @@ from temporalio.workflow import ParentClosePolicy
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import DeleteBackupsInput
+    from activities import CsbsActivities as A
+    from csbs.model import CollectGarbageInput, DeleteBackupsInput, new_id
+    from csbs.steps import FailTask, OfTask, PrepareDelete
 
-from workflows.common import (
-    CLEANUP_RETRY,
-    RETRY,
-    SA_BACKUP_ID,
-    SA_OPERATION,
-    STEP_TIMEOUT,
-    reason_of,
-    sweep,
-    tag,
-)
+from workflows.common import SA_BACKUP_ID, SA_OPERATION, reason_of, remote, sweep, tag
+from workflows.gc import CollectGarbage
 
 
 @workflow.defn(name="DeleteBackups", failure_exception_types=[ValidationError])
@@ -39,46 +33,31 @@ class DeleteBackups:
 
     @workflow.run
     async def run(self, inp: DeleteBackupsInput) -> dict[str, Any]:
-        task_id = f"task-{workflow.uuid4().hex[:16]}"
+        task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_ids[0]), SA_OPERATION.value_set("delete"))
         try:
-            pairs: list[tuple[str, str]] = await workflow.execute_activity(
-                "prepare_delete",
-                args=[inp, task_id],
-                result_type=list[tuple[str, str]],
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
-            )
+            plan = await remote(A.prepare_delete, PrepareDelete(request=inp, task_id=task_id))
         except Exception as err:
             failed = reason_of("validate", err)
             raise ApplicationError(
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
-        for backup_id, backup_task in pairs:
+        for backup_id, backup_task in plan.targets:
             self._progress["step"] = f"deleting {backup_id}"
             workflow.set_current_details(self._progress["step"])
             try:
-                await workflow.execute_activity(
-                    "delete_backup",
-                    args=[backup_id, backup_task],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY,
-                )
+                await remote(A.delete_backup, OfTask(backup_id=backup_id, task_id=backup_task))
                 self._progress["deleted"].append(backup_id)
             except Exception as err:
                 reason = reason_of(f"delete of backup {backup_id}", err).reason
                 self._progress["failed"][backup_id] = reason
-                await workflow.execute_activity(
-                    "fail_delete",
-                    args=[backup_id, backup_task, reason],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=CLEANUP_RETRY,
-                )
+                failure = FailTask(backup_id=backup_id, task_id=backup_task, reason=reason)
+                await remote(A.fail_delete, failure, cleanup=True)
         if self._progress["deleted"]:
             self._progress["step"] = "reclaiming storage"
             workflow.set_current_details(self._progress["step"])
             try:
-                self._progress["reclaimed"] = await sweep()
+                self._progress["reclaimed"] = (await sweep()).model_dump()
             except ActivityError as err:
                 # Backups are running (or another sweep, or S3 failed): hand the sweep to
                 # a CollectGarbage run that waits for them, so it is never forgotten.
@@ -89,8 +68,8 @@ class DeleteBackups:
                 }
                 with contextlib.suppress(WorkflowAlreadyStartedError):
                     await workflow.start_child_workflow(
-                        "CollectGarbage",
-                        {},
+                        CollectGarbage.run,
+                        CollectGarbageInput(),
                         id=reclaim,
                         parent_close_policy=ParentClosePolicy.ABANDON,
                         static_summary="sweep deferred by a delete while backups ran",

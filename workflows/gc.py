@@ -11,7 +11,9 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
+    from activities import CsbsActivities as A
     from csbs.model import CollectGarbageInput
+    from csbs.steps import SweepResult
 
 from workflows.common import SA_OPERATION, act, reason_of, sweep, tag
 
@@ -30,12 +32,12 @@ class CollectGarbage:
         inp = inp or CollectGarbageInput()
         tag(SA_OPERATION.value_set("gc"))
         workflow.set_current_details("reconciling operations whose runs closed")
-        reconciled: int = await act("reconcile_operations", result_type=int)
+        reconciled = (await act(A.reconcile_operations)).count
         waited = 0
         while True:
             workflow.set_current_details("sweeping unreferenced chunks")
             try:
-                result: dict[str, Any] = await sweep()
+                result: SweepResult = await sweep()
                 break
             except ActivityError as err:
                 failed = reason_of("sweep", err)
@@ -48,5 +50,5 @@ class CollectGarbage:
                 )
                 await workflow.sleep(inp.retry_seconds)
                 waited += inp.retry_seconds
-        workflow.set_current_details(f"deleted {result['chunks_deleted']} chunks")
-        return {**result, "reconciled": reconciled, "waited_seconds": waited}
+        workflow.set_current_details(f"deleted {result.chunks_deleted} chunks")
+        return {**result.model_dump(), "reconciled": reconciled, "waited_seconds": waited}

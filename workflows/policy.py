@@ -11,21 +11,12 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import (
-        BackupKind,
-        BackupServerInput,
-        PolicyRunPlan,
-        RunPolicyInput,
-    )
+    from activities import CsbsActivities as A
+    from csbs.model import BackupKind, BackupServerInput, RunPolicyInput, new_id
+    from csbs.steps import PlanPolicyRun, PolicySkips
 
-from workflows.common import (
-    RETRY,
-    SA_OPERATION,
-    SA_POLICY_ID,
-    STEP_TIMEOUT,
-    reason_of,
-    tag,
-)
+from workflows.backup import BackupServer
+from workflows.common import SA_OPERATION, SA_POLICY_ID, reason_of, remote, tag
 from workflows.retention import apply_retention
 
 
@@ -45,12 +36,8 @@ class RunPolicy:
     async def run(self, inp: RunPolicyInput) -> dict[str, Any]:
         tag(SA_POLICY_ID.value_set(inp.policy_id), SA_OPERATION.value_set("policy"))
         try:
-            plan: PolicyRunPlan = await workflow.execute_activity(
-                "plan_policy_run",
-                args=[inp.policy_id, inp.trigger],
-                result_type=PolicyRunPlan,
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
+            plan = await remote(
+                A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)
             )
         except Exception as err:
             failed = reason_of("policy run", err)
@@ -58,14 +45,12 @@ class RunPolicy:
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
         if plan.skipped:
-            await workflow.execute_activity(
-                "record_policy_skips",
-                args=[inp.policy_id, plan.skipped, workflow.info().workflow_id],
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
+            skips = PolicySkips(
+                policy_id=inp.policy_id, skipped=plan.skipped, run_id=workflow.info().workflow_id
             )
+            await remote(A.record_policy_skips, skips)
         kind = BackupKind.SCHEDULED if inp.trigger == "scheduled" else BackupKind.POLICY_MANUAL
-        ids = {s: f"bk-{workflow.uuid4().hex[:16]}" for s in plan.server_ids}
+        ids = {s: new_id("bk", workflow.uuid4()) for s in plan.server_ids}
         self._progress.update(step="backing up", total=len(ids))
         workflow.set_current_details(f"backing up {len(ids)} server(s)")
         limit = asyncio.Semaphore(inp.concurrency)
@@ -76,7 +61,7 @@ class RunPolicy:
                 backup_id = ids[server_id]
                 try:
                     await workflow.execute_child_workflow(
-                        "BackupServer",
+                        BackupServer.run,
                         BackupServerInput(
                             server_id=server_id,
                             backup_id=backup_id,
@@ -84,7 +69,6 @@ class RunPolicy:
                             policy_id=inp.policy_id,
                         ),
                         id=f"backup-{backup_id}",
-                        result_type=dict[str, Any],
                         static_summary=f"backup {backup_id} of server {server_id} "
                         f"(policy {inp.policy_id})",
                     )

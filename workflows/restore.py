@@ -12,17 +12,18 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
+    from activities import CsbsActivities as A
     from csbs.model import (
         RestoreItem,
         RestorePlan,
         RestoreServerInput,
         TransferStats,
         describe,
+        new_id,
     )
+    from csbs.steps import CheckRestore, FinishRestore, OfServer, PrepareRestore, RestoreDisk
 
 from workflows.common import (
-    HEARTBEAT_TIMEOUT,
-    RETRY,
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
@@ -58,11 +59,11 @@ class RestoreServer:
 
     @workflow.run
     async def run(self, inp: RestoreServerInput) -> dict[str, Any]:
-        task_id = f"task-{workflow.uuid4().hex[:16]}"
+        task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("restore"))
         self._at("validating")
         try:
-            plan: RestorePlan = await act("prepare_restore", inp, task_id, result_type=RestorePlan)
+            plan = await act(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
         except Exception as err:
             failed = reason_of("validate", err)
             raise ApplicationError(
@@ -78,28 +79,29 @@ class RestoreServer:
         stopped = False
         try:
             self._at("checking the backup")
+            check = CheckRestore(
+                backup_id=plan.backup_id, disk_ids=[i.source_disk_id for i in plan.items]
+            )
             await step(
                 "check backup",
-                workflow.execute_activity(
-                    "check_restore",
-                    args=[plan.backup_id, [i.source_disk_id for i in plan.items]],
-                    start_to_close_timeout=CHECK_TIMEOUT,
-                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                    retry_policy=RETRY,
+                transfer(
+                    A.check_restore,
+                    check,
                     summary="check every chunk is in the object store",
+                    timeout=CHECK_TIMEOUT,
                 ),
             )
             if inp.verify:
                 await self._verify_first(plan)
             self._at("stopping server")
-            await step("stop server", act("stop_server", plan.server_id))
+            await step("stop server", act(A.stop_server, OfServer(server_id=plan.server_id)))
             stopped = True
             self._at("restoring")
             await all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
             if inp.power_on:
                 self._at("starting server")
-                await step("start server", act("start_server", plan.server_id))
-            await act("finish_restore", plan.backup_id, plan.task_id, True, None, cleanup=True)
+                await step("start server", act(A.start_server, OfServer(server_id=plan.server_id)))
+            await self._finish(plan, ok=True)
             self._at("done")
             return {
                 "backup_id": plan.backup_id,
@@ -115,10 +117,14 @@ class RestoreServer:
             if stopped:
                 reason += "; the server was left stopped"
             self._at("failed")
-            await act("finish_restore", plan.backup_id, plan.task_id, False, reason, cleanup=True)
+            await self._finish(plan, ok=False, reason=reason)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(reason, type=failed.error_type, non_retryable=True) from err
+
+    async def _finish(self, plan: RestorePlan, ok: bool, reason: str | None = None) -> None:
+        finish = FinishRestore(backup_id=plan.backup_id, task_id=plan.task_id, ok=ok, reason=reason)
+        await act(A.finish_restore, finish, cleanup=True)
 
     async def _verify_first(self, plan: RestorePlan) -> None:
         """Read and check every chunk to restore; any problem fails the restore before the
@@ -135,13 +141,11 @@ class RestoreServer:
             )
 
     async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
-        stats: TransferStats = await step(
+        stats = await step(
             f"restore of disk {item.source_disk_id} onto {item.target_disk_id}",
             transfer(
-                "restore_disk",
-                backup_id,
-                item,
-                result_type=TransferStats,
+                A.restore_disk,
+                RestoreDisk(backup_id=backup_id, item=item),
                 summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
             ),
         )

@@ -10,14 +10,17 @@ from temporalio.exceptions import ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import DeleteBackupsInput, RetentionCleanupInput, RetentionPlan
+    from activities import CsbsActivities as A
+    from csbs.model import DeleteBackupsInput, RetentionCleanupInput
+    from csbs.steps import OfPolicy
 
 from workflows.common import SA_OPERATION, act, reason_of, tag
+from workflows.delete import DeleteBackups
 
 
 async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, Any]:
     """Delete what one policy's retention expires now, via a ``DeleteBackups`` child."""
-    plan: RetentionPlan = await act("policy_expired_backups", policy_id, result_type=RetentionPlan)
+    plan = await act(A.policy_expired_backups, OfPolicy(policy_id=policy_id))
     expired = plan.expired
     entry: dict[str, Any] = {"expired": expired}
     if plan.kept:
@@ -25,10 +28,7 @@ async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, 
     if expired:
         try:
             entry["result"] = await workflow.execute_child_workflow(
-                "DeleteBackups",
-                DeleteBackupsInput(backup_ids=expired),
-                id=delete_workflow_id,
-                result_type=dict[str, Any],
+                DeleteBackups.run, DeleteBackupsInput(backup_ids=expired), id=delete_workflow_id
             )
         except ChildWorkflowError as err:
             entry["error"] = reason_of("retention", err).reason
@@ -42,7 +42,7 @@ class RetentionCleanup:
     @workflow.run
     async def run(self, inp: RetentionCleanupInput | None = None) -> dict[str, Any]:
         tag(SA_OPERATION.value_set("retention"))
-        policy_ids: list[str] = await act("list_policy_ids", result_type=list[str])
+        policy_ids = (await act(A.list_policy_ids)).policy_ids
         report: dict[str, Any] = {}
         for policy_id in policy_ids:
             workflow.set_current_details(f"policy {policy_id}")

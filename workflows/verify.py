@@ -12,7 +12,9 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from csbs.model import VerifyBackupInput, VerifyBackupsInput, VerifyDiskResult, VerifyPlan
+    from activities import CsbsActivities as A
+    from csbs.model import VerifyBackupInput, VerifyBackupsInput, VerifyDiskResult, new_id
+    from csbs.steps import BackupsToVerify, FinishVerify, OfDisk, OfTask, VerifySummary
 
 from workflows.common import (
     SA_BACKUP_ID,
@@ -28,14 +30,11 @@ from workflows.common import (
 
 async def verify_disk(backup_id: str, disk_id: str) -> VerifyDiskResult:
     """The ``verify_disk`` activity of one disk (also run by restores asked to verify)."""
-    result: VerifyDiskResult = await transfer(
-        "verify_disk",
-        backup_id,
-        disk_id,
-        result_type=VerifyDiskResult,
+    return await transfer(
+        A.verify_disk,
+        OfDisk(backup_id=backup_id, disk_id=disk_id),
         summary=f"verify disk {disk_id}",
     )
-    return result
 
 
 @workflow.defn(name="VerifyBackup", failure_exception_types=[ValidationError])
@@ -43,14 +42,12 @@ class VerifyBackup:
     """Verify one backup; fails with ``CorruptData`` naming each bad chunk and disk."""
 
     @workflow.run
-    async def run(self, inp: VerifyBackupInput) -> dict[str, Any]:
-        task_id = f"task-{workflow.uuid4().hex[:16]}"
+    async def run(self, inp: VerifyBackupInput) -> VerifySummary:
+        task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("verify"))
         workflow.set_current_details("validating")
         try:
-            plan: VerifyPlan = await act(
-                "prepare_verify", inp.backup_id, task_id, result_type=VerifyPlan
-            )
+            plan = await act(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
         except Exception as err:
             failed = reason_of("validate", err)
             raise ApplicationError(
@@ -62,19 +59,25 @@ class VerifyBackup:
             results = await all_or_cancel([verify_disk(inp.backup_id, d) for d in plan.disk_ids])
         except BaseException as err:
             failed = reason_of("verify", err)
-            await act("finish_verify", inp.backup_id, task_id, [], failed.reason, cleanup=True)
+            stopped = FinishVerify(
+                backup_id=inp.backup_id, task_id=task_id, results=[], error=failed.reason
+            )
+            await act(A.finish_verify, stopped, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise ApplicationError(
                 failed.reason, type=failed.error_type, non_retryable=True
             ) from err
-        summary: dict[str, Any] = await act(
-            "finish_verify", inp.backup_id, task_id, results, None, result_type=dict[str, Any]
+        summary = await act(
+            A.finish_verify, FinishVerify(backup_id=inp.backup_id, task_id=task_id, results=results)
         )
-        workflow.set_current_details("done" if summary["ok"] else "found problems")
-        if not summary["ok"]:
+        workflow.set_current_details("done" if summary.ok else "found problems")
+        if not summary.ok:
             raise ApplicationError(
-                summary["reason"], summary, type="CorruptData", non_retryable=True
+                summary.reason or "verify found problems",
+                summary,
+                type="CorruptData",
+                non_retryable=True,
             )
         return summary
 
@@ -86,7 +89,8 @@ class VerifyBackups:
     @workflow.run
     async def run(self, inp: VerifyBackupsInput) -> dict[str, Any]:
         tag(SA_OPERATION.value_set("verify"))
-        ids: list[str] = await act("backups_to_verify", inp.max_age_days, result_type=list[str])
+        found = await act(A.backups_to_verify, BackupsToVerify(max_age_days=inp.max_age_days))
+        ids = found.backup_ids
         limit = asyncio.Semaphore(inp.concurrency)
         outcomes: dict[str, str] = {}
 
@@ -94,10 +98,9 @@ class VerifyBackups:
             async with limit:
                 try:
                     await workflow.execute_child_workflow(
-                        "VerifyBackup",
+                        VerifyBackup.run,
                         VerifyBackupInput(backup_id=backup_id),
                         id=f"verify-{backup_id}-{workflow.info().workflow_id}",
-                        result_type=dict[str, Any],
                         static_summary=f"verify of backup {backup_id}",
                     )
                     outcomes[backup_id] = "ok"

@@ -18,26 +18,35 @@ from csbs.catalog.rows import (
     SuspectChunkRow,
     TaskRow,
     _fix_backup,
-    new_id,
     utcnow,
 )
-from csbs.catalog.views import backup_json, task_json
+from csbs.catalog.views import (
+    BackupDetailView,
+    BackupView,
+    DiskBackupView,
+    TaskView,
+    backup_json,
+    task_json,
+)
 
 __all__ = [
+    "BackupDetailView",
     "BackupFilter",
     "BackupRow",
+    "BackupView",
     "BindingRow",
     "Catalog",
     "DiskBackupRow",
+    "DiskBackupView",
     "PolicyCatalog",
     "PolicyRow",
     "ServerLockRow",
     "SuspectChunkRow",
     "TaskRow",
+    "TaskView",
     "_fix_backup",
     "backup_json",
     "make_engine",
-    "new_id",
     "task_json",
     "utcnow",
 ]

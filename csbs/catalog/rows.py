@@ -3,7 +3,6 @@ backup filter, and the times SQLite hands back naive."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -183,10 +182,6 @@ class BackupFilter(SQLModel):
     since: datetime | None = None
     until: datetime | None = None
     policy_id: str | None = None
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
 def _fix_times(row: SQLModel, *names: str) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any
 
 from csbs.catalog import (
     BackupRow,
+    BackupView,
     DiskBackupRow,
-    backup_json,
     utcnow,
 )
 from csbs.errors import (
@@ -285,7 +284,7 @@ class BackupService(Service):
             overall = int(sum(d.progress * d.size_bytes for d in disks) / total)
             self.catalog.update_backup(backup_id, progress=min(overall, 99))
 
-    def commit_backup(self, backup_id: str, task_id: str) -> dict[str, Any]:
+    def commit_backup(self, backup_id: str, task_id: str) -> BackupView:
         """Write the backup's descriptor, mark it ``available`` and its task succeeded."""
         backup = self.catalog.get_backup(backup_id)
         disks = self.catalog.disk_backups(backup_id)
@@ -332,7 +331,7 @@ class BackupService(Service):
         )
         self.catalog.finish_task(task_id, ok=True)
         self.catalog.release_server(row.server_id, backup_id)
-        return backup_json(row, disks)
+        return BackupView.of(row, disks)
 
     def fail_backup(self, backup_id: str, task_id: str, reason: str, run_id: str = "") -> None:
         """Leave the backup in ``error`` and its task failed with ``reason``; a backup of

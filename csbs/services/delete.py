@@ -18,6 +18,7 @@ from csbs.rules import (
 
 #: Called by long steps with resumable details; activities turn it into a heartbeat.
 from csbs.services.base import Heartbeat, Service
+from csbs.steps import DeleteTarget, SweepResult
 
 
 class DeleteService(Service):
@@ -25,13 +26,13 @@ class DeleteService(Service):
 
     def prepare_delete(
         self, inp: DeleteBackupsInput, task_id: str, workflow_id: str, run_id: str = ""
-    ) -> list[tuple[str, str]]:
+    ) -> list[DeleteTarget]:
         """Mark every backup ``deleting`` with one task each, in one transaction: each must
         be available, error or delete_failed at that moment (a restore that got there
-        first keeps it). Returns (backup_id, task_id) pairs. Nothing changes if any
+        first keeps it). Returns a (backup_id, task_id) target for each. Nothing changes if any
         backup is refused."""
         rows = [self.catalog.get_backup(b) for b in inp.backup_ids]
-        pairs = [(row.id, f"{task_id}-{i}") for i, row in enumerate(rows)]
+        pairs = [DeleteTarget(row.id, f"{task_id}-{i}") for i, row in enumerate(rows)]
         if self._find_task(pairs[0][1]) is None:
             refused = [r for r in rows if r.status not in {s.value for s in DELETABLE}]
             if refused:
@@ -70,7 +71,7 @@ class DeleteService(Service):
 
     def collect_garbage(
         self, heartbeat: Heartbeat | None = None, owner: str | None = None
-    ) -> dict[str, int]:
+    ) -> SweepResult:
         """Delete chunks that no manifest references (D1): one sweep per tenant at a time
         under a lease, never beside a backup (csbs.gc)."""
         return gc.collect_garbage(

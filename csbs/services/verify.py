@@ -4,7 +4,6 @@ outcome and the chunks found missing or corrupt (they are uploaded again)."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from csbs import verify
 from csbs.catalog import (
@@ -22,10 +21,12 @@ from csbs.model import (
     TaskKind,
     VerifyDiskResult,
     VerifyPlan,
+    VerifyStatus,
 )
 
 #: Called by long steps with resumable details; activities turn it into a heartbeat.
 from csbs.services.base import Heartbeat, Service
+from csbs.steps import VerifySummary
 
 
 class VerifyService(Service):
@@ -69,7 +70,7 @@ class VerifyService(Service):
 
     def finish_verify(
         self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
-    ) -> dict[str, Any]:
+    ) -> VerifySummary:
         """Record the outcome on the backup and its task; a backup whose descriptor is gone
         fails too (restore needs it)."""
         problems = [p for r in results for p in r.problems]
@@ -90,18 +91,18 @@ class VerifyService(Service):
             self.catalog.update_backup(
                 backup_id,
                 verified_at=utcnow(),
-                verify_status="ok" if ok else "failed",
+                verify_status=(VerifyStatus.OK if ok else VerifyStatus.FAILED).value,
                 verify_error=reason,
             )
         self.catalog.finish_task(task_id, ok=ok, reason=reason)
-        return {
-            "backup_id": backup_id,
-            "ok": ok,
-            "chunks_checked": sum(r.chunks_checked for r in results),
-            "bytes_checked": sum(r.bytes_checked for r in results),
-            "problems": [p.model_dump() for p in problems],
-            "reason": reason,
-        }
+        return VerifySummary(
+            backup_id=backup_id,
+            ok=ok,
+            chunks_checked=sum(r.chunks_checked for r in results),
+            bytes_checked=sum(r.bytes_checked for r in results),
+            problems=problems,
+            reason=reason,
+        )
 
     def backups_to_verify(self, max_age_days: int) -> list[str]:
         """Available backups never verified, or not in the last ``max_age_days`` days."""

@@ -1,0 +1,197 @@
+"""What each workflow step takes and gives back: one input model and one result model per
+activity, so that no step is called with positional scalars or answers with a loose
+``dict``. The workflows build these, the activities unpack them for the services."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+
+from csbs.model import (
+    BackupServerInput,
+    ChunkProblem,
+    DeleteBackupsInput,
+    RestoreItem,
+    RestoreServerInput,
+    VerifyDiskResult,
+)
+
+
+class Step(BaseModel):
+    """The shape every step model shares (extra fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- backup -------------------------------------------------------------------------------------
+class PrepareBackup(Step):
+    """Validate the request and record the backup (``creating``) and its task."""
+
+    request: BackupServerInput
+    backup_id: str
+    task_id: str
+
+
+class OfBackup(Step):
+    """A step on one backup (take its group snapshot)."""
+
+    backup_id: str
+
+
+class SnapshotTaken(Step):
+    """The disks the group snapshot covers, in order."""
+
+    disk_ids: list[str]
+
+
+class OfDisk(Step):
+    """A step on one disk of a backup (upload it, verify it)."""
+
+    backup_id: str
+    disk_id: str
+
+
+class OfTask(Step):
+    """A step that finishes a backup's or verification's task (commit, delete)."""
+
+    backup_id: str
+    task_id: str
+
+
+class FailTask(Step):
+    """Mark a backup's task (and the backup, if still its own) failed with the reason."""
+
+    backup_id: str
+    task_id: str
+    reason: str
+
+
+class ReleaseSnapshot(Step):
+    """Drop a backup's snapshot; a committed one keeps its changed-block chain."""
+
+    server_id: str
+    backup_id: str
+    committed: bool
+
+
+class OfServer(Step):
+    """Power a server off or on."""
+
+    server_id: str
+
+
+# -- restore ------------------------------------------------------------------------------------
+class PrepareRestore(Step):
+    """Validate the request, plan the disk mapping and record the restore's task."""
+
+    request: RestoreServerInput
+    task_id: str
+
+
+class CheckRestore(Step):
+    """Check every chunk of the disks to restore is in the store, before anything stops."""
+
+    backup_id: str
+    disk_ids: list[str]
+
+
+class RestoreDisk(Step):
+    """Write one disk of a backup onto its target."""
+
+    backup_id: str
+    item: RestoreItem
+
+
+class FinishRestore(Step):
+    """Record how a restore ended (``reason`` when it failed)."""
+
+    backup_id: str
+    task_id: str
+    ok: bool
+    reason: str | None = None
+
+
+# -- delete and garbage collection --------------------------------------------------------------
+class PrepareDelete(Step):
+    """Check every backup may go and mark them ``deleting``, one task each."""
+
+    request: DeleteBackupsInput
+    task_id: str
+
+
+class DeleteTarget(NamedTuple):
+    """One backup to delete and the task that records it."""
+
+    backup_id: str
+    task_id: str
+
+
+class DeletePlan(Step):
+    targets: list[DeleteTarget]
+
+
+class SweepResult(Step):
+    """What one garbage-collection sweep found and freed."""
+
+    manifests: int
+    chunks: int
+    chunks_deleted: int
+    bytes_freed: int
+
+
+class Reconciled(Step):
+    """How many operations whose runs had closed were finished with the reason."""
+
+    count: int
+
+
+# -- policies -----------------------------------------------------------------------------------
+class PlanPolicyRun(Step):
+    policy_id: str
+    trigger: str
+
+
+class PolicySkips(Step):
+    """Servers a scheduled run skipped, with why, and the run that skipped them."""
+
+    policy_id: str
+    skipped: dict[str, str]
+    run_id: str
+
+
+class OfPolicy(Step):
+    policy_id: str
+
+
+class PolicyIds(Step):
+    policy_ids: list[str]
+
+
+# -- verify -------------------------------------------------------------------------------------
+class FinishVerify(Step):
+    """Record a verification's findings (or the error that stopped it)."""
+
+    backup_id: str
+    task_id: str
+    results: list[VerifyDiskResult]
+    error: str | None = None
+
+
+class VerifySummary(Step):
+    """The outcome of verifying one backup."""
+
+    backup_id: str
+    ok: bool
+    chunks_checked: int
+    bytes_checked: int
+    problems: list[ChunkProblem]
+    reason: str | None
+
+
+class BackupsToVerify(Step):
+    max_age_days: int
+
+
+class BackupIds(Step):
+    backup_ids: list[str]
