@@ -29,7 +29,6 @@ from workflows.common import (
     SA_OPERATION,
     SA_POLICY_ID,
     SA_SERVER_ID,
-    StepFailed,
     act,
     all_or_cancel,
     reason_of,
@@ -143,17 +142,14 @@ class BackupServer:
         )
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
-        try:
-            stats = await transfer(
+        stats = await step(
+            f"upload of disk {disk_id}",
+            transfer(
                 A.backup_disk,
                 OfDisk(backup_id=backup_id, disk_id=disk_id),
                 summary=f"disk {disk_id}",
-            )
-        except Exception as err:
-            raise StepFailed(
-                reason_of(f"upload of disk {disk_id}", err).reason,
-                reason_of("", err).error_type,
-            ) from err
+            ),
+        )
         self._progress["disks_done"] += 1
         self._at("uploading")
         return stats

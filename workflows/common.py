@@ -9,7 +9,12 @@ from typing import Any, TypeVar, cast, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+)
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -150,7 +155,7 @@ def reason_of(step: str, err: BaseException) -> StepFailed:
     if isinstance(err, StepFailed):
         return err
     cause: BaseException = err
-    while isinstance(cause, ActivityError) and cause.cause is not None:
+    while isinstance(cause, (ActivityError, ChildWorkflowError)) and cause.cause is not None:
         cause = cause.cause
     if isinstance(cause, ApplicationError):
         return StepFailed(f"{step}: {cause.message}", cause.type or "ApplicationError")
@@ -161,10 +166,15 @@ def reason_of(step: str, err: BaseException) -> StepFailed:
 
 
 async def step(name: str, awaitable: Awaitable[T]) -> T:
-    """Await a step, converting its failure into a StepFailed naming it."""
+    """Await a step, converting its failure into a StepFailed naming it. A step that
+    reports it was cancelled was cancelled by this run (the run itself is being cancelled,
+    or a sibling failed): that stays a cancellation, so that a cancelled run ends
+    ``Canceled`` and not ``Failed``."""
     try:
         return await awaitable
     except (ActivityError, ApplicationError) as err:
+        if isinstance(err, ActivityError) and isinstance(err.cause, CancelledError):
+            raise asyncio.CancelledError(f"{name}: cancelled") from err
         raise reason_of(name, err) from err
 
 

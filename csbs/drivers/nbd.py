@@ -4,7 +4,7 @@ Why our own: libnbd's Python binding is the maintained client, but it is not on 
 PyPI name ``nbd`` is an unrelated notebook tool) and Debian's ``python3-libnbd`` installs
 into the system interpreter only, which would tie our venv to Debian's Python. The part of
 the protocol we use is small and stable, so it lives here, tested against ``qemu-nbd`` and
-QEMU's own NBD server (tests/test_nbd.py).
+QEMU's own NBD server (tests/integration/test_nbd.py).
 
 What it speaks (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md):
 

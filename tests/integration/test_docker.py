@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret-1", "S3_ACCESS_KEY": "ak-1", "S3_SECRET_KEY": "sk-1"}
 CSBS_SERVICES = {"s3", "setup", "worker-1", "worker-2", "api"}

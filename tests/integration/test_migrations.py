@@ -20,7 +20,7 @@ from sqlmodel import SQLModel
 from csbs.catalog import Catalog, make_engine
 from csbs.schema import BASELINE, SCHEMA_HEAD, alembic_config, current_revision
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
