@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from temporalio.worker import Worker
 
 from activities import CsbsActivities
+from csbs import tuning
 from csbs.config import Settings
 from csbs.services import Services
 from csbs.telemetry import setup_tracing, shutdown_tracing
@@ -22,6 +23,7 @@ from workflows import ALL_WORKFLOWS
 
 def build_worker(client: object, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
     """The worker: every workflow and activity of csbs on the configured task queue."""
+    tuning.apply(settings)
     service = Services(settings)
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -89,13 +91,14 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
+    settings = Settings()
     logging.basicConfig(
-        level=os.environ.get("CSBS_LOG_LEVEL", "INFO"),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     setup_tracing("csbs-worker")
     try:
-        asyncio.run(run(Settings()))
+        asyncio.run(run(settings))
     finally:
         shutdown_tracing()
     sys.stdout.flush()

@@ -62,6 +62,15 @@ from csbs.telemetry import set_attributes, step_span
 
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _step(name: str) -> Callable[[F], F]:
+    """Register a method as the activity ``name``. Cancellation is cooperative: the SDK
+    never raises an exception into the activity's thread (it can land at any bytecode,
+    inside a lock's ``with`` or a thread pool's start-up, and wedge the whole worker);
+    long steps see it at their next heartbeat instead (``_heartbeat``)."""
+    return activity.defn(name=name, no_thread_cancel_exception=True)
 
 
 def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -183,14 +192,14 @@ class CsbsActivities:
         ]
 
     # -- backup ------------------------------------------------------------------------------
-    @activity.defn(name="prepare_backup")
+    @_step("prepare_backup")
     @_typed_errors
     def prepare_backup(self, inp: PrepareBackup) -> PreparedBackup:
         return self.services.backup.prepare_backup(
             inp.request, inp.backup_id, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
-    @activity.defn(name="take_snapshot")
+    @_step("take_snapshot")
     @_typed_errors
     def take_snapshot(self, inp: OfBackup) -> SnapshotTaken:
         with step_span("csbs.snapshot", backup_id=inp.backup_id) as span:
@@ -198,7 +207,7 @@ class CsbsActivities:
             set_attributes(span, disks=len(disks), disk_ids=",".join(disks))
             return SnapshotTaken(disk_ids=disks)
 
-    @activity.defn(name="backup_disk")
+    @_step("backup_disk")
     @_typed_errors
     def backup_disk(self, inp: OfDisk) -> TransferStats:
         # A retried attempt resumes from the checkpoint its predecessor saved in S3.
@@ -213,47 +222,47 @@ class CsbsActivities:
         metrics.transfer("backup", stats)
         return stats
 
-    @activity.defn(name="commit_backup")
+    @_step("commit_backup")
     @_typed_errors
     def commit_backup(self, inp: OfTask) -> BackupView:
         record = self.services.backup.commit_backup(inp.backup_id, inp.task_id)
         metrics.backup_committed(record)
         return record
 
-    @activity.defn(name="fail_backup")
+    @_step("fail_backup")
     @_typed_errors
     def fail_backup(self, inp: FailTask) -> None:
         self.services.backup.fail_backup(inp.backup_id, inp.task_id, inp.reason, _run_id())
 
-    @activity.defn(name="release_snapshot")
+    @_step("release_snapshot")
     @_typed_errors
     def release_snapshot(self, inp: ReleaseSnapshot) -> None:
         self.services.backup.release_snapshot(inp.server_id, inp.backup_id, inp.committed)
 
     # -- restore -----------------------------------------------------------------------------
-    @activity.defn(name="prepare_restore")
+    @_step("prepare_restore")
     @_typed_errors
     def prepare_restore(self, inp: PrepareRestore) -> RestorePlan:
         return self.services.restore.prepare_restore(
             inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
-    @activity.defn(name="stop_server")
+    @_step("stop_server")
     @_typed_errors
     def stop_server(self, inp: OfServer) -> None:
         self.services.restore.stop_server(inp.server_id)
 
-    @activity.defn(name="start_server")
+    @_step("start_server")
     @_typed_errors
     def start_server(self, inp: OfServer) -> None:
         self.services.restore.start_server(inp.server_id)
 
-    @activity.defn(name="check_restore")
+    @_step("check_restore")
     @_typed_errors
     def check_restore(self, inp: CheckRestore) -> None:
         self.services.restore.check_restore(inp.backup_id, inp.disk_ids, heartbeat=_heartbeat)
 
-    @activity.defn(name="restore_disk")
+    @_step("restore_disk")
     @_typed_errors
     def restore_disk(self, inp: RestoreDisk) -> TransferStats:
         done = int(_resume_details().get("done", 0))
@@ -272,13 +281,13 @@ class CsbsActivities:
         metrics.transfer("restore", stats)
         return stats
 
-    @activity.defn(name="finish_restore")
+    @_step("finish_restore")
     @_typed_errors
     def finish_restore(self, inp: FinishRestore) -> None:
         self.services.restore.finish_restore(inp.backup_id, inp.task_id, inp.ok, inp.reason)
 
     # -- delete ------------------------------------------------------------------------------
-    @activity.defn(name="prepare_delete")
+    @_step("prepare_delete")
     @_typed_errors
     def prepare_delete(self, inp: PrepareDelete) -> DeletePlan:
         targets = self.services.delete.prepare_delete(
@@ -286,17 +295,17 @@ class CsbsActivities:
         )
         return DeletePlan(targets=targets)
 
-    @activity.defn(name="delete_backup")
+    @_step("delete_backup")
     @_typed_errors
     def delete_backup(self, inp: OfTask) -> None:
         self.services.delete.delete_backup(inp.backup_id, inp.task_id)
 
-    @activity.defn(name="fail_delete")
+    @_step("fail_delete")
     @_typed_errors
     def fail_delete(self, inp: FailTask) -> None:
         self.services.delete.fail_delete(inp.backup_id, inp.task_id, inp.reason)
 
-    @activity.defn(name="collect_garbage")
+    @_step("collect_garbage")
     @_typed_errors
     def collect_garbage(self) -> SweepResult:
         # Every attempt of this activity is one owner: a retry that Temporal started
@@ -307,41 +316,41 @@ class CsbsActivities:
             heartbeat=_heartbeat, owner=owner.hexdigest()[:16]
         )
 
-    @activity.defn(name="reconcile_operations")
+    @_step("reconcile_operations")
     @_typed_errors
     def reconcile_operations(self) -> Reconciled:
         return Reconciled(count=self.services.reconcile())
 
     # -- policies ----------------------------------------------------------------------------
-    @activity.defn(name="plan_policy_run")
+    @_step("plan_policy_run")
     @_typed_errors
     def plan_policy_run(self, inp: PlanPolicyRun) -> PolicyRunPlan:
         return self.policies.plan_run(inp.policy_id, inp.trigger)
 
-    @activity.defn(name="record_policy_skips")
+    @_step("record_policy_skips")
     @_typed_errors
     def record_policy_skips(self, inp: PolicySkips) -> None:
         self.policies.record_skips(inp.policy_id, inp.skipped, inp.run_id)
 
-    @activity.defn(name="policy_expired_backups")
+    @_step("policy_expired_backups")
     @_typed_errors
     def policy_expired_backups(self, inp: OfPolicy) -> RetentionPlan:
         return self.policies.retention(inp.policy_id)
 
-    @activity.defn(name="list_policy_ids")
+    @_step("list_policy_ids")
     @_typed_errors
     def list_policy_ids(self) -> PolicyIds:
         return PolicyIds(policy_ids=[p.id for p in self.policies.policies.all()])
 
     # -- verify ------------------------------------------------------------------------------
-    @activity.defn(name="prepare_verify")
+    @_step("prepare_verify")
     @_typed_errors
     def prepare_verify(self, inp: OfTask) -> VerifyPlan:
         return self.services.verify.prepare_verify(
             inp.backup_id, inp.task_id, activity.info().workflow_id or ""
         )
 
-    @activity.defn(name="verify_disk")
+    @_step("verify_disk")
     @_typed_errors
     def verify_disk(self, inp: OfDisk) -> VerifyDiskResult:
         with step_span("csbs.verify", backup_id=inp.backup_id, disk_id=inp.disk_id) as span:
@@ -356,14 +365,14 @@ class CsbsActivities:
             )
         return result
 
-    @activity.defn(name="finish_verify")
+    @_step("finish_verify")
     @_typed_errors
     def finish_verify(self, inp: FinishVerify) -> VerifySummary:
         return self.services.verify.finish_verify(
             inp.backup_id, inp.task_id, inp.results, inp.error
         )
 
-    @activity.defn(name="backups_to_verify")
+    @_step("backups_to_verify")
     @_typed_errors
     def backups_to_verify(self, inp: BackupsToVerify) -> BackupIds:
         return BackupIds(backup_ids=self.services.verify.backups_to_verify(inp.max_age_days))

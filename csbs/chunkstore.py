@@ -1,12 +1,12 @@
-"""The repository in S3: chunk objects, manifests and backup descriptors of one tenant.
+"""The repository in S3: chunk objects, manifests and backup descriptors of one project.
 
 Layout (docs/format.md)::
 
-    <prefix>/<tenant>/config.json
-    <prefix>/<tenant>/chunks/<id[0:2]>/<id>
-    <prefix>/<tenant>/manifests/<backup_id>/<disk_id>
-    <prefix>/<tenant>/staging/<backup_id>/<disk_id>      (resume checkpoints of running backups)
-    <prefix>/<tenant>/backups/<backup_id>.json
+    <prefix>/<project>/config.json
+    <prefix>/<project>/chunks/<id[0:2]>/<id>
+    <prefix>/<project>/manifests/<backup_id>/<disk_id>
+    <prefix>/<project>/staging/<backup_id>/<disk_id>      (resume checkpoints of running backups)
+    <prefix>/<project>/backups/<backup_id>.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from csbs.config import Settings
-from csbs.crypto import CIPHER_NAME, EncryptionKeyError, TenantKeys, is_sealed
+from csbs.crypto import CIPHER_NAME, EncryptionKeyError, ProjectKeys, is_sealed
 from csbs.errors import (
     CorruptData,
     CsbsError,
@@ -109,14 +109,14 @@ def _storage_error(action: str, exc: Exception) -> CsbsError:
 
 
 class ChunkStore:
-    """Reads and writes one tenant's repository; safe to share between threads."""
+    """Reads and writes one project's repository; safe to share between threads."""
 
     def __init__(self, settings: Settings, client: S3Client | None = None) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
         self.chunk_size = settings.chunk_size
-        self.tenant = check_id(settings.project, "project")
-        self.root = f"{settings.s3_prefix.strip('/')}/{self.tenant}".lstrip("/")
+        self.project = check_id(settings.project, "project")
+        self.root = f"{settings.s3_prefix.strip('/')}/{self.project}".lstrip("/")
         pool = 4 * settings.transfer_concurrency
         self.s3 = client or make_s3_client(settings, max_pool=pool)
         #: Chunk uploads: content-addressed and verified on read, so the payload is not signed.
@@ -124,7 +124,7 @@ class ChunkStore:
         self._checked_config = False
         self._config_lock = threading.Lock()
         master = settings.master_key()
-        self.keys = TenantKeys(master, self.tenant) if master else None
+        self.keys = ProjectKeys(master, self.project) if master else None
         self._id_key = self.keys.id_key if self.keys else None
 
     # -- keys ---------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class ChunkStore:
         return blob
 
     def chunk_id(self, data: bytes | bytearray) -> bytes:
-        """The id of a chunk: BLAKE3 of its plaintext, keyed per tenant when encrypted."""
+        """The id of a chunk: BLAKE3 of its plaintext, keyed per project when encrypted."""
         return chunk_digest(data, self._id_key)
 
     # -- object access, behind the repository check ---------------------------------------

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
     project: str = "default"
-    #: Projects (tenants) a worker serves, comma-separated; empty = just ``project``. Each
+    #: Projects a worker serves, comma-separated; empty = just ``project``. Each
     #: gets its own task queue (see ``queue``), catalog view, S3 prefix and servers.
     projects: str = ""
     chunk_size: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     #: Worker threads for blocking activities.
     max_concurrent_activities: int = Field(default=16, ge=1, le=256)
     zstd_level: int = Field(default=1, ge=1, le=19)
-    #: Quotas per tenant (B15): most backups kept, most bytes stored; None = no limit.
+    #: Quotas per project (B15): most backups kept, most bytes stored; None = no limit.
     quota_backups: int | None = Field(default=None, ge=1)
     quota_bytes: int | None = Field(default=None, ge=1)
     #: Daily retention cleanup (P5): time of day and time zone of its schedule.
@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     #: phase); another sweep may take it over after twice this. Worker clocks must agree
     #: to well within it (NTP).
     gc_lease_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
+    #: How long a data transfer may stay silent before Temporal gives it up and retries it,
+    #: resuming from its last checkpoint, on any worker (seconds). Lower it where workers
+    #: die often and must be replaced fast; the fault suite sets 3.
+    heartbeat_timeout: float = Field(default=30.0, ge=1.0, le=3600.0)
+    #: Log level of the worker (DEBUG, INFO, WARNING, ERROR).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: How often a running disk backup saves its resume point (staging manifest) to S3.
     checkpoint_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 
@@ -95,8 +101,8 @@ class Settings(BaseSettings):
     @property
     def queue(self) -> str:
         """The task queue of this settings' project: ``task_queue`` for the ``default``
-        project, ``<task_queue>.<project>`` for any other, so that a tenant's workflows only
-        ever run on workers serving that tenant."""
+        project, ``<task_queue>.<project>`` for any other, so that a project's workflows only
+        ever run on workers serving that project."""
         return self.task_queue if self.project == "default" else f"{self.task_queue}.{self.project}"
 
     def project_list(self) -> list[str]:

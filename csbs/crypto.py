@@ -1,11 +1,11 @@
 """Client-side encryption at rest: AES-256-GCM for chunks, manifests and backup
-descriptors, and chunk ids keyed per tenant (docs/format.md, "Encryption").
+descriptors, and chunk ids keyed per project (docs/format.md, "Encryption").
 
 One master key (32 bytes, from ``CSBS_ENCRYPTION_KEY_FILE`` or ``CSBS_ENCRYPTION_KEY``)
-serves every tenant; HKDF-SHA256 derives each tenant's own keys from it:
+serves every project; HKDF-SHA256 derives each project's own keys from it:
 
 - the chunk-id key: chunk ids are keyed BLAKE3, so equal data has different ids in
-  different tenants and an id says nothing about the data without the key;
+  different projects and an id says nothing about the data without the key;
 - the AEAD key: every object is sealed as ``CSBE`` + version + a random 96-bit nonce +
   AES-256-GCM(ciphertext and tag), with the object's name inside the repository as
   associated data, so an object moved to another name does not open;
@@ -81,27 +81,27 @@ def load_master_key(key: str | None, key_file: Path | None) -> bytes | None:
     return None
 
 
-def _derive(master: bytes, purpose: str, tenant: str) -> bytes:
+def _derive(master: bytes, purpose: str, project: str) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_SIZE,
         salt=None,
-        info=f"csbs/{purpose}/v1/{tenant}".encode(),
+        info=f"csbs/{purpose}/v1/{project}".encode(),
     ).derive(master)
 
 
-class TenantKeys:
-    """One tenant's keys, derived from the master key."""
+class ProjectKeys:
+    """One project's keys, derived from the master key."""
 
-    def __init__(self, master: bytes, tenant: str) -> None:
-        self.tenant = tenant
-        self.id_key = _derive(master, "chunk-id", tenant)
-        self._aead = AESGCM(_derive(master, "aead", tenant))
+    def __init__(self, master: bytes, project: str) -> None:
+        self.project = project
+        self.id_key = _derive(master, "chunk-id", project)
+        self._aead = AESGCM(_derive(master, "aead", project))
         #: Stored in config.json: tells a wrong key from the right one, reveals nothing.
-        self.check = _derive(master, "key-check", tenant)[:16].hex()
+        self.check = _derive(master, "key-check", project)[:16].hex()
 
     def __repr__(self) -> str:
-        return f"TenantKeys(tenant={self.tenant!r}, keys=<hidden>)"
+        return f"ProjectKeys(project={self.project!r}, keys=<hidden>)"
 
     def seal(self, plaintext: bytes, name: str) -> bytes:
         """Encrypt an object stored under ``name`` (its key within the repository); the

@@ -30,11 +30,11 @@ class Conflict(CsbsError):
 
 
 class QuotaExceeded(CsbsError):
-    """The tenant's backup quota would be exceeded."""
+    """The project's backup quota would be exceeded."""
 
 
 class GarbageCollectionRunning(CsbsError):
-    """A sweep holds the tenant's chunks for a moment; retrying soon succeeds."""
+    """A sweep holds the project's chunks for a moment; retrying soon succeeds."""
 
     retryable = True
 

@@ -47,7 +47,7 @@ _U32 = struct.Struct(">I")
 
 
 def chunk_digest(data: bytes | bytearray | memoryview, key: bytes | None = None) -> bytes:
-    """The id of a chunk: BLAKE3 of its plaintext (keyed per tenant when a key is given)."""
+    """The id of a chunk: BLAKE3 of its plaintext (keyed per project when a key is given)."""
     hasher = blake3.blake3(key=key, max_threads=1) if key else blake3.blake3(max_threads=1)
     hasher.update(data)
     return hasher.digest()

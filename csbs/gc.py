@@ -1,5 +1,5 @@
 """Garbage collection (D1): delete chunks that no manifest references, one sweep per
-tenant at a time, under a renewed lease (docs/format.md, "Locks and leases").
+project at a time, under a renewed lease (docs/format.md, "Locks and leases").
 
 A sweep marks (reads every committed and staging manifest), lists the chunks, and
 deletes the unreferenced ones in batches. It heartbeats and renews its lease in every
@@ -33,7 +33,7 @@ class UnreadableManifest(CsbsError):
 
 
 class Lease:
-    """The sweep's lease on the tenant's chunks: renewed as it goes, checked before every
+    """The sweep's lease on the project's chunks: renewed as it goes, checked before every
     delete; ``keep`` also heartbeats so that Temporal sees the sweep alive."""
 
     def __init__(
@@ -84,7 +84,7 @@ def collect_garbage(
     owner: str | None = None,
     heartbeat: Callable[[dict[str, Any]], None] | None = None,
 ) -> SweepResult:
-    """One sweep of the tenant's chunks; returns counts of manifests, chunks, chunks
+    """One sweep of the project's chunks; returns counts of manifests, chunks, chunks
     deleted and bytes freed. Raises GarbageCollectionRunning (another sweep holds the
     lease), GarbageCollectionDeferred (backups run), LeaseLost or UnreadableManifest."""
     lease = Lease(catalog, lease_seconds, owner, heartbeat)

@@ -22,7 +22,7 @@ WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]  # index = Temporal
 RETENTION_PRESETS = {"1m": 30, "3m": 90, "6m": 180, "1y": 365}
 FAILED_KEEP_COUNT = 10
 FAILED_KEEP_DAYS = 30
-MAX_POLICIES_PER_TENANT = 32
+MAX_POLICIES_PER_PROJECT = 32
 MAX_SERVERS_PER_POLICY = 64
 
 

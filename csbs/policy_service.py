@@ -23,7 +23,7 @@ from csbs.drivers import ComputeDriver
 from csbs.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from csbs.model import BackupStatus, PolicyRunPlan, RetentionPlan, TaskKind, TaskStatus
 from csbs.policy import (
-    MAX_POLICIES_PER_TENANT,
+    MAX_POLICIES_PER_PROJECT,
     MAX_SERVERS_PER_POLICY,
     PolicySpec,
     RetainedBackup,
@@ -48,16 +48,16 @@ def policy_json(row: PolicyRow, bindings: list[BindingRow]) -> dict[str, Any]:
 
 
 class PolicyService:
-    """Create, change, delete, bind and unbind policies of one tenant."""
+    """Create, change, delete, bind and unbind policies of one project."""
 
     def __init__(self, catalog: Catalog, driver: ComputeDriver) -> None:
         self.policies = PolicyCatalog(catalog)
         self.driver = driver
 
     def create(self, spec: PolicySpec) -> PolicyRow:
-        if len(self.policies.all()) >= MAX_POLICIES_PER_TENANT:
+        if len(self.policies.all()) >= MAX_POLICIES_PER_PROJECT:
             raise QuotaExceeded(
-                f"a project has at most {MAX_POLICIES_PER_TENANT} policies; delete one first"
+                f"a project has at most {MAX_POLICIES_PER_PROJECT} policies; delete one first"
             )
         now = utcnow()
         return self.policies.add(
@@ -76,7 +76,13 @@ class PolicyService:
         return PolicySpec.model_validate_json(self.policies.get(policy_id).spec)
 
     def update(self, policy_id: str, changes: dict[str, Any]) -> PolicyRow:
-        """Apply changes to a policy's spec; the whole result is validated again (P7)."""
+        """Apply changes to a policy's spec; the whole result is validated again (P7). A
+        policy runs weekly or every N days: giving one period drops the other."""
+        changes = dict(changes)
+        if "weekdays" in changes and "every_days" not in changes:
+            changes["every_days"] = None
+        if "every_days" in changes and "weekdays" not in changes:
+            changes["weekdays"] = None
         merged = {**self.spec(policy_id).model_dump(), **changes}
         spec = PolicySpec.model_validate(merged)
         return self.policies.update(

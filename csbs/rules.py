@@ -1,22 +1,27 @@
 """Pure rules of backup and restore (B8, B12, R4, R5), on domain types only: which states
 allow what, when a disk must be read in full, what a backup warns about, and which
-backed-up disk goes onto which disk of the server. No I/O, no catalog rows."""
+backed-up disk goes onto which disk of the server; requests as every entry point makes
+them (B7 names, ISO times, which task records may go). No I/O, no catalog rows."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Protocol
 
 from csbs.errors import InvalidInput
 from csbs.format import Manifest
 from csbs.model import (
     BackedUpDisk,
+    BackupServerInput,
     BackupStatus,
     DiskRole,
     RestoreItem,
     Server,
     ServerState,
+    TaskStatus,
     check_id,
 )
+from csbs.naming import default_name, numbered
 
 BACKUP_STATES = {ServerState.RUNNING, ServerState.STOPPED}
 RESTORE_REFUSED_STATES = {ServerState.FAULT, ServerState.RESIZING, ServerState.RESIZE_VERIFYING}
@@ -151,3 +156,46 @@ def plan_disk_mapping(
             f"disks not in the backup keep their data, so data across disks may not be consistent"
         )
     return items, warnings
+
+
+def backup_requests(
+    server_ids: list[str], name: str | None, description: str | None, offline: bool
+) -> list[BackupServerInput]:
+    """One validated request per server; names numbered -0001, -0002, ... for several (B7)."""
+    if not server_ids:
+        raise InvalidInput("server_ids: give at least one server")
+    if len(set(server_ids)) != len(server_ids):
+        raise InvalidInput("server_ids: a server is listed twice")
+    base = name or default_name("manual")
+    return [
+        BackupServerInput(
+            server_id=sid,
+            name=numbered(base, i, len(server_ids)),
+            description=description,
+            offline=offline,
+        )
+        for i, sid in enumerate(server_ids)
+    ]
+
+
+def parse_time(value: str | None, field: str) -> datetime | None:
+    """An ISO date or time (UTC unless it says otherwise), or InvalidInput naming the field."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 "
+            f"(got {value!r})"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def deletable_tasks(tasks: list[tuple[str, str]]) -> list[str]:
+    """T2: only failed task records may be deleted; ``tasks`` are (id, status) pairs. The
+    ids, or InvalidInput listing every record that is not failed."""
+    not_failed = [f"{tid} ({status})" for tid, status in tasks if status != TaskStatus.FAILED]
+    if not_failed:
+        raise InvalidInput(f"only failed task records can be deleted: {', '.join(not_failed)}")
+    return [tid for tid, _ in tasks]

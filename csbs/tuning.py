@@ -1,27 +1,22 @@
-"""Timing knobs the workflows read when the worker imports them (never inside a workflow
-run, so replays stay deterministic).
+"""Timing knobs the workflows read when the sandbox imports them (never during a run, so
+replays stay deterministic). They come from ``Settings`` only: the worker calls ``apply``
+before it starts, so that every workflow it runs schedules its steps with them.
 
-``CSBS_HEARTBEAT_TIMEOUT`` (seconds, default 30): how long a data transfer may stay
-silent before Temporal gives it up and retries it, resuming from its last checkpoint, on
-any worker. Lower it where workers die often and must be replaced fast; the fault suite
-sets 3.
+``heartbeat_timeout`` (``CSBS_HEARTBEAT_TIMEOUT``, seconds, default 30): how long a data
+transfer may stay silent before Temporal gives it up and retries it, resuming from its
+last checkpoint, on any worker.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
+from csbs.config import Settings
 
-def _seconds(name: str, default: float) -> timedelta:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds (got {raw!r})") from None
-    if not 1 <= value <= 3600:
-        raise ValueError(f"{name} must be 1-3600 seconds (got {raw!r})")
-    return timedelta(seconds=value)
+HEARTBEAT_TIMEOUT = timedelta(seconds=Settings.model_fields["heartbeat_timeout"].default)
 
 
-HEARTBEAT_TIMEOUT = _seconds("CSBS_HEARTBEAT_TIMEOUT", 30.0)
+def apply(settings: Settings) -> None:
+    """Use these settings' timings in every workflow this process runs from now on."""
+    global HEARTBEAT_TIMEOUT
+    HEARTBEAT_TIMEOUT = timedelta(seconds=settings.heartbeat_timeout)

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from csbs.catalog import task_json
 from csbs.model import (
     TaskKind,
     TaskStatus,
 )
+from starter import cli_common
 from starter.cli_backup import backup_app
 from starter.cli_common import (
     JsonOpt,
@@ -22,25 +22,17 @@ from starter.cli_common import (
     _server_json,
     _server_table,
     _task_table,
-    catalog,
     confirm,
     console,
-    driver,
     emit,
+    facade,
     fail,
     guarded,
-    operations,
     say,
     settings,
 )
 from starter.cli_dev import dev_server_app
-
-
-def _policy_app() -> typer.Typer:
-    from starter.policy_cli import policy_app
-
-    return policy_app
-
+from starter.policy_cli import policy_app
 
 app = typer.Typer(no_args_is_help=True, help="Cloud Server Backup Service")
 
@@ -64,7 +56,7 @@ app.add_typer(task_app, name="task")
 app.add_typer(dev_app, name="dev")
 app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
-app.add_typer(_policy_app(), name="policy")
+app.add_typer(policy_app, name="policy")
 dev_app.add_typer(dev_server_app, name="server")
 
 
@@ -75,19 +67,19 @@ def _global_options(
         typer.Option(
             "--project",
             envvar="CSBS_PROJECT",
-            help="The project (tenant) to act in; default CSBS_PROJECT or 'default'.",
+            help="The project to act in; default CSBS_PROJECT or 'default'.",
         ),
     ] = None,
 ) -> None:
     """Cloud Server Backup Service"""
     if project is not None:
-        os.environ["CSBS_PROJECT"] = project
+        cli_common.overrides["project"] = project
 
 
 @server_app.command("list")
 def server_list(as_json: JsonOpt = False) -> None:
     """List the servers of the project."""
-    servers = guarded(lambda: driver(settings()).list_servers())
+    servers = guarded(lambda: facade(settings()).servers())
     emit([_server_json(s) for s in servers], as_json, lambda: _server_table(servers))
 
 
@@ -101,16 +93,15 @@ def task_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List task records, newest first."""
-    cat = catalog(settings())
-    rows = [task_json(t) for t in cat.list_tasks(kind=kind, status=status)]
+    rows = facade(settings()).tasks(kind=kind, status=status)
     emit(rows, as_json, lambda: _task_table(rows))
 
 
 @task_app.command("show")
 def task_show(task_id: str, as_json: JsonOpt = False) -> None:
     """Show one task, with its failure reason."""
-    cat = catalog(settings())
-    row = task_json(guarded(lambda: cat.get_task(task_id)))
+    f = facade(settings())
+    row = guarded(lambda: f.task(task_id))
     emit(row, as_json, lambda: _task_table([row]))
 
 
@@ -122,15 +113,18 @@ def task_delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete failed task records (T2): some by id, or all failed ones."""
-    ops = operations(settings())
-    cat = ops.catalog
+    f = facade(settings())
     if bool(task_ids) == all_failed:
         fail("give task ids or --all-failed (not both)")
-    ids = guarded(lambda: ops.deletable_tasks(task_ids, all_failed))
+    ids = guarded(lambda: f.deletable_tasks(task_ids, all_failed))
     if ids:
         confirm(f"Delete {len(ids)} failed task record(s)?", yes)
-    deleted = cat.delete_tasks(ids)
-    emit({"deleted": ids}, as_json, lambda: console.print(f"deleted {deleted} task record(s)"))
+    deleted = guarded(lambda: f.delete_tasks(ids))
+    emit(
+        {"deleted": deleted},
+        as_json,
+        lambda: console.print(f"deleted {len(deleted)} task record(s)"),
+    )
 
 
 # -- catalog database -----------------------------------------------------------------------

@@ -10,14 +10,13 @@ import typer
 from rich.table import Table
 from temporalio.client import WorkflowFailureError
 
-from csbs.catalog import Catalog, backup_json
 from csbs.model import (
     BackupStatus,
-    DeleteBackupsInput,
     RestoreServerInput,
     TaskKind,
     TaskStatus,
 )
+from csbs.rules import backup_requests
 from csbs.units import format_size
 from starter.cli_common import (
     JsonOpt,
@@ -28,15 +27,15 @@ from starter.cli_common import (
     confirm,
     console,
     emit,
+    facade,
     fail,
     guarded,
     guarded_async,
-    operations,
     run_async,
     say,
     settings,
 )
-from starter.ops import backup_inputs, workflow_error
+from starter.facade import workflow_error
 
 backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore, delete backups.")
 
@@ -61,10 +60,6 @@ def _backup_table(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def _backup_view(cat: Catalog, backup_id: str) -> dict[str, Any]:
-    return backup_json(cat.get_backup(backup_id), cat.disk_backups(backup_id))
-
-
 @backup_app.command("create")
 def backup_create(
     server_ids: Annotated[list[str], typer.Argument(help="Servers to back up.")],
@@ -75,32 +70,26 @@ def backup_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Back up one or more servers now (one backup per server)."""
-    s = settings()
-    inputs = guarded(lambda: backup_inputs(server_ids, name, description, offline))
-    ops = operations(s)
-    cat = ops.catalog
-
-    async def start() -> list[str]:
-        return await guarded_async(ops.create_backups(inputs))
-
-    ids = run_async(start())
+    f = facade(settings())
+    guarded(lambda: backup_requests(server_ids, name, description, offline))
+    ids = run_async(guarded_async(f.create_backups(server_ids, name, description, offline)))
     if wait:
         for backup_id in ids:
 
             def poll(b: str = backup_id) -> tuple[int, bool]:
-                row = cat.get_backup(b)
-                return row.progress, row.status != BackupStatus.CREATING
+                progress, status = f.backup_progress(b)
+                return progress, status != BackupStatus.CREATING
 
             if not as_json:
-                _progress_bar(f"backup {cat.get_backup(backup_id).name}", poll)
+                _progress_bar(f"backup {f.backup_view(backup_id)['name']}", poll)
             else:
                 while not poll()[1]:
                     time.sleep(0.5)
     for backup_id in ids:
-        for task in cat.list_tasks(kind=TaskKind.BACKUP, backup_id=backup_id):
-            if task.detail:
-                say("warning:", "yellow", task.detail)
-    views = [_backup_view(cat, b) for b in ids]
+        for task in f.tasks(kind=TaskKind.BACKUP, backup_id=backup_id):
+            if task["detail"]:
+                say("warning:", "yellow", task["detail"])
+    views = [f.backup_view(b) for b in ids]
     emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
     failed = [v for v in views if v["status"] == BackupStatus.ERROR]
     if wait and failed:
@@ -120,9 +109,9 @@ def backup_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List backups, newest first."""
-    ops = operations(settings())
+    f = facade(settings())
     rows = guarded(
-        lambda: ops.list_backups(
+        lambda: f.list_backups(
             status.value if status else None,
             server_id,
             server_name,
@@ -139,7 +128,8 @@ def backup_list(
 @backup_app.command("show")
 def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
     """Show one backup: disks, sizes, parent, times, tasks."""
-    view = guarded(lambda: operations(settings()).backup_detail(backup_id))
+    f = facade(settings())
+    view = guarded(lambda: f.backup_detail(backup_id))
 
     def render() -> None:
         table = Table(show_header=False)
@@ -188,14 +178,12 @@ def backup_delete(
     backup_ids: list[str], yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
 ) -> None:
     """Delete backups (available, error or delete_failed)."""
-    ops = operations(settings())
-    guarded(lambda: DeleteBackupsInput(backup_ids=backup_ids))
-    for b in backup_ids:
-        guarded(lambda b=b: ops.catalog.get_backup(b))  # type: ignore[misc]
+    f = facade(settings())
+    guarded(lambda: f.check_backups(backup_ids))
     confirm(f"Delete {len(backup_ids)} backup(s)? This cannot be undone.", yes)
 
-    async def go() -> dict[str, Any]:
-        handle = await guarded_async(ops.delete_backups(backup_ids))
+    async def delete() -> dict[str, Any]:
+        handle = await guarded_async(f.delete_backups(backup_ids))
         if wait:
             try:
                 result = cast(dict[str, Any], await handle.result())
@@ -204,7 +192,7 @@ def backup_delete(
             return result
         return {"workflow_id": handle.id, "backup_ids": backup_ids, "status": "deleting"}
 
-    result = run_async(go())
+    result = run_async(delete())
     emit(result, as_json, lambda: console.print(result))
 
 
@@ -249,17 +237,16 @@ def backup_restore(
             verify=verify,
         )
     )
-    ops = operations(s)
-    cat = ops.catalog
-    backup = guarded(lambda: cat.get_backup(backup_id))
+    f = facade(s)
+    backup = guarded(lambda: f.backup_view(backup_id))
     confirm(
-        f"Restore server {backup.server_id} from backup {backup.name}? Its disks will be "
-        f"overwritten.",
+        f"Restore server {backup['server_id']} from backup {backup['name']}? Its disks will "
+        f"be overwritten.",
         yes,
     )
 
-    async def go() -> dict[str, Any]:
-        handle, task_id = await guarded_async(ops.restore(inp))
+    async def restore() -> dict[str, Any]:
+        handle, task_id = await guarded_async(f.restore(inp))
         if not wait:
             return {
                 "workflow_id": handle.id,
@@ -270,18 +257,17 @@ def backup_restore(
         if not as_json:
 
             def poll() -> tuple[int, bool]:
-                task = cat.get_task(task_id)
-                row = cat.get_backup(backup_id)
-                return row.progress, task.status != TaskStatus.RUNNING
+                done = f.task(task_id)["status"] != TaskStatus.RUNNING
+                return f.backup_progress(backup_id)[0], done
 
-            await asyncio.to_thread(_progress_bar, f"restore {backup.name}", poll)
+            await asyncio.to_thread(_progress_bar, f"restore {backup['name']}", poll)
         try:
             result = cast(dict[str, Any], await handle.result())
         except WorkflowFailureError as exc:
             fail(workflow_error(exc))
         return result
 
-    result = run_async(go())
+    result = run_async(restore())
     for warning in result.get("warnings", []):
         say("warning:", "yellow", warning)
     emit(result, as_json, lambda: console.print(result))
@@ -291,10 +277,10 @@ def backup_restore(
 def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Read every chunk of a backup from S3 and check its digest; problems are reported by
     disk and chunk, and a backup that fails is never restored."""
-    ops = operations(settings())
+    f = facade(settings())
 
-    async def go() -> dict[str, Any]:
-        handle, task_id = await guarded_async(ops.verify(backup_id))
+    async def verify() -> dict[str, Any]:
+        handle, task_id = await guarded_async(f.verify(backup_id))
         if not wait:
             return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
         try:
@@ -306,7 +292,7 @@ def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = Fals
                 return dict(details[0])
             fail(workflow_error(exc))
 
-    result = run_async(go())
+    result = run_async(verify())
 
     def render() -> None:
         if "ok" not in result:

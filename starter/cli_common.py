@@ -1,5 +1,5 @@
 """What every ``csbs`` command shares: output (never markup), errors as one line, settings,
-the catalog, driver and operations, waiting with progress. No command lives here."""
+the dev driver and the façade, waiting with progress. No command lives here."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from csbs.catalog import Catalog
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError
@@ -25,7 +24,7 @@ from csbs.model import (
     Server,
 )
 from csbs.units import format_size
-from starter.ops import Operations, workflow_error
+from starter.facade import Facade, workflow_error
 
 #: Output never interprets markup: names, descriptions and reasons are user text, and
 #: "[/x]" must print as it is, never crash or restyle the output. Colour comes from
@@ -61,9 +60,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: What the command line chose over the environment (``--project``); set once by the
+#: app's callback, read by ``settings()``.
+overrides: dict[str, Any] = {}
+
+
 def settings() -> Settings:
+    """The settings from the environment, with what the command line chose over it."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         fail(_validation_message(exc))
 
@@ -77,16 +82,12 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def catalog(s: Settings) -> Catalog:
-    return Catalog(s.effective_database_url, s.project)
-
-
 def driver(s: Settings) -> ComputeDriver:
     return make_driver(s)
 
 
-def operations(s: Settings) -> Operations:
-    return Operations(s)
+def facade(s: Settings) -> Facade:
+    return Facade(s)
 
 
 async def guarded_async(coro: Awaitable[T]) -> T:
@@ -114,7 +115,7 @@ def run_async(coro: Awaitable[T]) -> T:
         return asyncio.run(wrapped())
     except RuntimeError as exc:
         if "Failed client connect" in str(exc) or "connection" in str(exc).lower():
-            fail(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
+            fail(f"cannot reach Temporal at {settings().temporal_address}: {exc}")
         raise
 
 

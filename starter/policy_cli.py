@@ -9,23 +9,16 @@ import typer
 from rich.table import Table
 
 from csbs.policy import RETENTION_PRESETS, PolicySpec, RetentionKind
-from csbs.policy_service import PolicyService
-from starter.ops import Operations
+from starter import cli_common as cli
+from starter.facade import Facade
 
 policy_app = typer.Typer(no_args_is_help=True, help="Backup policies on Temporal Schedules.")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _cli() -> Any:
-    from starter import cli_common
-
-    return cli_common
-
-
-def _service() -> tuple[Operations, PolicyService]:
-    ops = Operations(_cli().settings())
-    return ops, ops.policies
+def _facade() -> Facade:
+    return cli.facade(cli.settings())
 
 
 def _retention(
@@ -33,13 +26,13 @@ def _retention(
 ) -> dict[str, Any] | None:
     given = [x for x in (keep_count is not None, keep_days is not None, keep_forever) if x]
     if len(given) > 1:
-        _cli().fail("give one of --keep-count, --keep-days or --keep-forever")
+        cli.fail("give one of --keep-count, --keep-days or --keep-forever")
     if keep_count is not None:
         return {"retention": RetentionKind.COUNT, "retention_value": keep_count}
     if keep_days is not None:
         days = RETENTION_PRESETS.get(keep_days) or (int(keep_days) if keep_days.isdigit() else None)
         if days is None:
-            _cli().fail(f"--keep-days must be 1-99999 or 1m, 3m, 6m, 1y (got {keep_days!r})")
+            cli.fail(f"--keep-days must be 1-99999 or 1m, 3m, 6m, 1y (got {keep_days!r})")
         return {"retention": RetentionKind.DAYS, "retention_value": days}
     if keep_forever:
         return {"retention": RetentionKind.FOREVER, "retention_value": None}
@@ -64,7 +57,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             keep,
             str(len(p["server_ids"])),
         )
-    _cli().console.print(table)
+    cli.console.print(table)
 
 
 @policy_app.command("create")
@@ -81,8 +74,7 @@ def policy_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a policy and its schedule (P1-P3)."""
-    cli = _cli()
-    ops, svc = _service()
+    facade = _facade()
     retention = _retention(keep_count, keep_days, keep_forever) or cli.fail(
         "give --keep-count, --keep-days or --keep-forever"
     )
@@ -97,9 +89,7 @@ def policy_create(
             **retention,
         )
     )
-    row = cli.guarded(lambda: svc.create(spec))
-    cli.run_async(ops.sync_policy(row.id))
-    view = svc.view(row.id)
+    view = cli.run_async(cli.guarded_async(facade.create_policy(spec)))
     cli.emit(view, as_json, lambda: _table([view]))
 
 
@@ -117,31 +107,25 @@ def policy_update(
     as_json: JsonOpt = False,
 ) -> None:
     """Change a policy; its schedule is rewritten (P7)."""
-    cli = _cli()
-    ops, svc = _service()
+    facade = _facade()
     changes: dict[str, Any] = _retention(keep_count, keep_days, keep_forever) or {}
     if time:
         changes["times"] = time
     if name:
         changes["name"] = name
     if weekdays:
-        changes.update(weekdays=weekdays.split(","), every_days=None)
+        changes["weekdays"] = weekdays.split(",")
     if every_days is not None:
-        changes.update(every_days=every_days, weekdays=None)
+        changes["every_days"] = every_days
     if timezone:
         changes["timezone"] = timezone
-    cli.guarded(lambda: svc.update(policy_id, changes))
-    cli.run_async(ops.sync_policy(policy_id))
-    view = svc.view(policy_id)
+    view = cli.run_async(cli.guarded_async(facade.update_policy(policy_id, changes)))
     cli.emit(view, as_json, lambda: _table([view]))
 
 
 def _set_enabled(policy_id: str, enabled: bool, as_json: bool) -> None:
-    cli = _cli()
-    ops, svc = _service()
-    cli.guarded(lambda: svc.set_enabled(policy_id, enabled))
-    cli.run_async(ops.sync_policy(policy_id))
-    view = svc.view(policy_id)
+    facade = _facade()
+    view = cli.run_async(cli.guarded_async(facade.set_policy_enabled(policy_id, enabled)))
     cli.emit(view, as_json, lambda: _table([view]))
 
 
@@ -160,19 +144,14 @@ def policy_disable(policy_id: str, as_json: JsonOpt = False) -> None:
 @policy_app.command("list")
 def policy_list(as_json: JsonOpt = False) -> None:
     """List policies."""
-    _, svc = _service()
-    rows = [svc.view(p.id) for p in svc.policies.all()]
-    _cli().emit(rows, as_json, lambda: _table(rows))
+    rows = _facade().policy_views()
+    cli.emit(rows, as_json, lambda: _table(rows))
 
 
 @policy_app.command("show")
 def policy_show(policy_id: str, as_json: JsonOpt = False) -> None:
     """Show a policy with its servers and next run times."""
-    cli = _cli()
-    ops, svc = _service()
-    view = cli.guarded(lambda: svc.view(policy_id))
-
-    view["next_runs"] = cli.run_async(ops.next_runs(policy_id))
+    view = cli.run_async(cli.guarded_async(_facade().policy_view(policy_id, next_runs=True)))
 
     def render() -> None:
         _table([view])
@@ -188,16 +167,14 @@ def policy_delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a policy and its schedule; its backups stay (P7)."""
-    cli = _cli()
-    ops, svc = _service()
-    cli.guarded(lambda: svc.policies.get(policy_id))
+    facade = _facade()
+    cli.guarded(lambda: facade.check_policy(policy_id))
     cli.confirm(f"Delete policy {policy_id}? Its backups are kept.", yes)
-    cli.run_async(cli.guarded_async(ops.delete_policy(policy_id)))
+    cli.run_async(cli.guarded_async(facade.delete_policy(policy_id)))
     cli.emit({"deleted": policy_id}, as_json, lambda: cli.console.print(f"deleted {policy_id}"))
 
 
 def _emit_bound(policy_id: str, bound: list[str], as_json: bool) -> None:
-    cli = _cli()
     cli.emit(
         {"policy_id": policy_id, "server_ids": bound},
         as_json,
@@ -208,29 +185,22 @@ def _emit_bound(policy_id: str, bound: list[str], as_json: bool) -> None:
 @policy_app.command("bind")
 def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
     """Bind servers (a server bound elsewhere moves here) (P6)."""
-    _, svc = _service()
-    _emit_bound(policy_id, _cli().guarded(lambda: svc.bind(policy_id, server_ids)), as_json)
+    facade = _facade()
+    cli.guarded(lambda: facade.check_policy(policy_id))
+    _emit_bound(policy_id, cli.guarded(lambda: facade.bind(policy_id, server_ids)), as_json)
 
 
 @policy_app.command("unbind")
 def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
     """Unbind servers; their backups stay (P9)."""
-    _, svc = _service()
-    _emit_bound(policy_id, _cli().guarded(lambda: svc.unbind(policy_id, server_ids)), as_json)
+    facade = _facade()
+    _emit_bound(policy_id, cli.guarded(lambda: facade.unbind(policy_id, server_ids)), as_json)
 
 
 @policy_app.command("reconcile")
 def policy_reconcile(as_json: JsonOpt = False) -> None:
     """Repair drift: create missing policy schedules, delete orphans, ensure daily cleanup."""
-    from runtime.schedules import reconcile_schedules
-
-    cli = _cli()
-    ops, svc = _service()
-
-    async def go() -> dict[str, list[str]]:
-        return await reconcile_schedules(await ops.client(), svc, ops.settings)
-
-    result = cli.run_async(go())
+    result = cli.run_async(_facade().reconcile_schedules())
     cli.emit(result, as_json, lambda: cli.console.print(result))
 
 
@@ -243,11 +213,10 @@ def policy_run(
     """Run a policy now: back up every bound server (names backup_xxxx) (P8)."""
     from temporalio.client import WorkflowFailureError
 
-    cli = _cli()
-    ops, _ = _service()
+    facade = _facade()
 
-    async def go() -> dict[str, Any]:
-        handle = await cli.guarded_async(ops.run_policy(policy_id))
+    async def run_now() -> dict[str, Any]:
+        handle = await cli.guarded_async(facade.run_policy(policy_id))
         if not wait:
             return {"workflow_id": handle.id, "policy_id": policy_id, "status": "running"}
         try:
@@ -256,5 +225,5 @@ def policy_run(
             cli.fail(cli.workflow_error(exc))
         return result
 
-    result = cli.run_async(go())
+    result = cli.run_async(run_now())
     cli.emit(result, as_json, lambda: cli.console.print(result))

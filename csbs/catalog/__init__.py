@@ -2,7 +2,7 @@
 backups, tasks, policies and locks. Everything needed to restore also lives in the object
 store (backup descriptors and manifests).
 
-``rows`` holds the tables, ``repository`` the catalog of one tenant, ``policies`` its
+``rows`` holds the tables, ``repository`` the catalog of one project, ``policies`` its
 policies and bindings, ``views`` the JSON shapes the CLI and API print."""
 
 from csbs.catalog.base import make_engine

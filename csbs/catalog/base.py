@@ -41,7 +41,7 @@ def make_engine(url: str) -> Engine:
 
 
 class CatalogBase:
-    """One tenant's view of the catalog database."""
+    """One project's view of the catalog database."""
 
     def __init__(self, url: str, project: str = "default") -> None:
         self.url = url

@@ -1,4 +1,4 @@
-"""The tenant's sweep lease (D1, docs/format.md "Locks and leases"): one sweep at a time,
+"""The project's sweep lease (D1, docs/format.md "Locks and leases"): one sweep at a time,
 renewed as it goes, never beside a backup."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from csbs.model import BackupStatus
 
 
 class SweepLease(CatalogBase):
-    """Claim, renew and release the ``gc:<tenant>`` lease; see which backups hold locks."""
+    """Claim, renew and release the ``gc:<project>`` lease; see which backups hold locks."""
 
-    # -- the tenant's sweep lease (D1) -----------------------------------------------------
+    # -- the project's sweep lease (D1) -----------------------------------------------------
     def claim_gc(self, owner: str | None = None, lease: float = 60.0) -> str:
-        """Take the tenant's sweep lease and return its token, or raise.
+        """Take the project's sweep lease and return its token, or raise.
 
         One sweep at a time: a lease held by another owner is refused
         (GarbageCollectionRunning) until it has gone unrenewed for two lease periods; the
@@ -114,7 +114,7 @@ class SweepLease(CatalogBase):
         self.release_server(f"gc:{self.project}", token)
 
     def running_backup_slots(self) -> list[str]:
-        """Backup ids holding a live server lock (of this tenant, or not yet recorded)."""
+        """Backup ids holding a live server lock (of this project, or not yet recorded)."""
         busy = []
         with self.session() as s:
             for lock in s.exec(select(ServerLockRow)).all():

@@ -1,4 +1,4 @@
-"""Policies and bindings of one tenant, over the same engine as the catalog."""
+"""Policies and bindings of one project, over the same engine as the catalog."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from csbs.errors import (
 
 
 class PolicyCatalog:
-    """Policies and bindings of one tenant, over the same engine as :class:`Catalog`."""
+    """Policies and bindings of one project, over the same engine as :class:`Catalog`."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -52,7 +52,7 @@ class PolicyCatalog:
                 s.delete(row)
 
     def exists_in_any_project(self, policy_id: str) -> bool:
-        """Whether any tenant has this policy (reconcile never drops another's schedule)."""
+        """Whether any project has this policy (reconcile never drops another's schedule)."""
         with self.catalog.session() as s:
             return s.get(PolicyRow, policy_id) is not None
 

@@ -114,7 +114,7 @@ class Catalog(SweepLease):
         with self.session() as s:
             row = s.get(BackupRow, backup_id)
             if row is not None and row.project != self.project:
-                return  # another tenant's: as if it did not exist
+                return  # another project's: as if it did not exist
             for disk in s.exec(select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)):
                 s.delete(disk)
             s.flush()

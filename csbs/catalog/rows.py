@@ -114,7 +114,7 @@ class TaskRow(SQLModel, table=True):
 
 class ServerLockRow(SQLModel, table=True):
     """A server's operation lock (B14): one backup or one restore at a time, the primary
-    key makes a second claim fail. The row ``gc:<project>`` is the tenant's sweep lease.
+    key makes a second claim fail. The row ``gc:<project>`` is the project's sweep lease.
 
     ``backup_id`` holds the owner: the backup id (backup), the restore task id (restore)
     or the sweep's token (gc); ``claimed_at`` is when it was taken, or for the sweep lease

@@ -145,7 +145,7 @@ class BackupService(Service):
         )
 
     def _check_quota(self) -> None:
-        """B15: refuse before anything is written when the tenant is at its quota."""
+        """B15: refuse before anything is written when the project is at its quota."""
         s = self.settings
         if s.quota_backups is None and s.quota_bytes is None:
             return

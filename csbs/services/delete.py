@@ -72,7 +72,7 @@ class DeleteService(Service):
     def collect_garbage(
         self, heartbeat: Heartbeat | None = None, owner: str | None = None
     ) -> SweepResult:
-        """Delete chunks that no manifest references (D1): one sweep per tenant at a time
+        """Delete chunks that no manifest references (D1): one sweep per project at a time
         under a lease, never beside a backup (csbs.gc)."""
         return gc.collect_garbage(
             self.catalog, self.store, self.settings.gc_lease_seconds, owner, heartbeat

@@ -255,7 +255,7 @@ async def test_one_backup_per_server_at_a_time(stack: Stack) -> None:
 async def test_quota_refuses_before_anything_is_written(
     tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
 ) -> None:
-    """B15: a backup over the tenant's quota is refused with a clear message."""
+    """B15: a backup over the project's quota is refused with a clear message."""
     settings = make_settings(tmp_path, s3, quota_backups=2)
     async with running_stack(temporal, settings) as st:
         server = make_server(st)

@@ -1,5 +1,5 @@
 """Encryption at rest (issue 7): AES-256-GCM for chunks, manifests and descriptors with a
-key from a file or the environment; chunk ids keyed per tenant; a wrong or missing key
+key from a file or the environment; chunk ids keyed per project; a wrong or missing key
 fails with a clear error and changes nothing."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from csbs.crypto import EncryptionKeyError, TenantKeys, is_sealed, load_master_key
+from csbs.crypto import EncryptionKeyError, ProjectKeys, is_sealed, load_master_key
 from csbs.errors import CorruptData
 from csbs.format import chunk_digest
 from tests.conftest import Stack, backup, make_settings, restore, running_stack
@@ -42,19 +42,19 @@ def test_keys_from_file_or_environment_and_clear_errors(tmp_path: Path) -> None:
 
 
 def test_sealed_objects_open_only_with_their_key_and_name() -> None:
-    a, b = TenantKeys(KEY, "p1"), TenantKeys(KEY, "p2")
+    a, b = ProjectKeys(KEY, "p1"), ProjectKeys(KEY, "p2")
     blob = a.seal(b"manifest bytes", "manifests/bk-1/vda")
     assert is_sealed(blob) and b"manifest bytes" not in blob
     assert a.open(blob, "manifests/bk-1/vda") == b"manifest bytes"
     with pytest.raises(CorruptData, match="does not decrypt"):
-        b.open(blob, "manifests/bk-1/vda")  # another tenant's key
+        b.open(blob, "manifests/bk-1/vda")  # another project's key
     with pytest.raises(CorruptData, match="does not decrypt"):
         a.open(blob, "manifests/bk-2/vda")  # moved to another name
     damaged = bytearray(blob)
     damaged[-1] ^= 1
     with pytest.raises(CorruptData, match="does not decrypt"):
         a.open(bytes(damaged), "manifests/bk-1/vda")
-    # Chunk ids are keyed per tenant: equal data, unrelated ids.
+    # Chunk ids are keyed per project: equal data, unrelated ids.
     data = os.urandom(4096)
     ids = {chunk_digest(data), chunk_digest(data, a.id_key), chunk_digest(data, b.id_key)}
     assert len(ids) == 3
@@ -135,7 +135,7 @@ def test_a_passphrase_is_not_a_key_and_the_header_is_authenticated(tmp_path: Pat
         load_master_key(None, phrase)
     with pytest.raises(EncryptionKeyError, match="must hold a 32-byte key"):
         load_master_key("x" * 32, None)
-    keys = TenantKeys(KEY, "p1")
+    keys = ProjectKeys(KEY, "p1")
     blob = bytearray(keys.seal(b"data", "chunks/ab/ab"))
     blob[5] ^= 1  # a reserved header byte
     with pytest.raises(CorruptData, match="does not decrypt"):

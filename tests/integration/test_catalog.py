@@ -59,7 +59,7 @@ def add(cat: Catalog, i: int, **kw: object) -> BackupRow:
 def test_backups_roundtrip_filters_and_parent(catalog: Catalog) -> None:
     for i in range(6):
         add(catalog, i, status="error" if i == 5 else "available")
-    add(catalog, 9, project="p2")  # another tenant's backup is never listed
+    add(catalog, 9, project="p2")  # another project's backup is never listed
     assert add(catalog, 0).name == "manualbk_0000"  # idempotent insert
     row = catalog.get_backup("bk-3")
     assert row.created_at == T0 + timedelta(hours=3) and row.created_at.tzinfo is not None

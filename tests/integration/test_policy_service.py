@@ -37,7 +37,7 @@ def weekly(**kw: object) -> PolicySpec:
 
 
 def test_crud_and_limits(svc: PolicyService) -> None:
-    """P1 defaults, P6 at most 32 per tenant, P7 edit (validated whole) and delete."""
+    """P1 defaults, P6 at most 32 per project, P7 edit (validated whole) and delete."""
     first = svc.create(weekly())
     view = svc.view(first.id)
     assert (view["name"], view["enabled"], view["times"]) == ("backup_policy", True, ["01:00"])

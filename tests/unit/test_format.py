@@ -48,7 +48,7 @@ def test_chunk_under_another_id_is_rejected() -> None:
         decode_chunk(encode_chunk(b"a" * 100), chunk_digest(b"b" * 100))
 
 
-def test_keyed_digests_differ_per_tenant() -> None:
+def test_keyed_digests_differ_per_project() -> None:
     data = b"same data"
     assert chunk_digest(data, b"k" * 32) != chunk_digest(data, b"j" * 32) != chunk_digest(data)
 

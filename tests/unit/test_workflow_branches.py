@@ -661,3 +661,23 @@ async def test_retention_cleanup_goes_through_every_policy(env: WorkflowEnvironm
     assert error is None and set(result) == {"pol-a", "pol-b"}
     assert result["pol-a"]["result"]["deleted"] == ["bk-a"]
     assert "result" not in result["pol-b"]
+
+
+def test_no_activity_is_cancelled_by_an_exception_raised_into_its_thread() -> None:
+    """The SDK can cancel a thread-pool activity by raising into its thread; that lands at
+    any bytecode (inside a lock's ``with``, a thread pool starting a thread) and once
+    wedged a whole worker after a backup was terminated. Every csbs activity opts out and
+    sees cancellation at its next heartbeat instead."""
+    from temporalio.activity import _Definition
+
+    from activities import CsbsActivities
+
+    methods = [
+        getattr(CsbsActivities, name)
+        for name in dir(CsbsActivities)
+        if _Definition.from_callable(getattr(CsbsActivities, name)) is not None
+    ]
+    assert len(methods) == 25
+    for method in methods:
+        definition = _Definition.from_callable(method)
+        assert definition is not None and definition.no_thread_cancel_exception, method

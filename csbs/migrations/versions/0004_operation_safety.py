@@ -4,7 +4,7 @@ holds a server's lock, and chunks that verification found missing or corrupt.
 - ``backups.run_id`` and ``tasks.run_id``: the Temporal run that owns the row. A step of
   another run (a reset, a reused id) is refused and changes nothing; a row whose run has
   closed without finishing it is reconciled.
-- ``server_locks.operation``: ``backup``, ``restore`` or ``gc`` (the tenant's sweep lease);
+- ``server_locks.operation``: ``backup``, ``restore`` or ``gc`` (the project's sweep lease);
   ``server_locks.backup_id`` holds the owner (backup id, restore task id or sweep token).
 - ``suspect_chunks``: chunk ids that a verify or restore check found missing or corrupt;
   the next backup that reads their data uploads them again.

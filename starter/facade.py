@@ -1,5 +1,7 @@
-"""Operations shared by the CLI and the REST API: start a workflow, wait until it has left
-its record in the catalog (or report why it could not), keep policy schedules in step.
+"""The one façade that the CLI, the REST API and the console call: read servers, backups,
+tasks and policies; start a workflow and wait until it has left its record in the catalog
+(or report why it could not); write a policy and then its schedule. Entry points only
+parse and render: every rule lives in the core (``csbs.rules``, ``csbs.policy_service``).
 
 Everything here raises :class:`csbs.errors.CsbsError` (or pydantic's ``ValidationError``)
 for a person to read; the CLI prints one line, the API answers with a problem document.
@@ -12,7 +14,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -24,15 +25,18 @@ from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError, InvalidInput
 from csbs.model import (
     BackupServerInput,
+    BackupStatus,
     DeleteBackupsInput,
     RestoreServerInput,
     RunPolicyInput,
+    Server,
     TaskKind,
     TaskStatus,
     VerifyBackupInput,
 )
-from csbs.naming import default_name, numbered
+from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
+from csbs.rules import backup_requests, deletable_tasks, parse_time
 from runtime.connection import connect
 from starter.client import CsbsClient
 
@@ -100,43 +104,9 @@ async def await_start(
         await asyncio.sleep(0.2)
 
 
-def parse_time(value: str | None, field: str) -> datetime | None:
-    """An ISO date or time (UTC unless it says otherwise), or InvalidInput naming the field."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInput(
-            f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 "
-            f"(got {value!r})"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def backup_inputs(
-    server_ids: list[str], name: str | None, description: str | None, offline: bool
-) -> list[BackupServerInput]:
-    """One validated input per server; names numbered -0001, -0002, ... for several (B7)."""
-    if not server_ids:
-        raise InvalidInput("server_ids: give at least one server")
-    if len(set(server_ids)) != len(server_ids):
-        raise InvalidInput("server_ids: a server is listed twice")
-    base = name or default_name("manual")
-    return [
-        BackupServerInput(
-            server_id=sid,
-            name=numbered(base, i, len(server_ids)),
-            description=description,
-            offline=offline,
-        )
-        for i, sid in enumerate(server_ids)
-    ]
-
-
-class Operations:
-    """The tenant's servers, backups, tasks and policies, with workflows started through
-    Temporal and records read from the catalog."""
+class Facade:
+    """One project's servers, backups, tasks and policies: workflows started through
+    Temporal, records read from the catalog, schedules kept in step with policies."""
 
     def __init__(
         self,
@@ -160,6 +130,11 @@ class Operations:
 
     async def csbs(self) -> CsbsClient:
         return CsbsClient(await self.client(), self.settings)
+
+    # -- servers ---------------------------------------------------------------------------
+    def servers(self) -> list[Server]:
+        """The project's servers, as the compute driver reports them."""
+        return self.driver.list_servers()
 
     # -- backups ---------------------------------------------------------------------------
     def list_backups(
@@ -194,11 +169,27 @@ class Operations:
     def backup_detail(self, backup_id: str) -> dict[str, Any]:
         """A backup with its task records (``backup show``)."""
         view = self.backup_view(backup_id)
-        view["tasks"] = [task_json(t) for t in self.catalog.list_tasks(backup_id=backup_id)]
+        view["tasks"] = self.tasks(backup_id=backup_id)
         return view
 
-    async def create_backups(self, inputs: list[BackupServerInput]) -> list[str]:
-        """Start one ``BackupServer`` per input; return the backup ids once each is recorded."""
+    def backup_progress(self, backup_id: str) -> tuple[int, BackupStatus]:
+        """How far a backup is (percent) and its status, for a progress bar."""
+        row = self.catalog.get_backup(backup_id)
+        return row.progress, BackupStatus(row.status)
+
+    async def create_backups(
+        self,
+        server_ids: list[str],
+        name: str | None = None,
+        description: str | None = None,
+        offline: bool = False,
+    ) -> list[str]:
+        """Back servers up now (B7): one ``BackupServer`` each; the backup ids, once each is
+        recorded. Bad input is refused before anything starts."""
+        return await self.start_backups(backup_requests(server_ids, name, description, offline))
+
+    async def start_backups(self, inputs: list[BackupServerInput]) -> list[str]:
+        """Start one ``BackupServer`` per request; the backup ids, once each is recorded."""
         client = await self.csbs()
         ids = []
         for inp in inputs:
@@ -210,6 +201,12 @@ class Operations:
             await await_start(handle, lambda b=backup_id: self.catalog.find_backup(b))  # type: ignore[misc]
             ids.append(backup_id)
         return ids
+
+    def check_backups(self, backup_ids: list[str]) -> None:
+        """Raise (NotFound, or a validation error) unless every id names a backup."""
+        DeleteBackupsInput(backup_ids=backup_ids)
+        for b in backup_ids:
+            self.catalog.get_backup(b)
 
     async def delete_backups(self, backup_ids: list[str]) -> WorkflowHandle[Any, Any]:
         """Start ``DeleteBackups`` for backups that all exist; return once it is recorded."""
@@ -249,6 +246,19 @@ class Operations:
         return handle, await await_start(handle, started)
 
     # -- tasks -----------------------------------------------------------------------------
+    def tasks(
+        self,
+        kind: TaskKind | None = None,
+        status: TaskStatus | None = None,
+        backup_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Task records, newest first."""
+        rows = self.catalog.list_tasks(kind=kind, status=status, backup_id=backup_id)
+        return [task_json(t) for t in rows]
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return task_json(self.catalog.get_task(task_id))
+
     def deletable_tasks(self, task_ids: list[str] | None, all_failed: bool) -> list[str]:
         """The ids ``task delete`` removes: failed records only (T2)."""
         if bool(task_ids) == all_failed:
@@ -256,12 +266,62 @@ class Operations:
         if all_failed:
             return [t.id for t in self.catalog.list_tasks(status=TaskStatus.FAILED)]
         rows = [self.catalog.get_task(t) for t in task_ids or []]
-        not_failed = [f"{r.id} ({r.status})" for r in rows if r.status != TaskStatus.FAILED]
-        if not_failed:
-            raise InvalidInput(f"only failed task records can be deleted: {', '.join(not_failed)}")
-        return [r.id for r in rows]
+        return deletable_tasks([(r.id, r.status) for r in rows])
+
+    def delete_tasks(self, task_ids: list[str]) -> list[str]:
+        """Delete failed task records (T2); the ids deleted."""
+        ids = self.deletable_tasks(task_ids, False) if task_ids else []
+        self.catalog.delete_tasks(ids)
+        return ids
 
     # -- policies --------------------------------------------------------------------------
+    def policy_views(self) -> list[dict[str, Any]]:
+        """The project's policies (at most 32), each with its servers."""
+        return [self.policies.view(p.id) for p in self.policies.policies.all()]
+
+    async def policy_view(self, policy_id: str, next_runs: bool = False) -> dict[str, Any]:
+        """A policy with its servers and, when asked, its next run times."""
+        view = self.policies.view(policy_id)
+        if next_runs:
+            view["next_runs"] = await self.next_runs(policy_id)
+        return view
+
+    async def create_policy(self, spec: PolicySpec) -> dict[str, Any]:
+        """Create a policy (P1-P3), then its Temporal Schedule."""
+        row = self.policies.create(spec)
+        await self.sync_policy(row.id)
+        return self.policies.view(row.id)
+
+    async def update_policy(self, policy_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a policy, then rewrite its schedule (P7)."""
+        self.policies.update(policy_id, changes)
+        await self.sync_policy(policy_id)
+        return self.policies.view(policy_id)
+
+    async def set_policy_enabled(self, policy_id: str, enabled: bool) -> dict[str, Any]:
+        """Enable or disable a policy; its schedule is unpaused or paused (P7)."""
+        self.policies.set_enabled(policy_id, enabled)
+        await self.sync_policy(policy_id)
+        return self.policies.view(policy_id)
+
+    def check_policy(self, policy_id: str) -> None:
+        """Raise NotFound unless the policy exists."""
+        self.policies.policies.get(policy_id)
+
+    def bind(self, policy_id: str, server_ids: list[str]) -> list[str]:
+        """Bind servers (P6); the policy's servers afterwards."""
+        return self.policies.bind(policy_id, server_ids)
+
+    def unbind(self, policy_id: str, server_ids: list[str]) -> list[str]:
+        """Unbind servers; their backups stay (P9)."""
+        return self.policies.unbind(policy_id, server_ids)
+
+    async def reconcile_schedules(self) -> dict[str, list[str]]:
+        """Write every policy's schedule and the daily ones from the catalog."""
+        from runtime.schedules import reconcile_schedules
+
+        return await reconcile_schedules(await self.client(), self.policies, self.settings)
+
     async def sync_policy(self, policy_id: str) -> None:
         """Write the policy's Temporal Schedule from the catalog (the catalog is written
         first; ``policy reconcile`` repairs a schedule this could not write)."""
@@ -272,6 +332,7 @@ class Operations:
         )
 
     async def delete_policy(self, policy_id: str) -> None:
+        """Delete a policy and its schedule; its backups stay (P7)."""
         from temporalio.service import RPCError
 
         from runtime.schedules import schedule_id

@@ -1,7 +1,7 @@
-"""Tenants (issue 7): every entity carries a project; ``--project`` picks it; a tenant can
+"""Projects (issue 7): every entity carries a project; ``--project`` picks it; a project can
 never list, restore, delete or learn of another's servers, backups, policies or tasks;
-limits are per tenant. Two tenants share one catalog, bucket prefix, servers directory,
-Temporal namespace and task-queue name, as a real multi-tenant deployment does."""
+limits are per project. Two projects share one catalog, bucket prefix, servers directory,
+Temporal namespace and task-queue name, as a real multi-project deployment does."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from csbs.model import RestoreServerInput
-from csbs.policy import MAX_POLICIES_PER_TENANT, PolicySpec
+from csbs.policy import MAX_POLICIES_PER_PROJECT, PolicySpec
 from csbs.policy_service import PolicyService
 from starter.client import CsbsClient
 from tests.conftest import make_settings, running_stack
@@ -34,7 +34,7 @@ async def test_one_worker_serves_each_project_on_its_own_queue(
     assert settings.for_project("default").queue == "q"
 
 
-async def test_a_tenant_never_sees_or_touches_another_tenants_things(
+async def test_a_project_never_sees_or_touches_another_projects_things(
     tmp_path: Path, s3: Any, temporal: Any
 ) -> None:
     base = make_settings(tmp_path, s3)
@@ -123,10 +123,10 @@ async def test_a_tenant_never_sees_or_touches_another_tenants_things(
             await handle.result()
         assert f"backup {bk['id']} does not exist" in str(info.value.cause)
 
-        # Limits are per tenant: globex fills its 32 policies; acme can still create.
+        # Limits are per project: globex fills its 32 policies; acme can still create.
         svc = PolicyService(globex.catalog, globex.compute)
         spec = PolicySpec(times=["03:00"], every_days=2, retention_value=1)
-        for _ in range(MAX_POLICIES_PER_TENANT - 1):
+        for _ in range(MAX_POLICIES_PER_PROJECT - 1):
             svc.create(spec)
         refused = await as_globex(
             "policy", "create", "--time", "04:00", "--every-days", "1", "--keep-count", "1"

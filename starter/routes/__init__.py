@@ -1,0 +1,11 @@
+"""The REST API's routes, one router per resource, each calling the façade
+(``starter.facade.Facade``) that ``create_app`` puts on the application's state."""
+
+from starter.routes.backups import router as backups
+from starter.routes.policies import router as policies
+from starter.routes.servers import router as servers
+from starter.routes.tasks import router as tasks
+
+ROUTERS = [servers, backups, tasks, policies]
+
+__all__ = ["ROUTERS"]

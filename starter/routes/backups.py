@@ -1,0 +1,126 @@
+"""``/v1/backups``: list, create, show, delete, restore and verify backups."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from csbs.model import BackupStatus, RestoreServerInput
+from starter.api_models import (
+    ISO_TIME,
+    BackupCreate,
+    BackupDetail,
+    BackupOut,
+    DeleteRequest,
+    Id,
+    RestoreRequest,
+    Started,
+    _responses,
+)
+from starter.routes.common import FacadeDep, body_references
+
+router = APIRouter(tags=["backups"])
+
+
+@router.get("/v1/backups", response_model=list[BackupOut], responses=_responses(422))
+def list_backups(
+    facade: FacadeDep,
+    status: BackupStatus | None = None,
+    server_id: str | None = None,
+    server_name: str | None = None,
+    server_type: str | None = None,
+    name: str | None = None,
+    id: str | None = None,
+    since: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO time")] = None,
+    until: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO time")] = None,
+) -> list[dict[str, Any]]:
+    """Backups, newest first, with every filter of ``csbs backup list``."""
+    return facade.list_backups(
+        status.value if status else None,
+        server_id,
+        server_name,
+        server_type,
+        name,
+        id,
+        since,
+        until,
+    )
+
+
+@router.post(
+    "/v1/backups",
+    status_code=202,
+    response_model=list[BackupOut],
+    responses=_responses(404, 409, 422, 503),
+)
+async def create_backups(body: BackupCreate, facade: FacadeDep) -> list[dict[str, Any]]:
+    """Back up servers now (one backup each); returns the backups being created."""
+    with body_references():
+        ids = await facade.create_backups(
+            body.server_ids, body.name, body.description, body.offline
+        )
+    return [facade.backup_view(b) for b in ids]
+
+
+@router.get("/v1/backups/{backup_id}", response_model=BackupDetail, responses=_responses(404, 422))
+def get_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
+    """One backup: disks, sizes, parent, times, and its task records."""
+    return facade.backup_detail(backup_id)
+
+
+async def _delete(facade: FacadeDep, backup_ids: list[str]) -> dict[str, Any]:
+    handle = await facade.delete_backups(backup_ids)
+    return {"workflow_id": handle.id, "status": "deleting"}
+
+
+@router.delete(
+    "/v1/backups/{backup_id}",
+    status_code=202,
+    response_model=Started,
+    responses=_responses(404, 409, 422, 503),
+)
+async def delete_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
+    """Delete a backup (available, error or delete_failed); chunks go to GC."""
+    return await _delete(facade, [backup_id])
+
+
+@router.post(
+    "/v1/backups:delete",
+    status_code=202,
+    response_model=Started,
+    responses=_responses(404, 409, 422, 503),
+)
+async def delete_backups(body: DeleteRequest, facade: FacadeDep) -> dict[str, Any]:
+    """Delete several backups in one workflow."""
+    with body_references():
+        return await _delete(facade, body.backup_ids)
+
+
+@router.post(
+    "/v1/backups/{backup_id}/restore",
+    status_code=202,
+    response_model=Started,
+    responses=_responses(404, 409, 422, 503),
+)
+async def restore_backup(backup_id: Id, body: RestoreRequest, facade: FacadeDep) -> dict[str, Any]:
+    """Restore the server's disks from this backup (overwrites them; stops the server).
+    Follow the task (``GET /v1/tasks/{task_id}``) for its outcome."""
+    inp = RestoreServerInput(backup_id=backup_id, **body.model_dump())
+    facade.check_backups([backup_id])
+    with body_references():
+        handle, task_id = await facade.restore(inp)
+    return {"workflow_id": handle.id, "task_id": task_id, "status": "restoring"}
+
+
+@router.post(
+    "/v1/backups/{backup_id}/verify",
+    status_code=202,
+    response_model=Started,
+    responses=_responses(404, 409, 422, 503),
+)
+async def verify_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
+    """Read every chunk of the backup and check its digest. The task (and the backup's
+    ``verify_status`` and ``verify_error``) say what was found."""
+    handle, task_id = await facade.verify(backup_id)
+    return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
