@@ -65,14 +65,6 @@ R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _step(name: str) -> Callable[[F], F]:
-    """Register a method as the activity ``name``. Cancellation is cooperative: the SDK
-    never raises an exception into the activity's thread (it can land at any bytecode,
-    inside a lock's ``with`` or a thread pool's start-up, and wedge the whole worker);
-    long steps see it at their next heartbeat instead (``_heartbeat``)."""
-    return activity.defn(name=name, no_thread_cancel_exception=True)
-
-
 def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -84,6 +76,19 @@ def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
             ) from exc
 
     return wrapper
+
+
+def _step(name: str) -> Callable[[F], F]:
+    """Register a method as the activity ``name``, its core errors typed (``_typed_errors``).
+    Cancellation is cooperative: the SDK never raises an exception into the activity's
+    thread (it can land at any bytecode, inside a lock's ``with`` or a thread pool's
+    start-up, and wedge the whole worker); long steps see it at their next heartbeat."""
+
+    def register(fn: F) -> F:
+        typed: F = _typed_errors(fn)  # type: ignore[assignment]
+        return activity.defn(name=name, no_thread_cancel_exception=True)(typed)
+
+    return register
 
 
 def _heartbeat(details: dict[str, Any]) -> None:
@@ -193,14 +198,12 @@ class CsbsActivities:
 
     # -- backup ------------------------------------------------------------------------------
     @_step("prepare_backup")
-    @_typed_errors
     def prepare_backup(self, inp: PrepareBackup) -> PreparedBackup:
         return self.services.backup.prepare_backup(
             inp.request, inp.backup_id, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @_step("take_snapshot")
-    @_typed_errors
     def take_snapshot(self, inp: OfBackup) -> SnapshotTaken:
         with step_span("csbs.snapshot", backup_id=inp.backup_id) as span:
             disks = self.services.backup.take_snapshot(inp.backup_id)
@@ -208,7 +211,6 @@ class CsbsActivities:
             return SnapshotTaken(disk_ids=disks)
 
     @_step("backup_disk")
-    @_typed_errors
     def backup_disk(self, inp: OfDisk) -> TransferStats:
         # A retried attempt resumes from the checkpoint its predecessor saved in S3.
         resume = activity.info().attempt > 1
@@ -223,47 +225,39 @@ class CsbsActivities:
         return stats
 
     @_step("commit_backup")
-    @_typed_errors
     def commit_backup(self, inp: OfTask) -> BackupView:
         record = self.services.backup.commit_backup(inp.backup_id, inp.task_id)
         metrics.backup_committed(record)
         return record
 
     @_step("fail_backup")
-    @_typed_errors
     def fail_backup(self, inp: FailTask) -> None:
         self.services.backup.fail_backup(inp.backup_id, inp.task_id, inp.reason, _run_id())
 
     @_step("release_snapshot")
-    @_typed_errors
     def release_snapshot(self, inp: ReleaseSnapshot) -> None:
         self.services.backup.release_snapshot(inp.server_id, inp.backup_id, inp.committed)
 
     # -- restore -----------------------------------------------------------------------------
     @_step("prepare_restore")
-    @_typed_errors
     def prepare_restore(self, inp: PrepareRestore) -> RestorePlan:
         return self.services.restore.prepare_restore(
             inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
     @_step("stop_server")
-    @_typed_errors
     def stop_server(self, inp: OfServer) -> None:
         self.services.restore.stop_server(inp.server_id)
 
     @_step("start_server")
-    @_typed_errors
     def start_server(self, inp: OfServer) -> None:
         self.services.restore.start_server(inp.server_id)
 
     @_step("check_restore")
-    @_typed_errors
     def check_restore(self, inp: CheckRestore) -> None:
         self.services.restore.check_restore(inp.backup_id, inp.disk_ids, heartbeat=_heartbeat)
 
     @_step("restore_disk")
-    @_typed_errors
     def restore_disk(self, inp: RestoreDisk) -> TransferStats:
         done = int(_resume_details().get("done", 0))
         item = inp.item
@@ -282,13 +276,11 @@ class CsbsActivities:
         return stats
 
     @_step("finish_restore")
-    @_typed_errors
     def finish_restore(self, inp: FinishRestore) -> None:
         self.services.restore.finish_restore(inp.backup_id, inp.task_id, inp.ok, inp.reason)
 
     # -- delete ------------------------------------------------------------------------------
     @_step("prepare_delete")
-    @_typed_errors
     def prepare_delete(self, inp: PrepareDelete) -> DeletePlan:
         targets = self.services.delete.prepare_delete(
             inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
@@ -296,17 +288,14 @@ class CsbsActivities:
         return DeletePlan(targets=targets)
 
     @_step("delete_backup")
-    @_typed_errors
     def delete_backup(self, inp: OfTask) -> None:
         self.services.delete.delete_backup(inp.backup_id, inp.task_id)
 
     @_step("fail_delete")
-    @_typed_errors
     def fail_delete(self, inp: FailTask) -> None:
         self.services.delete.fail_delete(inp.backup_id, inp.task_id, inp.reason)
 
     @_step("collect_garbage")
-    @_typed_errors
     def collect_garbage(self) -> SweepResult:
         # Every attempt of this activity is one owner: a retry that Temporal started
         # because the previous attempt went silent takes its lease over at once.
@@ -317,41 +306,34 @@ class CsbsActivities:
         )
 
     @_step("reconcile_operations")
-    @_typed_errors
     def reconcile_operations(self) -> Reconciled:
         return Reconciled(count=self.services.reconcile())
 
     # -- policies ----------------------------------------------------------------------------
     @_step("plan_policy_run")
-    @_typed_errors
     def plan_policy_run(self, inp: PlanPolicyRun) -> PolicyRunPlan:
         return self.policies.plan_run(inp.policy_id, inp.trigger)
 
     @_step("record_policy_skips")
-    @_typed_errors
     def record_policy_skips(self, inp: PolicySkips) -> None:
         self.policies.record_skips(inp.policy_id, inp.skipped, inp.run_id)
 
     @_step("policy_expired_backups")
-    @_typed_errors
     def policy_expired_backups(self, inp: OfPolicy) -> RetentionPlan:
         return self.policies.retention(inp.policy_id)
 
     @_step("list_policy_ids")
-    @_typed_errors
     def list_policy_ids(self) -> PolicyIds:
         return PolicyIds(policy_ids=[p.id for p in self.policies.policies.all()])
 
     # -- verify ------------------------------------------------------------------------------
     @_step("prepare_verify")
-    @_typed_errors
     def prepare_verify(self, inp: OfTask) -> VerifyPlan:
         return self.services.verify.prepare_verify(
             inp.backup_id, inp.task_id, activity.info().workflow_id or ""
         )
 
     @_step("verify_disk")
-    @_typed_errors
     def verify_disk(self, inp: OfDisk) -> VerifyDiskResult:
         with step_span("csbs.verify", backup_id=inp.backup_id, disk_id=inp.disk_id) as span:
             result = self.services.verify.verify_disk(
@@ -366,13 +348,11 @@ class CsbsActivities:
         return result
 
     @_step("finish_verify")
-    @_typed_errors
     def finish_verify(self, inp: FinishVerify) -> VerifySummary:
         return self.services.verify.finish_verify(
             inp.backup_id, inp.task_id, inp.results, inp.error
         )
 
     @_step("backups_to_verify")
-    @_typed_errors
     def backups_to_verify(self, inp: BackupsToVerify) -> BackupIds:
         return BackupIds(backup_ids=self.services.verify.backups_to_verify(inp.max_age_days))

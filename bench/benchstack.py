@@ -58,3 +58,15 @@ async def bench_stack(bucket: str) -> AsyncIterator[BenchStack]:
                 await env.shutdown()
         finally:
             weed.stop()
+
+
+def bench_settings(work: Path, endpoint: str, bucket: str, name: str) -> Settings:
+    """Settings of one benchmark run: its own state, servers, S3 prefix and task queue."""
+    return Settings(
+        var_dir=work / "var",
+        s3_endpoint=endpoint,
+        s3_bucket=bucket,
+        s3_prefix=f"{name}-{uuid.uuid4().hex[:8]}",
+        servers_dir=work / "servers",
+        task_queue=f"{name}-{uuid.uuid4().hex[:6]}",
+    )

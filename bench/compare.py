@@ -34,10 +34,9 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchstack import bench_stack
+from benchstack import bench_settings, bench_stack
 from temporalio.testing import WorkflowEnvironment
 
-from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
 from csbs.model import BackupServerInput, RestoreServerInput
@@ -114,14 +113,7 @@ async def one_round(
     work: Path,
     cpu: Cpu,
 ) -> dict[str, float]:
-    settings = Settings(
-        var_dir=work / "var",
-        s3_endpoint=endpoint,
-        s3_bucket=bucket,
-        s3_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-        servers_dir=work / "servers",
-        task_queue=f"bench-{uuid.uuid4().hex[:6]}",
-    )
+    settings = bench_settings(work, endpoint, bucket, "bench")
     drv = LocalDriver(settings.effective_servers_dir)
     server = drv.create_server("bench", [int(args.disk_gib * 1024) * MIB])
     disk = server.disks[0]

@@ -19,7 +19,7 @@ import time
 from typing import Any, cast
 
 from csbs.config import Settings
-from csbs.drivers import make_driver
+from csbs.drivers import make_dev_servers
 from csbs.model import BackupServerInput, RestoreServerInput
 from runtime.connection import connect
 from starter.client import CsbsClient
@@ -35,7 +35,7 @@ async def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     os.environ.update({k: v for k, v in stack_env(settings).items() if k.startswith("AWS_")})
-    drv = make_driver(settings)
+    drv = make_dev_servers(settings)
     server = drv.create_server(f"bench-{int(time.time())}", [1 << 30, 2 << 30])
     data_bytes = int(args.data_gib * (1 << 30))
     regions = []

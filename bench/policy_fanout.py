@@ -28,11 +28,10 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchstack import bench_stack
+from benchstack import bench_settings, bench_stack
 from temporalio.testing import WorkflowEnvironment
 
 from csbs.catalog import Catalog
-from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
 from csbs.model import BackupServerInput, RunPolicyInput
 from csbs.policy import PolicySpec, RetentionKind
@@ -61,14 +60,7 @@ async def main() -> None:
 async def run(
     args: argparse.Namespace, env: WorkflowEnvironment, endpoint: str, bucket: str, work: Path
 ) -> list[tuple[str, float]]:
-    settings = Settings(
-        var_dir=work / "var",
-        s3_endpoint=endpoint,
-        s3_bucket=bucket,
-        s3_prefix=f"fanout-{uuid.uuid4().hex[:8]}",
-        servers_dir=work / "servers",
-        task_queue=f"fanout-{uuid.uuid4().hex[:6]}",
-    )
+    settings = bench_settings(work, endpoint, bucket, "fanout")
     (work / "var").mkdir(parents=True, exist_ok=True)
     drv = LocalDriver(settings.effective_servers_dir)
     servers = []

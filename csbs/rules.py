@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Protocol
 
+from pydantic import BaseModel, ValidationInfo, field_validator
+
 from csbs.errors import InvalidInput
 from csbs.format import Manifest
 from csbs.model import (
@@ -178,6 +180,32 @@ def backup_requests(
     ]
 
 
+class BackupQuery(BaseModel):
+    """The filters of ``csbs backup list`` and ``GET /v1/backups`` (B11); ``since`` and
+    ``until`` are ISO dates or times, UTC unless they say otherwise."""
+
+    status: BackupStatus | None = None
+    server_id: str | None = None
+    server_name: str | None = None
+    server_type: str | None = None
+    name: str | None = None
+    id: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    @field_validator("since", "until")
+    @classmethod
+    def _time(cls, value: str | None, info: ValidationInfo) -> str | None:
+        parse_time(value, info.field_name or "time")
+        return value
+
+    def since_time(self) -> datetime | None:
+        return parse_time(self.since, "since")
+
+    def until_time(self) -> datetime | None:
+        return parse_time(self.until, "until")
+
+
 def parse_time(value: str | None, field: str) -> datetime | None:
     """An ISO date or time (UTC unless it says otherwise), or InvalidInput naming the field."""
     if value is None:
@@ -185,11 +213,15 @@ def parse_time(value: str | None, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise InvalidInput(
+        raise _BadTime(
             f"{field} must be an ISO date or time like 2026-11-25 or 2026-11-25T08:00 "
             f"(got {value!r})"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class _BadTime(InvalidInput, ValueError):
+    """A time that is not ISO: an InvalidInput for callers, a ValueError for pydantic."""
 
 
 def deletable_tasks(tasks: list[tuple[str, str]]) -> list[str]:

@@ -14,23 +14,9 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
 )
-from starter import cli_common
+from starter import cli_common as ui
 from starter.cli_backup import backup_app
-from starter.cli_common import (
-    JsonOpt,
-    YesOpt,
-    _server_json,
-    _server_table,
-    _task_table,
-    confirm,
-    console,
-    emit,
-    facade,
-    fail,
-    guarded,
-    say,
-    settings,
-)
+from starter.cli_common import JsonOpt, YesOpt
 from starter.cli_dev import dev_server_app
 from starter.policy_cli import policy_app
 
@@ -73,14 +59,14 @@ def _global_options(
 ) -> None:
     """Cloud Server Backup Service"""
     if project is not None:
-        cli_common.overrides["project"] = project
+        ui.overrides["project"] = project
 
 
 @server_app.command("list")
 def server_list(as_json: JsonOpt = False) -> None:
     """List the servers of the project."""
-    servers = guarded(lambda: facade(settings()).servers())
-    emit([_server_json(s) for s in servers], as_json, lambda: _server_table(servers))
+    servers = ui.guarded(lambda: ui.facade(ui.settings()).servers())
+    ui.emit([ui._server_json(s) for s in servers], as_json, lambda: ui._server_table(servers))
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -93,16 +79,16 @@ def task_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List task records, newest first."""
-    rows = facade(settings()).tasks(kind=kind, status=status)
-    emit(rows, as_json, lambda: _task_table(rows))
+    rows = ui.facade(ui.settings()).tasks(kind=kind, status=status)
+    ui.emit(rows, as_json, lambda: ui._task_table(rows))
 
 
 @task_app.command("show")
 def task_show(task_id: str, as_json: JsonOpt = False) -> None:
     """Show one task, with its failure reason."""
-    f = facade(settings())
-    row = guarded(lambda: f.task(task_id))
-    emit(row, as_json, lambda: _task_table([row]))
+    f = ui.facade(ui.settings())
+    row = ui.guarded(lambda: f.task(task_id))
+    ui.emit(row, as_json, lambda: ui._task_table([row]))
 
 
 @task_app.command("delete")
@@ -113,17 +99,17 @@ def task_delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete failed task records (T2): some by id, or all failed ones."""
-    f = facade(settings())
+    f = ui.facade(ui.settings())
     if bool(task_ids) == all_failed:
-        fail("give task ids or --all-failed (not both)")
-    ids = guarded(lambda: f.deletable_tasks(task_ids, all_failed))
+        ui.fail("give task ids or --all-failed (not both)")
+    ids = ui.guarded(lambda: f.deletable_tasks(task_ids, all_failed))
     if ids:
-        confirm(f"Delete {len(ids)} failed task record(s)?", yes)
-    deleted = guarded(lambda: f.delete_tasks(ids))
-    emit(
+        ui.confirm(f"Delete {len(ids)} failed task record(s)?", yes)
+    deleted = ui.guarded(lambda: f.delete_tasks(ids))
+    ui.emit(
         {"deleted": deleted},
         as_json,
-        lambda: console.print(f"deleted {len(deleted)} task record(s)"),
+        lambda: ui.console.print(f"deleted {len(deleted)} task record(s)"),
     )
 
 
@@ -139,7 +125,7 @@ def _db_state(url: str) -> dict[str, Any]:
         with engine.connect() as conn:
             rev = current_revision(conn)
     except sa.exc.OperationalError as exc:
-        fail(f"cannot open the catalog at {_safe_url(url)}: {exc.orig}")
+        ui.fail(f"cannot open the catalog at {_safe_url(url)}: {exc.orig}")
     finally:
         engine.dispose()
     return {
@@ -159,11 +145,11 @@ def _safe_url(url: str) -> str:
 @db_app.command("status")
 def db_status(as_json: JsonOpt = False) -> None:
     """Show the catalog's schema revision and the newest one (changes nothing)."""
-    state = _db_state(settings().effective_database_url)
-    emit(
+    state = _db_state(ui.settings().effective_database_url)
+    ui.emit(
         state,
         as_json,
-        lambda: console.print(
+        lambda: ui.console.print(
             f"{state['url']}: revision {state['revision'] or 'none (empty)'}, newest "
             f"{state['head']}" + ("" if state["current"] else " (run csbs db upgrade)"),
             highlight=False,
@@ -178,17 +164,17 @@ def db_upgrade(as_json: JsonOpt = False) -> None:
     from csbs.catalog import make_engine
     from csbs.schema import upgrade_catalog
 
-    url = settings().effective_database_url
+    url = ui.settings().effective_database_url
     engine = make_engine(url)
     try:
         before = upgrade_catalog(engine)
     finally:
         engine.dispose()
     state = {**_db_state(url), "before": before}
-    emit(
+    ui.emit(
         state,
         as_json,
-        lambda: console.print(
+        lambda: ui.console.print(
             f"{state['url']}: {state['before'] or 'empty'} -> {state['revision']}", highlight=False
         ),
     )
@@ -207,7 +193,7 @@ def api_serve(
 
     from starter.api import create_app
 
-    uvicorn.run(create_app(settings()), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(ui.settings()), host=host, port=port, log_level="info")
 
 
 # -- dev: driver servers ---------------------------------------------------------------------
@@ -217,14 +203,14 @@ def doctor(as_json: JsonOpt = False) -> None:
     and say what is wrong. Exits 1 when a check fails; changes nothing."""
     from starter.doctor import run_checks
 
-    checks = asyncio.run(run_checks(settings()))
+    checks = asyncio.run(run_checks(ui.settings()))
 
     def render() -> None:
         for c in checks:
             mark = ("ok  ", "green") if c.ok else ("FAIL", "red")
-            console.print(Text.assemble(mark, f" {c.name:18} {c.detail}"), highlight=False)
+            ui.console.print(Text.assemble(mark, f" {c.name:18} {c.detail}"), highlight=False)
 
-    emit([c.as_dict() for c in checks], as_json, render)
+    ui.emit([c.as_dict() for c in checks], as_json, render)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 
@@ -236,7 +222,7 @@ def dev_up(
     """Start the embedded stack: Temporal dev server + Web UI, SeaweedFS S3, worker, demo."""
     from starter import stack
 
-    stack.up(settings(), demo=demo)
+    stack.up(ui.settings(), demo=demo)
 
 
 @dev_app.command("down")
@@ -244,7 +230,7 @@ def dev_down() -> None:
     """Stop everything ``csbs dev up`` started (state under var/ stays)."""
     from starter import stack
 
-    stack.down(settings())
+    stack.down(ui.settings())
 
 
 def main() -> None:
@@ -257,7 +243,7 @@ def main() -> None:
         setup_tracing("csbs-api" if sys.argv[1:3] == ["api", "serve"] else "csbs-cli")
         app()
     except TelemetryConfigError as exc:
-        say("error:", "red", str(exc))
+        ui.say("error:", "red", str(exc))
         code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

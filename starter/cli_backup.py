@@ -16,7 +16,7 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
 )
-from csbs.rules import backup_requests
+from csbs.rules import BackupQuery, backup_requests
 from csbs.units import format_size
 from starter.cli_common import (
     JsonOpt,
@@ -109,19 +109,10 @@ def backup_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List backups, newest first."""
+    options = dict(locals())  # the filters, by their names in BackupQuery
     f = facade(settings())
-    rows = guarded(
-        lambda: f.list_backups(
-            status.value if status else None,
-            server_id,
-            server_name,
-            server_type,
-            name,
-            id,
-            since,
-            until,
-        )
-    )
+    query = guarded(lambda: BackupQuery.model_validate(options))
+    rows = guarded(lambda: f.list_backups(query))
     emit(rows, as_json, lambda: _backup_table(rows))
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from csbs.config import Settings
-from csbs.drivers import ComputeDriver, make_driver
+from csbs.drivers import DevServers, make_dev_servers
 from csbs.errors import CsbsError
 from csbs.model import (
     Server,
@@ -82,8 +82,9 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def driver(s: Settings) -> ComputeDriver:
-    return make_driver(s)
+def dev_servers(s: Settings) -> DevServers:
+    """The driver's dev servers (``csbs dev``), or one line saying why there are none."""
+    return guarded(lambda: make_dev_servers(s))
 
 
 def facade(s: Settings) -> Facade:

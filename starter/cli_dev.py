@@ -18,7 +18,7 @@ from starter.cli_common import (
     _server_json,
     _server_table,
     console,
-    driver,
+    dev_servers,
     emit,
     fail,
     guarded,
@@ -40,7 +40,7 @@ def dev_server_create(
     """Create a server with the configured driver (running, disks empty and sparse)."""
     sizes = guarded(lambda: [parse_size(d, "disk") for d in disk])
     shared = guarded(lambda: [parse_size(d, "shared-disk") for d in shared_disk or []])
-    server = guarded(lambda: driver(settings()).create_server(name, sizes, shared))
+    server = guarded(lambda: dev_servers(settings()).create_server(name, sizes, shared))
     emit(_server_json(server), as_json, lambda: _server_table([server]))
 
 
@@ -67,7 +67,7 @@ def dev_server_write(
     else:
         n = guarded(lambda: parse_size(length or "0", "length"))
         data = guarded(lambda: make_pattern(pattern, n, seed))
-    guarded(lambda: driver(settings()).write(server_id, disk, off, data))
+    guarded(lambda: dev_servers(settings()).write(server_id, disk, off, data))
     emit(
         {"server_id": server_id, "disk_id": disk, "offset": off, "length": len(data)},
         as_json,
@@ -103,7 +103,7 @@ def dev_server_add_disk(
 ) -> None:
     """Attach a new empty data disk."""
     n = guarded(lambda: parse_size(size, "size"))
-    disk = guarded(lambda: driver(settings()).add_disk(server_id, n))
+    disk = guarded(lambda: dev_servers(settings()).add_disk(server_id, n))
     emit(disk.model_dump(mode="json"), as_json, lambda: console.print(f"added {disk.id}"))
 
 
@@ -116,7 +116,7 @@ def dev_server_resize_disk(
 ) -> None:
     """Grow a disk."""
     n = guarded(lambda: parse_size(size, "size"))
-    grown = guarded(lambda: driver(settings()).resize_disk(server_id, disk, n))
+    grown = guarded(lambda: dev_servers(settings()).resize_disk(server_id, disk, n))
     emit(grown.model_dump(mode="json"), as_json, lambda: console.print(f"resized {disk}"))
 
 
@@ -125,7 +125,7 @@ def dev_server_remove_disk(
     server_id: str, disk: Annotated[str, typer.Option(help="Disk id.")], as_json: JsonOpt = False
 ) -> None:
     """Detach and delete a data disk."""
-    guarded(lambda: driver(settings()).remove_disk(server_id, disk))
+    guarded(lambda: dev_servers(settings()).remove_disk(server_id, disk))
     emit(
         {"server_id": server_id, "removed": disk}, as_json, lambda: console.print(f"removed {disk}")
     )
@@ -134,12 +134,12 @@ def dev_server_remove_disk(
 @dev_server_app.command("checksum")
 def dev_server_checksum(server_id: str, as_json: JsonOpt = True) -> None:
     """sha256 of every disk of a server, as a JSON object {disk_id: hex}."""
-    sums = guarded(lambda: driver(settings()).checksum(server_id))
+    sums = guarded(lambda: dev_servers(settings()).checksum(server_id))
     emit(sums, True)
 
 
 @dev_server_app.command("set-state")
 def dev_server_set_state(server_id: str, state: ServerState, as_json: JsonOpt = False) -> None:
     """Force a server into a state (to try preconditions: fault, resizing, ...)."""
-    server = guarded(lambda: driver(settings()).set_state(server_id, state))
+    server = guarded(lambda: dev_servers(settings()).set_state(server_id, state))
     emit(_server_json(server), as_json, lambda: _server_table([server]))

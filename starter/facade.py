@@ -36,7 +36,7 @@ from csbs.model import (
 )
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
-from csbs.rules import backup_requests, deletable_tasks, parse_time
+from csbs.rules import BackupQuery, backup_requests, deletable_tasks
 from runtime.connection import connect
 from starter.client import CsbsClient
 
@@ -137,28 +137,14 @@ class Facade:
         return self.driver.list_servers()
 
     # -- backups ---------------------------------------------------------------------------
-    def list_backups(
-        self,
-        status: str | None = None,
-        server_id: str | None = None,
-        server_name: str | None = None,
-        server_type: str | None = None,
-        name: str | None = None,
-        id: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Backups, newest first, by every filter of ``backup list`` (B11); ``since`` and
-        ``until`` are ISO dates or times, UTC unless they say otherwise."""
+    def list_backups(self, query: BackupQuery | None = None) -> list[dict[str, Any]]:
+        """Backups, newest first, by every filter of ``backup list`` (B11)."""
+        q = query or BackupQuery()
         flt = BackupFilter(
-            status=status,
-            server_id=server_id,
-            server_name=server_name,
-            server_type=server_type,
-            name=name,
-            id=id,
-            since=parse_time(since, "since"),
-            until=parse_time(until, "until"),
+            **q.model_dump(exclude={"since", "until", "status"}),
+            status=q.status.value if q.status else None,
+            since=q.since_time(),
+            until=q.until_time(),
         )
         rows = self.catalog.list_backups(flt)
         return [backup_json(r, self.catalog.disk_backups(r.id)) for r in rows]

@@ -248,9 +248,9 @@ def up(settings: object, demo: bool = True) -> None:
         raise RuntimeError(f"the worker exited at start: see {log_dir / 'worker.log'}")
     print(f"worker    task queue {settings.queue}, logs in {log_dir}")
     if demo:
-        from csbs.drivers import make_driver
+        from csbs.drivers import make_dev_servers
 
-        drv = make_driver(settings)
+        drv = make_dev_servers(settings)
         server = next((s for s in drv.list_servers() if s.name == "demo"), None)
         if server is None:
             server = drv.create_server("demo", [256 * 1024 * 1024, 512 * 1024 * 1024])
@@ -289,10 +289,10 @@ def down(settings: object) -> None:
     var_dir = Path(getattr(settings, "var_dir", "var")).resolve()
     if getattr(settings, "compute_driver", "local") == "qemu":
         from csbs.config import Settings
-        from csbs.drivers import make_driver
+        from csbs.drivers import make_dev_servers
 
         assert isinstance(settings, Settings)
-        drv = make_driver(settings)
+        drv = make_dev_servers(settings)
         for server in drv.list_servers():
             if server.state.value == "running":
                 drv.stop(server.id)  # QEMU quits cleanly; its dirty bitmaps are kept

@@ -29,7 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
-from csbs.drivers.base import ComputeDriver
+from csbs.drivers.base import DevServers
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
 from csbs.errors import CsbsError, GarbageCollectionRunning
@@ -179,9 +179,11 @@ class Stack:
         return drv
 
     @property
-    def compute(self) -> ComputeDriver:
+    def compute(self) -> DevServers:
         """The driver, whichever it is (``driver`` is the local one's full API)."""
-        return self.service.driver
+        drv = self.service.driver
+        assert isinstance(drv, DevServers)
+        return drv
 
     @property
     def catalog(self) -> Catalog:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -29,9 +27,11 @@ from workflows.common import (
     SA_OPERATION,
     SA_POLICY_ID,
     SA_SERVER_ID,
+    DiskProgress,
     act,
     all_or_cancel,
     reason_of,
+    run_failure,
     step,
     tag,
     transfer,
@@ -39,22 +39,8 @@ from workflows.common import (
 
 
 @workflow.defn(name="BackupServer", failure_exception_types=[ValidationError])
-class BackupServer:
+class BackupServer(DiskProgress):
     """Validate, group-snapshot, upload every disk in parallel, commit; always release."""
-
-    def __init__(self) -> None:
-        self._progress: dict[str, Any] = {"step": "starting", "disks_done": 0, "disks_total": 0}
-
-    @workflow.query(name="progress")
-    def progress(self) -> dict[str, Any]:
-        """Where the backup is: step, backup id, disks done of total."""
-        return self._progress
-
-    def _at(self, step_name: str, **extra: Any) -> None:
-        self._progress.update(step=step_name, **extra)
-        done, total = self._progress["disks_done"], self._progress["disks_total"]
-        details = f"{step_name}; disks {done}/{total}" if total else step_name
-        workflow.set_current_details(details)
 
     @workflow.run
     async def run(self, inp: BackupServerInput) -> BackupView:
@@ -83,9 +69,7 @@ class BackupServer:
                 FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
                 cleanup=True,
             )
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+            raise run_failure(failed) from err
 
         committed = released = False
         # B12: an offline backup stops a running server for the snapshot only.
@@ -127,9 +111,7 @@ class BackupServer:
             )
             if isinstance(err, asyncio.CancelledError):
                 raise
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+            raise run_failure(failed) from err
         finally:
             if not released:
                 await self._release(inp.server_id, backup_id, committed)
@@ -142,14 +124,7 @@ class BackupServer:
         )
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
-        stats = await step(
-            f"upload of disk {disk_id}",
-            transfer(
-                A.backup_disk,
-                OfDisk(backup_id=backup_id, disk_id=disk_id),
-                summary=f"disk {disk_id}",
-            ),
+        upload = transfer(
+            A.backup_disk, OfDisk(backup_id=backup_id, disk_id=disk_id), summary=f"disk {disk_id}"
         )
-        self._progress["disks_done"] += 1
-        self._at("uploading")
-        return stats
+        return await self._disk_step(f"upload of disk {disk_id}", upload, then="uploading")

@@ -78,18 +78,16 @@ def act(step: Callable[..., Any], arg: Any = None, *, cleanup: bool = False) -> 
     )
 
 
+def _queued(step: Callable[..., Any], *args: Any, **options: Any) -> Awaitable[Any]:
+    """A step as a normal activity: any worker of the queue runs it."""
+    return cast(Awaitable[Any], workflow.execute_activity_method(cast(Any, step), *args, **options))
+
+
 def remote(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]:
     """Run a bookkeeping step as a normal activity (any worker of the queue): for steps
     that may wait on other work, such as a delete's catalog transaction."""
-    return cast(
-        Awaitable[T],
-        workflow.execute_activity_method(
-            cast(Any, step),
-            arg,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=CLEANUP_RETRY if cleanup else RETRY,
-        ),
-    )
+    retry = CLEANUP_RETRY if cleanup else RETRY
+    return _queued(step, arg, start_to_close_timeout=STEP_TIMEOUT, retry_policy=retry)
 
 
 def transfer(
@@ -103,17 +101,14 @@ def transfer(
     chunk) as a normal activity: any worker of the queue, heartbeats (a silent one is
     retried, resuming from its checkpoint), and cancellation that waits for the activity's
     clean-up."""
-    return cast(
-        Awaitable[T],
-        workflow.execute_activity_method(
-            cast(Any, step),
-            arg,
-            start_to_close_timeout=timeout,
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
-            retry_policy=RETRY,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=summary,
-        ),
+    return _queued(
+        step,
+        arg,
+        start_to_close_timeout=timeout,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=summary,
     )
 
 
@@ -124,15 +119,12 @@ SWEEP_TIMEOUT = timedelta(hours=6)
 
 def sweep() -> Awaitable[SweepResult]:
     """Run one garbage-collection sweep (``collect_garbage``) of the worker's project."""
-    return cast(
-        Awaitable[SweepResult],
-        workflow.execute_activity_method(
-            CsbsActivities.collect_garbage,
-            start_to_close_timeout=SWEEP_TIMEOUT,
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
-            retry_policy=RETRY,
-            summary="sweep unreferenced chunks",
-        ),
+    return _queued(
+        CsbsActivities.collect_garbage,
+        start_to_close_timeout=SWEEP_TIMEOUT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
+        summary="sweep unreferenced chunks",
     )
 
 
@@ -176,6 +168,45 @@ async def step(name: str, awaitable: Awaitable[T]) -> T:
         if isinstance(err, ActivityError) and isinstance(err.cause, CancelledError):
             raise asyncio.CancelledError(f"{name}: cancelled") from err
         raise reason_of(name, err) from err
+
+
+def run_failure(failed: StepFailed) -> ApplicationError:
+    """The run's own failure: the step's reason, typed, never retried."""
+    return ApplicationError(failed.reason, type=failed.error_type, non_retryable=True)
+
+
+async def validated(awaitable: Awaitable[T], what: str = "validate") -> T:
+    """Await the step that validates a request: its failure fails the run at once, with
+    the reason (``validate: server s1 is stopped``); nothing was started to clean up."""
+    try:
+        return await awaitable
+    except Exception as err:
+        raise run_failure(reason_of(what, err)) from err
+
+
+class DiskProgress:
+    """The progress of a run that works disk by disk (``progress`` query and the run's
+    current details): its step, and disks done of total."""
+
+    def __init__(self) -> None:
+        self._progress: dict[str, Any] = {"step": "starting", "disks_done": 0, "disks_total": 0}
+
+    @workflow.query(name="progress")
+    def progress(self) -> dict[str, Any]:
+        """Where the run is: its step, backup and task ids, disks done of total."""
+        return self._progress
+
+    def _at(self, step_name: str, **extra: Any) -> None:
+        self._progress.update(step=step_name, **extra)
+        done, total = self._progress["disks_done"], self._progress["disks_total"]
+        workflow.set_current_details(f"{step_name}; disks {done}/{total}" if total else step_name)
+
+    async def _disk_step(self, name: str, awaitable: Awaitable[T], then: str) -> T:
+        """Await one disk's step (named ``name`` in a failure), then count it done."""
+        result = await step(name, awaitable)
+        self._progress["disks_done"] += 1
+        self._at(then)
+        return result
 
 
 async def all_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:

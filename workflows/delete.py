@@ -16,7 +16,15 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import CollectGarbageInput, DeleteBackupsInput, new_id
     from csbs.steps import FailTask, OfTask, PrepareDelete
 
-from workflows.common import SA_BACKUP_ID, SA_OPERATION, reason_of, remote, sweep, tag
+from workflows.common import (
+    SA_BACKUP_ID,
+    SA_OPERATION,
+    reason_of,
+    remote,
+    sweep,
+    tag,
+    validated,
+)
 from workflows.gc import CollectGarbage
 
 
@@ -35,13 +43,8 @@ class DeleteBackups:
     async def run(self, inp: DeleteBackupsInput) -> dict[str, Any]:
         task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_ids[0]), SA_OPERATION.value_set("delete"))
-        try:
-            plan = await remote(A.prepare_delete, PrepareDelete(request=inp, task_id=task_id))
-        except Exception as err:
-            failed = reason_of("validate", err)
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+        prepare = remote(A.prepare_delete, PrepareDelete(request=inp, task_id=task_id))
+        plan = await validated(prepare)
         for backup_id, backup_task in plan.targets:
             self._progress["step"] = f"deleting {backup_id}"
             workflow.set_current_details(self._progress["step"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import CollectGarbageInput
     from csbs.steps import SweepResult
 
-from workflows.common import SA_OPERATION, act, reason_of, sweep, tag
+from workflows.common import SA_OPERATION, act, reason_of, run_failure, sweep, tag
 
 #: A sweep that meets these waits and tries again (backups run, another sweep holds the
 #: lease); anything else fails the run with its reason.
@@ -42,9 +42,7 @@ class CollectGarbage:
             except ActivityError as err:
                 failed = reason_of("sweep", err)
                 if failed.error_type not in WAIT_TYPES or waited >= inp.max_wait_seconds:
-                    raise ApplicationError(
-                        failed.reason, type=failed.error_type, non_retryable=True
-                    ) from err
+                    raise run_failure(failed) from err
                 workflow.set_current_details(
                     f"waiting {inp.retry_seconds} s ({failed.reason}); waited {waited} s"
                 )

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -16,7 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from csbs.steps import PlanPolicyRun, PolicySkips
 
 from workflows.backup import BackupServer
-from workflows.common import SA_OPERATION, SA_POLICY_ID, reason_of, remote, tag
+from workflows.common import SA_OPERATION, SA_POLICY_ID, reason_of, remote, tag, validated
 from workflows.retention import apply_retention
 
 
@@ -35,15 +35,10 @@ class RunPolicy:
     @workflow.run
     async def run(self, inp: RunPolicyInput) -> dict[str, Any]:
         tag(SA_POLICY_ID.value_set(inp.policy_id), SA_OPERATION.value_set("policy"))
-        try:
-            plan = await remote(
-                A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)
-            )
-        except Exception as err:
-            failed = reason_of("policy run", err)
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+        plan = await validated(
+            remote(A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)),
+            "policy run",
+        )
         if plan.skipped:
             skips = PolicySkips(
                 policy_id=inp.policy_id, skipped=plan.skipped, run_id=workflow.info().workflow_id

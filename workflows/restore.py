@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -23,18 +22,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from csbs.steps import CheckRestore, FinishRestore, OfServer, PrepareRestore, RestoreDisk
 
-from workflows.common import (
-    SA_BACKUP_ID,
-    SA_OPERATION,
-    SA_SERVER_ID,
-    StepFailed,
-    act,
-    all_or_cancel,
-    reason_of,
-    step,
-    tag,
-    transfer,
-)
+from workflows import common as wf
 from workflows.verify import verify_disk
 
 #: Listing the store to check every chunk of a large backup is there.
@@ -42,34 +30,18 @@ CHECK_TIMEOUT = timedelta(minutes=30)
 
 
 @workflow.defn(name="RestoreServer", failure_exception_types=[ValidationError])
-class RestoreServer:
+class RestoreServer(wf.DiskProgress):
     """Validate; stop the server; restore each disk in parallel; start it unless told not to."""
-
-    def __init__(self) -> None:
-        self._progress: dict[str, Any] = {"step": "starting", "disks_done": 0, "disks_total": 0}
-
-    @workflow.query(name="progress")
-    def progress(self) -> dict[str, Any]:
-        return self._progress
-
-    def _at(self, step_name: str) -> None:
-        self._progress["step"] = step_name
-        done, total = self._progress["disks_done"], self._progress["disks_total"]
-        workflow.set_current_details(f"{step_name}; disks {done}/{total}" if total else step_name)
 
     @workflow.run
     async def run(self, inp: RestoreServerInput) -> dict[str, Any]:
         task_id = new_id("task", workflow.uuid4())
-        tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("restore"))
+        wf.tag(wf.SA_BACKUP_ID.value_set(inp.backup_id), wf.SA_OPERATION.value_set("restore"))
         self._at("validating")
-        try:
-            plan = await act(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
-        except Exception as err:
-            failed = reason_of("validate", err)
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
-        tag(SA_SERVER_ID.value_set(plan.server_id))
+        plan = await wf.validated(
+            wf.act(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
+        )
+        wf.tag(wf.SA_SERVER_ID.value_set(plan.server_id))
         self._progress.update(
             backup_id=plan.backup_id,
             task_id=task_id,
@@ -82,9 +54,9 @@ class RestoreServer:
             check = CheckRestore(
                 backup_id=plan.backup_id, disk_ids=[i.source_disk_id for i in plan.items]
             )
-            await step(
+            await wf.step(
                 "check backup",
-                transfer(
+                wf.transfer(
                     A.check_restore,
                     check,
                     summary="check every chunk is in the object store",
@@ -94,13 +66,15 @@ class RestoreServer:
             if inp.verify:
                 await self._verify_first(plan)
             self._at("stopping server")
-            await step("stop server", act(A.stop_server, OfServer(server_id=plan.server_id)))
+            await wf.step("stop server", wf.act(A.stop_server, OfServer(server_id=plan.server_id)))
             stopped = True
             self._at("restoring")
-            await all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
+            await wf.all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
             if inp.power_on:
                 self._at("starting server")
-                await step("start server", act(A.start_server, OfServer(server_id=plan.server_id)))
+                await wf.step(
+                    "start server", wf.act(A.start_server, OfServer(server_id=plan.server_id))
+                )
             await self._finish(plan, ok=True)
             self._at("done")
             return {
@@ -112,7 +86,7 @@ class RestoreServer:
                 "warnings": plan.warnings,
             }
         except BaseException as err:
-            failed = reason_of("restore", err)
+            failed = wf.reason_of("restore", err)
             reason = failed.reason
             if stopped:
                 reason += "; the server was left stopped"
@@ -120,35 +94,31 @@ class RestoreServer:
             await self._finish(plan, ok=False, reason=reason)
             if isinstance(err, asyncio.CancelledError):
                 raise
-            raise ApplicationError(reason, type=failed.error_type, non_retryable=True) from err
+            raise wf.run_failure(wf.StepFailed(reason, failed.error_type)) from err
 
     async def _finish(self, plan: RestorePlan, ok: bool, reason: str | None = None) -> None:
         finish = FinishRestore(backup_id=plan.backup_id, task_id=plan.task_id, ok=ok, reason=reason)
-        await act(A.finish_restore, finish, cleanup=True)
+        await wf.act(A.finish_restore, finish, cleanup=True)
 
     async def _verify_first(self, plan: RestorePlan) -> None:
         """Read and check every chunk to restore; any problem fails the restore before the
         server is stopped or a disk written."""
         self._at("verifying")
-        results = await all_or_cancel(
+        results = await wf.all_or_cancel(
             [verify_disk(plan.backup_id, item.source_disk_id) for item in plan.items]
         )
         problems = [p for r in results for p in r.problems]
         if problems:
-            raise StepFailed(
+            raise wf.StepFailed(
                 f"verify before restore found {describe(problems)}; no disk was touched",
                 "CorruptData",
             )
 
     async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
-        stats = await step(
-            f"restore of disk {item.source_disk_id} onto {item.target_disk_id}",
-            transfer(
-                A.restore_disk,
-                RestoreDisk(backup_id=backup_id, item=item),
-                summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
-            ),
+        write = wf.transfer(
+            A.restore_disk,
+            RestoreDisk(backup_id=backup_id, item=item),
+            summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
         )
-        self._progress["disks_done"] += 1
-        self._at("restoring")
-        return stats
+        name = f"restore of disk {item.source_disk_id} onto {item.target_disk_id}"
+        return await self._disk_step(name, write, then="restoring")

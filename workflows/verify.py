@@ -23,8 +23,10 @@ from workflows.common import (
     act,
     all_or_cancel,
     reason_of,
+    run_failure,
     tag,
     transfer,
+    validated,
 )
 
 
@@ -46,13 +48,9 @@ class VerifyBackup:
         task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("verify"))
         workflow.set_current_details("validating")
-        try:
-            plan = await act(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
-        except Exception as err:
-            failed = reason_of("validate", err)
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+        plan = await validated(
+            act(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
+        )
         tag(SA_SERVER_ID.value_set(plan.server_id))
         workflow.set_current_details(f"verifying {len(plan.disk_ids)} disk(s)")
         try:
@@ -65,9 +63,7 @@ class VerifyBackup:
             await act(A.finish_verify, stopped, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
-            raise ApplicationError(
-                failed.reason, type=failed.error_type, non_retryable=True
-            ) from err
+            raise run_failure(failed) from err
         summary = await act(
             A.finish_verify, FinishVerify(backup_id=inp.backup_id, task_id=task_id, results=results)
         )

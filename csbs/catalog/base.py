@@ -1,8 +1,10 @@
 """The catalog's engine and sessions: SQLite (WAL, waits on locks) or PostgreSQL, the
-schema brought to the newest revision on open, one transaction per call."""
+schema brought to the newest revision on open, one transaction per call, or one for a
+whole step (``unit_of_work``)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,13 +49,35 @@ class CatalogBase:
         self.url = url
         self.project = project
         self.engine = make_engine(url)
+        self._unit = threading.local()
         upgrade_catalog(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """A transaction that commits when the block ends, or the transaction of the unit
+        of work this thread is in (which commits when the unit ends)."""
+        current: Session | None = getattr(self._unit, "session", None)
+        if current is not None:
+            yield current
+            return
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
             session.commit()
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """Every catalog call this thread makes inside the block is one transaction: it
+        commits when the block ends, or changes nothing if the block raises. For steps that
+        write several rows (a backup committed, its task finished, its server freed)."""
+        if getattr(self._unit, "session", None) is not None:
+            yield  # already in one: the outer unit commits
+            return
+        with self.session() as session:
+            self._unit.session = session
+            try:
+                yield
+            finally:
+                self._unit.session = None
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -6,17 +6,23 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from csbs.catalog.rows import BackupRow, DiskBackupRow, TaskRow
 from csbs.model import BackupKind, BackupStatus, DiskRole, TaskKind, TaskStatus, VerifyStatus
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+class View(BaseModel):
+    """A view of catalog rows: times as ISO strings (as ``--json`` has always printed
+    them), enums by value, unknown fields of the rows left out."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _times(cls, value: Any) -> Any:
+        return value.isoformat() if isinstance(value, datetime) else value
 
 
-class DiskBackupView(BaseModel):
+class DiskBackupView(View):
     """One disk of a backup: its size, what was read and what was stored."""
 
     disk_id: str
@@ -34,25 +40,11 @@ class DiskBackupView(BaseModel):
     read_note: str
 
     @classmethod
-    def of(cls, d: DiskBackupRow) -> DiskBackupView:
-        return cls(
-            disk_id=d.disk_id,
-            name=d.disk_name,
-            role=DiskRole(d.role),
-            size_bytes=d.size_bytes,
-            data_bytes=d.data_bytes,
-            stored_bytes=d.stored_bytes,
-            chunks_total=d.chunks_total,
-            chunks_uploaded=d.chunks_uploaded,
-            chunks_reused=d.chunks_reused,
-            chunks_zero=d.chunks_zero,
-            bytes_read=d.bytes_read,
-            read_mode=d.read_mode,
-            read_note=d.read_note,
-        )
+    def of(cls, row: DiskBackupRow) -> DiskBackupView:
+        return cls.model_validate({**row.model_dump(), "name": row.disk_name})
 
 
-class TaskView(BaseModel):
+class TaskView(View):
     """One task: a backup, restore, verify or delete, with its status and reason."""
 
     id: str
@@ -72,25 +64,10 @@ class TaskView(BaseModel):
 
     @classmethod
     def of(cls, row: TaskRow) -> TaskView:
-        return cls(
-            id=row.id,
-            kind=TaskKind(row.kind),
-            status=TaskStatus(row.status),
-            backup_id=row.backup_id,
-            backup_name=row.backup_name,
-            server_id=row.server_id,
-            server_name=row.server_name,
-            started_at=_iso(row.started_at),
-            finished_at=_iso(row.finished_at),
-            progress=row.progress,
-            reason=row.reason,
-            detail=row.detail,
-            workflow_id=row.workflow_id,
-            project=row.project,
-        )
+        return cls.model_validate(row.model_dump())
 
 
-class BackupView(BaseModel):
+class BackupView(View):
     """A backup (the contract's fields first, then extras) with its disks."""
 
     id: str
@@ -119,30 +96,12 @@ class BackupView(BaseModel):
 
     @classmethod
     def of(cls, row: BackupRow, disks: list[DiskBackupRow]) -> BackupView:
-        return cls(
-            id=row.id,
-            name=row.name,
-            description=row.description,
-            server_id=row.server_id,
-            server_name=row.server_name,
-            server_type=row.server_type,
-            status=BackupStatus(row.status),
-            kind=BackupKind(row.kind),
-            policy_id=row.policy_id,
-            parent_id=row.parent_id,
-            created_at=_iso(row.created_at),
-            finished_at=_iso(row.finished_at),
-            progress=row.progress,
-            size_bytes=row.size_bytes,
-            stored_bytes=row.stored_bytes,
-            disks=[DiskBackupView.of(d) for d in disks],
-            snapshot_at=_iso(row.snapshot_at),
-            data_bytes=row.data_bytes,
-            error=row.error,
-            project=row.project,
-            verified_at=_iso(row.verified_at),
-            verify_status=VerifyStatus(row.verify_status) if row.verify_status else None,
-            verify_error=row.verify_error,
+        return cls.model_validate(
+            {
+                **row.model_dump(),
+                "disks": [DiskBackupView.of(d) for d in disks],
+                "verify_status": row.verify_status or None,
+            }
         )
 
     def json_dict(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from csbs.config import Settings
-from csbs.drivers.base import ComputeDriver, DiskWriter, SnapshotDisk, SnapshotReader
+from csbs.drivers.base import ComputeDriver, DevServers, DiskWriter, SnapshotDisk, SnapshotReader
+from csbs.errors import InvalidInput
 
 
 def make_driver(settings: Settings) -> ComputeDriver:
@@ -24,4 +25,24 @@ def make_driver(settings: Settings) -> ComputeDriver:
     raise ValueError(f"compute_driver {settings.compute_driver!r} is not known")
 
 
-__all__ = ["ComputeDriver", "DiskWriter", "SnapshotDisk", "SnapshotReader", "make_driver"]
+def make_dev_servers(settings: Settings) -> DevServers:
+    """The driver, for making servers and playing their guest (``csbs dev``, tests and
+    benchmarks); a production driver refuses with the reason."""
+    driver = make_driver(settings)
+    if not isinstance(driver, DevServers):
+        raise InvalidInput(
+            f"compute_driver {settings.compute_driver!r} backs up existing servers only: "
+            f"csbs dev makes servers with the local or qemu driver"
+        )
+    return driver
+
+
+__all__ = [
+    "ComputeDriver",
+    "DevServers",
+    "DiskWriter",
+    "SnapshotDisk",
+    "SnapshotReader",
+    "make_dev_servers",
+    "make_driver",
+]

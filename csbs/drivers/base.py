@@ -1,8 +1,10 @@
-"""The compute driver contract: servers, power, guest writes, group snapshots, disk writes."""
+"""The compute driver contracts: ``ComputeDriver`` (what production needs: servers, power,
+group snapshots, restored data) and ``DevServers`` (servers csbs makes and plays the guest
+of, for ``csbs dev`` and the tests)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -71,8 +73,11 @@ class DiskWriter(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
 class ComputeDriver(Protocol):
-    """What csbs needs from a hypervisor. ``local`` implements it without one."""
+    """What csbs needs from a hypervisor in production: find servers and their disks, take
+    a group snapshot and read it (allocated or changed ranges), stop and start a server,
+    write restored data. A production driver never fakes a guest: see ``DevServers``."""
 
     name: str
 
@@ -80,21 +85,9 @@ class ComputeDriver(Protocol):
 
     def get_server(self, server_id: str) -> Server: ...
 
-    def create_server(
-        self, name: str, disk_sizes: list[int], shared_disk_sizes: list[int] | None = None
-    ) -> Server: ...
-
-    def set_state(self, server_id: str, state: ServerState) -> Server: ...
-
     def stop(self, server_id: str) -> Server: ...
 
     def start(self, server_id: str) -> Server: ...
-
-    def write(self, server_id: str, disk_id: str, offset: int, data: bytes) -> None:
-        """A guest write (the server must be running)."""
-
-    def checksum(self, server_id: str) -> dict[str, str]:
-        """sha256 hex of every disk's whole content."""
 
     def group_snapshot(self, server_id: str, snapshot_id: str) -> Snapshot:
         """Snapshot every disk at one instant and start a new changed-block checkpoint
@@ -109,12 +102,34 @@ class ComputeDriver(Protocol):
     def snapshots(self, server_id: str) -> list[str]:
         """Ids of the snapshots the server holds now (diagnostics, reconciliation)."""
 
+    def recreate_disk(self, server_id: str, like: Disk, size_bytes: int) -> Disk:
+        """Re-create a disk that was removed since the backup (R5): same id, name and role,
+        empty, ``size_bytes`` long; restore then writes it."""
+
+    def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
+        """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""
+
+
+@runtime_checkable
+class DevServers(ComputeDriver, Protocol):
+    """Servers that csbs itself makes and plays the guest of, for ``csbs dev`` and the
+    tests: ``local`` (sparse files) and ``qemu`` (guest-less QEMU processes)."""
+
+    def create_server(
+        self, name: str, disk_sizes: list[int], shared_disk_sizes: list[int] | None = None
+    ) -> Server: ...
+
+    def set_state(self, server_id: str, state: ServerState) -> Server: ...
+
+    def write(self, server_id: str, disk_id: str, offset: int, data: bytes) -> None:
+        """A guest write (the server must be running)."""
+
+    def checksum(self, server_id: str) -> dict[str, str]:
+        """sha256 hex of every disk's whole content."""
+
     def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
-        """Attach a new data disk, or re-create ``like`` (restore of a removed disk)."""
+        """Attach a new empty data disk."""
 
     def resize_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk: ...
 
     def remove_disk(self, server_id: str, disk_id: str) -> None: ...
-
-    def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
-        """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""

@@ -277,6 +277,10 @@ class LocalDriver(DirectoryDriver):
             shutil.rmtree(snap)
 
     # -- disk changes (R5) ---------------------------------------------------------------
+    def recreate_disk(self, server_id: str, like: Disk, size_bytes: int) -> Disk:
+        """Re-create a removed disk (R5) for a restore to write."""
+        return self.add_disk(server_id, size_bytes, like)
+
     def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
         """Attach a new empty data disk, or re-create ``like`` (same id, name and role)."""
         with self._lock(server_id, exclusive=True):

@@ -52,22 +52,9 @@ class Services:
         self.restore = RestoreService(self.ctx)
         self.verify = VerifyService(self.ctx)
         self.delete = DeleteService(self.ctx)
-
-    @property
-    def settings(self) -> Settings:
-        return self.ctx.settings
-
-    @property
-    def catalog(self) -> Catalog:
-        return self.ctx.catalog
-
-    @property
-    def store(self) -> ChunkStore:
-        return self.ctx.store
-
-    @property
-    def driver(self) -> ComputeDriver:
-        return self.ctx.driver
+        #: What every service shares (read-only here: build a new ``Services`` to change).
+        self.settings, self.catalog = self.ctx.settings, self.ctx.catalog
+        self.store, self.driver = self.ctx.store, self.ctx.driver
 
     @property
     def closed_run(self) -> Callable[[str, str | None], str | None] | None:

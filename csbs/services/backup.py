@@ -319,6 +319,11 @@ class BackupService(Service):
         )
         self.store.put_descriptor(descriptor)
         self.store.delete_staging(backup_id)
+        with self.catalog.unit_of_work():
+            row = self._commit_rows(backup_id, task_id, disks)
+        return BackupView.of(row, disks)
+
+    def _commit_rows(self, backup_id: str, task_id: str, disks: list[DiskBackupRow]) -> BackupRow:
         row = self.catalog.update_backup(
             backup_id,
             status=BackupStatus.AVAILABLE.value,
@@ -331,11 +336,15 @@ class BackupService(Service):
         )
         self.catalog.finish_task(task_id, ok=True)
         self.catalog.release_server(row.server_id, backup_id)
-        return BackupView.of(row, disks)
+        return row
 
     def fail_backup(self, backup_id: str, task_id: str, reason: str, run_id: str = "") -> None:
         """Leave the backup in ``error`` and its task failed with ``reason``; a backup of
         another run (an id it was refused) is not touched."""
+        with self.catalog.unit_of_work():
+            self._fail_rows(backup_id, task_id, reason, run_id)
+
+    def _fail_rows(self, backup_id: str, task_id: str, reason: str, run_id: str) -> None:
         backup = self.catalog.find_backup(backup_id)
         if backup is not None and run_id and backup.run_id and backup.run_id != run_id:
             backup = None

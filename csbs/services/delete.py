@@ -59,15 +59,17 @@ class DeleteService(Service):
     def delete_backup(self, backup_id: str, task_id: str) -> None:
         """Remove a backup's manifests, descriptor and catalog rows (chunks are left to GC)."""
         self.store.delete_backup_objects(backup_id)
-        self.catalog.delete_backup(backup_id)
-        self.catalog.finish_task(task_id, ok=True)
+        with self.catalog.unit_of_work():
+            self.catalog.delete_backup(backup_id)
+            self.catalog.finish_task(task_id, ok=True)
 
     def fail_delete(self, backup_id: str, task_id: str, reason: str) -> None:
-        if self.catalog.find_backup(backup_id) is not None:
-            self.catalog.update_backup(
-                backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
-            )
-        self.catalog.finish_task(task_id, ok=False, reason=reason)
+        with self.catalog.unit_of_work():
+            if self.catalog.find_backup(backup_id) is not None:
+                self.catalog.update_backup(
+                    backup_id, status=BackupStatus.DELETE_FAILED.value, error=reason
+                )
+            self.catalog.finish_task(task_id, ok=False, reason=reason)
 
     def collect_garbage(
         self, heartbeat: Heartbeat | None = None, owner: str | None = None

@@ -129,7 +129,7 @@ class RestoreService(Service):
             like = Disk(
                 id=item.target_disk_id, name=item.name, size_bytes=item.size_bytes, role=item.role
             )
-            self.driver.add_disk(server.id, item.size_bytes, like)
+            self.driver.recreate_disk(server.id, like, item.size_bytes)
             server = self.driver.get_server(backup.server_id)
         target = server.disk(item.target_disk_id)
         # Restoring onto the original disk returns it to its size at backup time (R5);
@@ -166,6 +166,7 @@ class RestoreService(Service):
     def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
         """The backup is ``available`` again, the server's lock free; the task records the
         outcome."""
-        task = self.catalog.get_task(task_id)
-        self.catalog.end_restore(task.server_id or "", backup_id, task_id)
-        self.catalog.finish_task(task_id, ok=ok, reason=reason)
+        with self.catalog.unit_of_work():
+            task = self.catalog.get_task(task_id)
+            self.catalog.end_restore(task.server_id or "", backup_id, task_id)
+            self.catalog.finish_task(task_id, ok=ok, reason=reason)

@@ -86,15 +86,16 @@ class VerifyService(Service):
                 )
         ok = error is None and not problems
         reason = None if ok else (error or f"verify found {verify.describe(problems)}")
-        self._suspect(backup_id, problems)
-        if error is None:
-            self.catalog.update_backup(
-                backup_id,
-                verified_at=utcnow(),
-                verify_status=(VerifyStatus.OK if ok else VerifyStatus.FAILED).value,
-                verify_error=reason,
-            )
-        self.catalog.finish_task(task_id, ok=ok, reason=reason)
+        with self.catalog.unit_of_work():
+            self._suspect(backup_id, problems)
+            if error is None:
+                self.catalog.update_backup(
+                    backup_id,
+                    verified_at=utcnow(),
+                    verify_status=(VerifyStatus.OK if ok else VerifyStatus.FAILED).value,
+                    verify_error=reason,
+                )
+            self.catalog.finish_task(task_id, ok=ok, reason=reason)
         return VerifySummary(
             backup_id=backup_id,
             ok=ok,

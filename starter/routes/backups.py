@@ -6,46 +6,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from csbs.model import BackupStatus, RestoreServerInput
+from csbs.model import RestoreServerInput
+from csbs.rules import BackupQuery
 from starter.api_models import (
-    ISO_TIME,
     BackupCreate,
     BackupDetail,
     BackupOut,
     DeleteRequest,
     Id,
     RestoreRequest,
-    Started,
     _responses,
 )
-from starter.routes.common import FacadeDep, body_references
+from starter.routes.common import STARTS, FacadeDep, body_references
 
 router = APIRouter(tags=["backups"])
 
 
 @router.get("/v1/backups", response_model=list[BackupOut], responses=_responses(422))
-def list_backups(
-    facade: FacadeDep,
-    status: BackupStatus | None = None,
-    server_id: str | None = None,
-    server_name: str | None = None,
-    server_type: str | None = None,
-    name: str | None = None,
-    id: str | None = None,
-    since: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO time")] = None,
-    until: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO time")] = None,
-) -> list[dict[str, Any]]:
+def list_backups(facade: FacadeDep, query: Annotated[BackupQuery, Query()]) -> list[dict[str, Any]]:
     """Backups, newest first, with every filter of ``csbs backup list``."""
-    return facade.list_backups(
-        status.value if status else None,
-        server_id,
-        server_name,
-        server_type,
-        name,
-        id,
-        since,
-        until,
-    )
+    return facade.list_backups(query)
 
 
 @router.post(
@@ -74,35 +54,20 @@ async def _delete(facade: FacadeDep, backup_ids: list[str]) -> dict[str, Any]:
     return {"workflow_id": handle.id, "status": "deleting"}
 
 
-@router.delete(
-    "/v1/backups/{backup_id}",
-    status_code=202,
-    response_model=Started,
-    responses=_responses(404, 409, 422, 503),
-)
+@router.delete("/v1/backups/{backup_id}", **STARTS)
 async def delete_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """Delete a backup (available, error or delete_failed); chunks go to GC."""
     return await _delete(facade, [backup_id])
 
 
-@router.post(
-    "/v1/backups:delete",
-    status_code=202,
-    response_model=Started,
-    responses=_responses(404, 409, 422, 503),
-)
+@router.post("/v1/backups:delete", **STARTS)
 async def delete_backups(body: DeleteRequest, facade: FacadeDep) -> dict[str, Any]:
     """Delete several backups in one workflow."""
     with body_references():
         return await _delete(facade, body.backup_ids)
 
 
-@router.post(
-    "/v1/backups/{backup_id}/restore",
-    status_code=202,
-    response_model=Started,
-    responses=_responses(404, 409, 422, 503),
-)
+@router.post("/v1/backups/{backup_id}/restore", **STARTS)
 async def restore_backup(backup_id: Id, body: RestoreRequest, facade: FacadeDep) -> dict[str, Any]:
     """Restore the server's disks from this backup (overwrites them; stops the server).
     Follow the task (``GET /v1/tasks/{task_id}``) for its outcome."""
@@ -113,12 +78,7 @@ async def restore_backup(backup_id: Id, body: RestoreRequest, facade: FacadeDep)
     return {"workflow_id": handle.id, "task_id": task_id, "status": "restoring"}
 
 
-@router.post(
-    "/v1/backups/{backup_id}/verify",
-    status_code=202,
-    response_model=Started,
-    responses=_responses(404, 409, 422, 503),
-)
+@router.post("/v1/backups/{backup_id}/verify", **STARTS)
 async def verify_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """Read every chunk of the backup and check its digest. The task (and the backup's
     ``verify_status`` and ``verify_error``) say what was found."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from csbs.errors import InvalidInput, NotFound
+from starter.api_models import PolicyOut, Started, _responses
 from starter.facade import Facade, StartFailed
 
 
@@ -33,3 +34,14 @@ def body_references() -> Iterator[None]:
         if exc.cause_type == "NotFound":
             raise InvalidInput(str(exc)) from exc
         raise
+
+
+#: A request that starts a workflow: 202 with its id (and task), or why it could not start.
+STARTS: dict[str, Any] = {
+    "status_code": 202,
+    "response_model": Started,
+    "responses": _responses(404, 409, 422, 503),
+}
+
+#: A request that answers with one policy.
+ONE_POLICY: dict[str, Any] = {"response_model": PolicyOut, "responses": _responses(404, 422, 503)}

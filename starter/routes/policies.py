@@ -15,10 +15,9 @@ from starter.api_models import (
     PolicyOut,
     PolicyPatch,
     ServerIds,
-    Started,
     _responses,
 )
-from starter.routes.common import FacadeDep, body_references
+from starter.routes.common import ONE_POLICY, STARTS, FacadeDep, body_references
 
 router = APIRouter(tags=["policies"])
 
@@ -40,17 +39,13 @@ async def create_policy(body: PolicyCreate, facade: FacadeDep) -> dict[str, Any]
     return await facade.create_policy(PolicySpec.model_validate(body.model_dump()))
 
 
-@router.get(
-    "/v1/policies/{policy_id}", response_model=PolicyOut, responses=_responses(404, 422, 503)
-)
+@router.get("/v1/policies/{policy_id}", **ONE_POLICY)
 async def get_policy(policy_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """A policy with its servers and next run times."""
     return await facade.policy_view(policy_id, next_runs=True)
 
 
-@router.patch(
-    "/v1/policies/{policy_id}", response_model=PolicyOut, responses=_responses(404, 422, 503)
-)
+@router.patch("/v1/policies/{policy_id}", **ONE_POLICY)
 async def update_policy(policy_id: Id, body: PolicyPatch, facade: FacadeDep) -> dict[str, Any]:
     """Change a policy; its schedule is rewritten (P7)."""
     return await facade.update_policy(policy_id, body.model_dump(exclude_unset=True))
@@ -65,32 +60,19 @@ async def delete_policy(policy_id: Id, facade: FacadeDep) -> dict[str, Any]:
     return {"deleted": [policy_id]}
 
 
-@router.post(
-    "/v1/policies/{policy_id}/enable",
-    response_model=PolicyOut,
-    responses=_responses(404, 422, 503),
-)
+@router.post("/v1/policies/{policy_id}/enable", **ONE_POLICY)
 async def enable_policy(policy_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """Enable a policy (its schedule is unpaused)."""
     return await facade.set_policy_enabled(policy_id, True)
 
 
-@router.post(
-    "/v1/policies/{policy_id}/disable",
-    response_model=PolicyOut,
-    responses=_responses(404, 422, 503),
-)
+@router.post("/v1/policies/{policy_id}/disable", **ONE_POLICY)
 async def disable_policy(policy_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """Disable a policy: no future runs; runs in progress finish (P7)."""
     return await facade.set_policy_enabled(policy_id, False)
 
 
-@router.post(
-    "/v1/policies/{policy_id}/run",
-    status_code=202,
-    response_model=Started,
-    responses=_responses(404, 409, 422, 503),
-)
+@router.post("/v1/policies/{policy_id}/run", **STARTS)
 async def run_policy(policy_id: Id, facade: FacadeDep) -> dict[str, Any]:
     """Run a policy now: back up every bound server (P8)."""
     handle = await facade.run_policy(policy_id)

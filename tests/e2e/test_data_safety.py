@@ -24,6 +24,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 
 from csbs import format as fmt
 from csbs.catalog import Catalog
+from csbs.drivers import DevServers
 from csbs.errors import (
     Conflict,
     CorruptData,
@@ -83,10 +84,16 @@ def twin(svc: Services) -> Services:
     return Services(svc.settings)
 
 
+def dev(svc: Services) -> DevServers:
+    """The service's driver as the dev servers it is in these tests."""
+    assert isinstance(svc.driver, DevServers)
+    return svc.driver
+
+
 def server_with_data(svc: Services, size: int = 1 * MIB) -> tuple[str, str]:
-    server = svc.driver.create_server(f"srv-{uuid.uuid4().hex[:6]}", [size])
+    server = dev(svc).create_server(f"srv-{uuid.uuid4().hex[:6]}", [size])
     disk = server.disks[0].id
-    svc.driver.write(server.id, disk, 0, os.urandom(size))
+    dev(svc).write(server.id, disk, 0, os.urandom(size))
     return server.id, disk
 
 
@@ -255,7 +262,7 @@ def test_a_parent_that_failed_verify_is_never_used_and_the_next_backup_is_whole(
     lost = sorted(svc.store.get_manifest(first, disk).chunk_ids())[0]
     svc.store.delete_chunks([lost])
     assert not service_verify(svc, first).ok
-    svc.driver.write(server_id, disk, 0, os.urandom(4 * KIB))  # a small change
+    dev(svc).write(server_id, disk, 0, os.urandom(4 * KIB))  # a small change
     second = service_backup(svc, server_id)
     assert svc.catalog.get_backup(second).parent_id != first
     assert missing_chunks(svc.store, second, [disk], None) == []

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
+from csbs.drivers import DevServers
 from csbs.errors import CsbsError, GarbageCollectionDeferred, GarbageCollectionRunning
 from csbs.model import (
     BackupServerInput,
@@ -123,6 +124,7 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
     settings = make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2)
     service = Services(settings)
     drv = service.driver
+    assert isinstance(drv, DevServers)
     server = drv.create_server("gc-race", [1 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 0, os.urandom(1 * MIB))

@@ -227,3 +227,35 @@ def test_reading_a_row_never_writes_it(catalog: Catalog) -> None:
 
         _fix_backup(row)
         assert not s.dirty
+
+
+def test_a_unit_of_work_commits_every_row_together_or_none(catalog: Catalog) -> None:
+    """Issue 19: a step that writes several rows (a backup committed, its task finished,
+    its server freed) is one transaction: a failure half-way changes nothing."""
+    add(catalog, 1, status="creating")
+    catalog.add_task(
+        TaskRow(
+            id="task-1",
+            project="p1",
+            kind="backup",
+            status="running",
+            backup_id="bk-1",
+            started_at=T0,
+        )
+    )
+    catalog.claim_server("srv-1", "bk-1")
+    with pytest.raises(RuntimeError, match="worker died"), catalog.unit_of_work():
+        catalog.update_backup("bk-1", status="available", progress=100)
+        catalog.finish_task("task-1", ok=True)
+        catalog.release_server("srv-1", "bk-1")
+        raise RuntimeError("worker died before the step finished")
+    assert catalog.get_backup("bk-1").status == "creating"
+    assert catalog.get_task("task-1").status == "running"
+    assert catalog.server_lock("srv-1") is not None
+    with catalog.unit_of_work():
+        catalog.update_backup("bk-1", status="available", progress=100)
+        catalog.finish_task("task-1", ok=True)
+        catalog.release_server("srv-1", "bk-1")
+    assert catalog.get_backup("bk-1").status == "available"
+    assert catalog.get_task("task-1").status == "succeeded"
+    assert catalog.server_lock("srv-1") is None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from csbs.drivers.base import ComputeDriver
+from csbs.drivers.base import DevServers
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
 from csbs.drivers.sparse import BLOCK_SIZE
@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(params=["local", pytest.param("qemu", marks=QEMU_SKIP)])
-def drv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ComputeDriver]:
+def drv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevServers]:
     if request.param == "local":
         yield LocalDriver(tmp_path / "servers")
         return
@@ -49,7 +49,7 @@ def qemu(tmp_path: Path) -> Iterator[QemuDriver]:
         kill_qemu(driver)
 
 
-def read_all(drv: ComputeDriver, server_id: str, snap: str, disk_id: str) -> bytes:
+def read_all(drv: DevServers, server_id: str, snap: str, disk_id: str) -> bytes:
     reader = drv.open_snapshot(server_id, snap, disk_id)
     try:
         return bytes(reader.read(0, reader.size_bytes))
@@ -57,7 +57,7 @@ def read_all(drv: ComputeDriver, server_id: str, snap: str, disk_id: str) -> byt
         reader.close()
 
 
-def changed(drv: ComputeDriver, server_id: str, snap: str, disk_id: str) -> object:
+def changed(drv: DevServers, server_id: str, snap: str, disk_id: str) -> object:
     reader = drv.open_snapshot(server_id, snap, disk_id)
     try:
         return reader.changed_ranges()
@@ -69,7 +69,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_create_gives_sparse_system_and_data_disks(drv: ComputeDriver, tmp_path: Path) -> None:
+def test_create_gives_sparse_system_and_data_disks(drv: DevServers, tmp_path: Path) -> None:
     server = drv.create_server("web", [64 * MIB, 128 * MIB], [16 * MIB])
     assert server.state == ServerState.RUNNING and server.type == drv.name
     assert [(d.role.value, d.shared) for d in server.disks] == [
@@ -83,7 +83,7 @@ def test_create_gives_sparse_system_and_data_disks(drv: ComputeDriver, tmp_path:
     assert drv.checksum(server.id)[server.disks[0].id] == sha(bytes(64 * MIB))
 
 
-def test_states_and_guest_writes(drv: ComputeDriver) -> None:
+def test_states_and_guest_writes(drv: DevServers) -> None:
     server = drv.create_server("web", [4 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 100, b"abc")
@@ -108,7 +108,7 @@ def test_states_and_guest_writes(drv: ComputeDriver) -> None:
         drv.get_server("../escape")
 
 
-def test_group_snapshot_is_one_instant_across_disks(drv: ComputeDriver) -> None:
+def test_group_snapshot_is_one_instant_across_disks(drv: DevServers) -> None:
     server = drv.create_server("db", [4 * MIB, 4 * MIB])
     a, b = (d.id for d in server.disks)
     drv.write(server.id, a, 0, b"A" * MIB)
@@ -133,7 +133,7 @@ def test_group_snapshot_is_one_instant_across_disks(drv: ComputeDriver) -> None:
     assert drv.checksum(server.id) == live
 
 
-def test_changed_block_tracking_between_checkpoints(drv: ComputeDriver) -> None:
+def test_changed_block_tracking_between_checkpoints(drv: DevServers) -> None:
     server = drv.create_server("db", [8 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 0, os.urandom(MIB))
@@ -163,7 +163,7 @@ def test_changed_block_tracking_between_checkpoints(drv: ComputeDriver) -> None:
     drv.release_snapshot(server.id, "c4", committed=True)
 
 
-def test_allocated_ranges_skip_holes(drv: ComputeDriver) -> None:
+def test_allocated_ranges_skip_holes(drv: DevServers) -> None:
     server = drv.create_server("db", [64 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 32 * MIB, b"d" * MIB)
@@ -176,7 +176,7 @@ def test_allocated_ranges_skip_holes(drv: ComputeDriver) -> None:
     drv.release_snapshot(server.id, "s", committed=True)
 
 
-def test_restore_writer_needs_a_stopped_server_and_restores_size(drv: ComputeDriver) -> None:
+def test_restore_writer_needs_a_stopped_server_and_restores_size(drv: DevServers) -> None:
     server = drv.create_server("db", [4 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 0, b"old" * MIB)
@@ -193,7 +193,7 @@ def test_restore_writer_needs_a_stopped_server_and_restores_size(drv: ComputeDri
     assert drv.checksum(server.id)[disk] == sha(b"r" * MIB + bytes(MIB))
 
 
-def test_disks_are_added_grown_and_removed(drv: ComputeDriver) -> None:
+def test_disks_are_added_grown_and_removed(drv: DevServers) -> None:
     server = drv.create_server("db", [4 * MIB, 4 * MIB])
     system, data = server.disks
     added = drv.add_disk(server.id, 2 * MIB)
@@ -219,7 +219,7 @@ def test_disks_are_added_grown_and_removed(drv: ComputeDriver) -> None:
 
 
 def test_restore_writes_wait_for_snapshots_and_released_snapshots_cannot_be_read(
-    drv: ComputeDriver,
+    drv: DevServers,
 ) -> None:
     """A restore never resizes or rewrites disks under a held snapshot, and a stale reader
     of a released snapshot fails instead of silently reading live data."""
@@ -238,7 +238,7 @@ def test_restore_writes_wait_for_snapshots_and_released_snapshots_cannot_be_read
 
 
 def test_offline_snapshot_survives_start_and_restore_writes_are_tracked(
-    drv: ComputeDriver,
+    drv: DevServers,
 ) -> None:
     """The offline backup order (stop, snapshot, start, read) and a restore seen by CBT."""
     server = drv.create_server("db", [4 * MIB])

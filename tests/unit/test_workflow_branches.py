@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from csbs import steps as st
 from csbs import tuning
 from csbs.catalog import BackupView
 from csbs.model import (
@@ -35,33 +36,6 @@ from csbs.model import (
     VerifyBackupInput,
     VerifyDiskResult,
     VerifyPlan,
-)
-from csbs.steps import (
-    BackupIds,
-    BackupsToVerify,
-    CheckRestore,
-    DeletePlan,
-    DeleteTarget,
-    FailTask,
-    FinishRestore,
-    FinishVerify,
-    OfBackup,
-    OfDisk,
-    OfPolicy,
-    OfServer,
-    OfTask,
-    PlanPolicyRun,
-    PolicyIds,
-    PolicySkips,
-    PrepareBackup,
-    PrepareDelete,
-    PrepareRestore,
-    Reconciled,
-    ReleaseSnapshot,
-    RestoreDisk,
-    SnapshotTaken,
-    SweepResult,
-    VerifySummary,
 )
 from workflows import ALL_WORKFLOWS
 
@@ -105,7 +79,7 @@ class Fakes:
         f = self
 
         @activity.defn(name="prepare_backup")
-        async def prepare_backup(inp: PrepareBackup) -> PreparedBackup:
+        async def prepare_backup(inp: st.PrepareBackup) -> PreparedBackup:
             prepared = PreparedBackup(
                 backup_id=inp.backup_id,
                 task_id=inp.task_id,
@@ -118,36 +92,36 @@ class Fakes:
             return await f._run("prepare_backup", inp, prepared)  # type: ignore[no-any-return]
 
         @activity.defn(name="take_snapshot")
-        async def take_snapshot(inp: OfBackup) -> SnapshotTaken:
-            taken = SnapshotTaken(disk_ids=["d1", "d2"])
+        async def take_snapshot(inp: st.OfBackup) -> st.SnapshotTaken:
+            taken = st.SnapshotTaken(disk_ids=["d1", "d2"])
             return await f._run("take_snapshot", inp, taken)  # type: ignore[no-any-return]
 
         @activity.defn(name="backup_disk")
-        async def backup_disk(inp: OfDisk) -> TransferStats:
+        async def backup_disk(inp: st.OfDisk) -> TransferStats:
             return await f._run("backup_disk", inp, TransferStats())  # type: ignore[no-any-return]
 
         @activity.defn(name="commit_backup")
-        async def commit_backup(inp: OfTask) -> BackupView:
+        async def commit_backup(inp: st.OfTask) -> BackupView:
             return await f._run("commit_backup", inp, view(inp.backup_id))  # type: ignore[no-any-return]
 
         @activity.defn(name="fail_backup")
-        async def fail_backup(inp: FailTask) -> None:
+        async def fail_backup(inp: st.FailTask) -> None:
             await f._run("fail_backup", inp, None)
 
         @activity.defn(name="release_snapshot")
-        async def release_snapshot(inp: ReleaseSnapshot) -> None:
+        async def release_snapshot(inp: st.ReleaseSnapshot) -> None:
             await f._run("release_snapshot", inp, None)
 
         @activity.defn(name="stop_server")
-        async def stop_server(inp: OfServer) -> None:
+        async def stop_server(inp: st.OfServer) -> None:
             await f._run("stop_server", inp, None)
 
         @activity.defn(name="start_server")
-        async def start_server(inp: OfServer) -> None:
+        async def start_server(inp: st.OfServer) -> None:
             await f._run("start_server", inp, None)
 
         @activity.defn(name="prepare_restore")
-        async def prepare_restore(inp: PrepareRestore) -> RestorePlan:
+        async def prepare_restore(inp: st.PrepareRestore) -> RestorePlan:
             plan = RestorePlan(
                 backup_id=inp.request.backup_id,
                 backup_name="b",
@@ -161,60 +135,61 @@ class Fakes:
             return await f._run("prepare_restore", inp, plan)  # type: ignore[no-any-return]
 
         @activity.defn(name="check_restore")
-        async def check_restore(inp: CheckRestore) -> None:
+        async def check_restore(inp: st.CheckRestore) -> None:
             await f._run("check_restore", inp, None)
 
         @activity.defn(name="restore_disk")
-        async def restore_disk(inp: RestoreDisk) -> TransferStats:
+        async def restore_disk(inp: st.RestoreDisk) -> TransferStats:
             return await f._run("restore_disk", inp, TransferStats())  # type: ignore[no-any-return]
 
         @activity.defn(name="finish_restore")
-        async def finish_restore(inp: FinishRestore) -> None:
+        async def finish_restore(inp: st.FinishRestore) -> None:
             await f._run("finish_restore", inp, None)
 
         @activity.defn(name="prepare_delete")
-        async def prepare_delete(inp: PrepareDelete) -> DeletePlan:
+        async def prepare_delete(inp: st.PrepareDelete) -> st.DeletePlan:
             targets = [
-                DeleteTarget(b, f"{inp.task_id}-{i}") for i, b in enumerate(inp.request.backup_ids)
+                st.DeleteTarget(b, f"{inp.task_id}-{i}")
+                for i, b in enumerate(inp.request.backup_ids)
             ]
-            return await f._run("prepare_delete", inp, DeletePlan(targets=targets))  # type: ignore[no-any-return]
+            return await f._run("prepare_delete", inp, st.DeletePlan(targets=targets))  # type: ignore[no-any-return]
 
         @activity.defn(name="delete_backup")
-        async def delete_backup(inp: OfTask) -> None:
+        async def delete_backup(inp: st.OfTask) -> None:
             await f._run("delete_backup", inp, None)
 
         @activity.defn(name="fail_delete")
-        async def fail_delete(inp: FailTask) -> None:
+        async def fail_delete(inp: st.FailTask) -> None:
             await f._run("fail_delete", inp, None)
 
         @activity.defn(name="collect_garbage")
-        async def collect_garbage() -> SweepResult:
-            swept = SweepResult(manifests=1, chunks=4, chunks_deleted=2, bytes_freed=20)
+        async def collect_garbage() -> st.SweepResult:
+            swept = st.SweepResult(manifests=1, chunks=4, chunks_deleted=2, bytes_freed=20)
             return await f._run("collect_garbage", None, swept)  # type: ignore[no-any-return]
 
         @activity.defn(name="reconcile_operations")
-        async def reconcile_operations() -> Reconciled:
-            return await f._run("reconcile_operations", None, Reconciled(count=0))  # type: ignore[no-any-return]
+        async def reconcile_operations() -> st.Reconciled:
+            return await f._run("reconcile_operations", None, st.Reconciled(count=0))  # type: ignore[no-any-return]
 
         @activity.defn(name="plan_policy_run")
-        async def plan_policy_run(inp: PlanPolicyRun) -> PolicyRunPlan:
+        async def plan_policy_run(inp: st.PlanPolicyRun) -> PolicyRunPlan:
             plan = PolicyRunPlan(policy_id=inp.policy_id, server_ids=["srv-1", "srv-2"])
             return await f._run("plan_policy_run", inp, plan)  # type: ignore[no-any-return]
 
         @activity.defn(name="record_policy_skips")
-        async def record_policy_skips(inp: PolicySkips) -> None:
+        async def record_policy_skips(inp: st.PolicySkips) -> None:
             await f._run("record_policy_skips", inp, None)
 
         @activity.defn(name="policy_expired_backups")
-        async def policy_expired_backups(inp: OfPolicy) -> RetentionPlan:
+        async def policy_expired_backups(inp: st.OfPolicy) -> RetentionPlan:
             return await f._run("policy_expired_backups", inp, RetentionPlan())  # type: ignore[no-any-return]
 
         @activity.defn(name="list_policy_ids")
-        async def list_policy_ids() -> PolicyIds:
-            return await f._run("list_policy_ids", None, PolicyIds(policy_ids=[]))  # type: ignore[no-any-return]
+        async def list_policy_ids() -> st.PolicyIds:
+            return await f._run("list_policy_ids", None, st.PolicyIds(policy_ids=[]))  # type: ignore[no-any-return]
 
         @activity.defn(name="prepare_verify")
-        async def prepare_verify(inp: OfTask) -> VerifyPlan:
+        async def prepare_verify(inp: st.OfTask) -> VerifyPlan:
             plan = VerifyPlan(
                 backup_id=inp.backup_id,
                 backup_name="b",
@@ -225,14 +200,14 @@ class Fakes:
             return await f._run("prepare_verify", inp, plan)  # type: ignore[no-any-return]
 
         @activity.defn(name="verify_disk")
-        async def verify_disk(inp: OfDisk) -> VerifyDiskResult:
+        async def verify_disk(inp: st.OfDisk) -> VerifyDiskResult:
             result = VerifyDiskResult(disk_id=inp.disk_id, chunks_checked=1, bytes_checked=1)
             return await f._run("verify_disk", inp, result)  # type: ignore[no-any-return]
 
         @activity.defn(name="finish_verify")
-        async def finish_verify(inp: FinishVerify) -> VerifySummary:
+        async def finish_verify(inp: st.FinishVerify) -> st.VerifySummary:
             problems = [p for r in inp.results for p in r.problems]
-            summary = VerifySummary(
+            summary = st.VerifySummary(
                 backup_id=inp.backup_id,
                 ok=not problems and inp.error is None,
                 chunks_checked=1,
@@ -243,8 +218,8 @@ class Fakes:
             return await f._run("finish_verify", inp, summary)  # type: ignore[no-any-return]
 
         @activity.defn(name="backups_to_verify")
-        async def backups_to_verify(inp: BackupsToVerify) -> BackupIds:
-            return await f._run("backups_to_verify", inp, BackupIds(backup_ids=[]))  # type: ignore[no-any-return]
+        async def backups_to_verify(inp: st.BackupsToVerify) -> st.BackupIds:
+            return await f._run("backups_to_verify", inp, st.BackupIds(backup_ids=[]))  # type: ignore[no-any-return]
 
         return [
             prepare_backup,
@@ -382,7 +357,7 @@ async def test_a_refused_backup_records_the_reason_and_takes_no_snapshot(
 async def test_a_failed_disk_cancels_the_others_and_fails_the_backup_with_its_reason(
     env: WorkflowEnvironment,
 ) -> None:
-    async def upload(inp: OfDisk) -> TransferStats:
+    async def upload(inp: st.OfDisk) -> TransferStats:
         if inp.disk_id == "d2":
             raise ApplicationError("S3 refused the write", type="StorageError", non_retryable=True)
         while True:  # d1 is long: it must be cancelled, not awaited
@@ -403,7 +378,7 @@ async def test_a_failed_disk_cancels_the_others_and_fails_the_backup_with_its_re
 async def test_a_transient_upload_failure_is_retried_and_the_backup_completes(
     env: WorkflowEnvironment,
 ) -> None:
-    def flaky(inp: OfDisk) -> TransferStats:
+    def flaky(inp: st.OfDisk) -> TransferStats:
         if activity.info().attempt < 3:
             raise ApplicationError("connection reset", type="StorageUnavailable")
         return TransferStats()
@@ -419,7 +394,7 @@ async def test_a_cancelled_backup_releases_its_snapshot_and_records_the_cancella
 ) -> None:
     uploading = asyncio.Event()
 
-    async def slow(inp: OfDisk) -> TransferStats:
+    async def slow(inp: st.OfDisk) -> TransferStats:
         uploading.set()
         while True:  # until the cancellation reaches it through a heartbeat
             activity.heartbeat()
@@ -440,7 +415,7 @@ async def test_a_cancelled_backup_releases_its_snapshot_and_records_the_cancella
 async def test_an_offline_backup_starts_its_server_again_even_when_the_snapshot_fails(
     env: WorkflowEnvironment,
 ) -> None:
-    def running(inp: PrepareBackup) -> PreparedBackup:
+    def running(inp: st.PrepareBackup) -> PreparedBackup:
         return PreparedBackup(
             backup_id=inp.backup_id,
             task_id=inp.task_id,
@@ -479,10 +454,12 @@ async def test_a_restore_whose_chunks_are_missing_never_stops_the_server(
 async def test_a_restore_that_fails_after_stopping_says_the_server_was_left_stopped(
     env: WorkflowEnvironment,
 ) -> None:
-    def fail_d2(inp: RestoreDisk) -> TransferStats:
+    async def fail_d2(inp: st.RestoreDisk) -> TransferStats:
         if inp.item.source_disk_id == "d2":
             raise ApplicationError("disk d2 is gone", type="DiskUnavailable", non_retryable=True)
-        return TransferStats()
+        while True:  # d1 runs until the failure of d2 cancels it
+            activity.heartbeat()
+            await asyncio.sleep(0.2)
 
     fakes = Fakes(restore_disk=fail_d2)
     _, error = await outcome(env, fakes, "RestoreServer", RestoreServerInput(backup_id="bk-1"))
@@ -506,7 +483,7 @@ async def test_a_restore_asked_to_verify_stops_nothing_when_a_chunk_is_corrupt(
 ) -> None:
     from csbs.model import ChunkProblem
 
-    def corrupt(inp: OfDisk) -> VerifyDiskResult:
+    def corrupt(inp: st.OfDisk) -> VerifyDiskResult:
         problem = ChunkProblem(
             disk_id=inp.disk_id, index=3, chunk_id="ab" * 16, problem="corrupt", message="bad"
         )
@@ -525,7 +502,7 @@ async def test_a_restore_asked_to_verify_stops_nothing_when_a_chunk_is_corrupt(
 async def test_a_delete_that_fails_for_one_backup_marks_it_and_still_reclaims(
     env: WorkflowEnvironment,
 ) -> None:
-    def fail_second(inp: OfTask) -> None:
+    def fail_second(inp: st.OfTask) -> None:
         if inp.backup_id == "bk-2":
             raise ApplicationError("S3 is read-only", type="StorageError", non_retryable=True)
 
@@ -543,7 +520,7 @@ async def test_a_delete_whose_sweep_is_deferred_hands_it_to_a_waiting_collect_ga
 ) -> None:
     env = own_time_skipping_env
 
-    def deferred(_: Any) -> SweepResult:
+    def deferred(_: Any) -> st.SweepResult:
         raise ApplicationError(
             "backups are running", type="GarbageCollectionDeferred", non_retryable=True
         )
@@ -568,7 +545,7 @@ async def test_verify_fails_with_corrupt_data_naming_the_problems(
 ) -> None:
     from csbs.model import ChunkProblem
 
-    def missing(inp: OfDisk) -> VerifyDiskResult:
+    def missing(inp: st.OfDisk) -> VerifyDiskResult:
         problem = ChunkProblem(
             disk_id=inp.disk_id, index=1, chunk_id="cd" * 16, problem="missing", message="gone"
         )
@@ -583,10 +560,10 @@ async def test_verify_fails_with_corrupt_data_naming_the_problems(
 
 
 async def test_verify_backups_reports_each_failure_and_goes_on(env: WorkflowEnvironment) -> None:
-    def two(_: Any) -> BackupIds:
-        return BackupIds(backup_ids=["bk-good", "bk-bad"])
+    def two(_: Any) -> st.BackupIds:
+        return st.BackupIds(backup_ids=["bk-good", "bk-bad"])
 
-    def prepare(inp: OfTask) -> VerifyPlan:
+    def prepare(inp: st.OfTask) -> VerifyPlan:
         if inp.backup_id == "bk-bad":
             raise ApplicationError(
                 "backup bk-bad is deleting", type="InvalidState", non_retryable=True
@@ -611,14 +588,14 @@ async def test_verify_backups_reports_each_failure_and_goes_on(env: WorkflowEnvi
 async def test_a_policy_run_records_skips_reports_each_backup_and_applies_retention(
     env: WorkflowEnvironment,
 ) -> None:
-    def plan(inp: PlanPolicyRun) -> PolicyRunPlan:
+    def plan(inp: st.PlanPolicyRun) -> PolicyRunPlan:
         return PolicyRunPlan(
             policy_id=inp.policy_id,
             server_ids=["srv-1", "srv-2"],
             skipped={"srv-3": "a backup is running"},
         )
 
-    def prepare(inp: PrepareBackup) -> PreparedBackup:
+    def prepare(inp: st.PrepareBackup) -> PreparedBackup:
         if inp.request.server_id == "srv-2":
             raise ApplicationError(
                 "server srv-2 is stopped", type="InvalidState", non_retryable=True
@@ -652,7 +629,7 @@ async def test_a_policy_run_records_skips_reports_each_backup_and_applies_retent
 async def test_retention_cleanup_goes_through_every_policy(env: WorkflowEnvironment) -> None:
     expired = {"pol-a": ["bk-a"], "pol-b": []}
     fakes = Fakes(
-        list_policy_ids=lambda _: PolicyIds(policy_ids=["pol-a", "pol-b"]),
+        list_policy_ids=lambda _: st.PolicyIds(policy_ids=["pol-a", "pol-b"]),
         policy_expired_backups=lambda inp: RetentionPlan(expired=expired[inp.policy_id]),
     )
     from csbs.model import RetentionCleanupInput

@@ -181,6 +181,10 @@ class QemuDriver(QemuSnapshots):
             self._nbd_stop_if_idle(qmp)
         return sums
 
+    def recreate_disk(self, server_id: str, like: Disk, size_bytes: int) -> Disk:
+        """Re-create a removed disk (R5) for a restore to write."""
+        return self.add_disk(server_id, size_bytes, like)
+
     def add_disk(self, server_id: str, size_bytes: int, like: Disk | None = None) -> Disk:
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
