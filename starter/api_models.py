@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 from starlette.routing import Match
 
 from csbs.catalog.views import BackupDetailView, BackupView, TaskView
@@ -47,6 +47,15 @@ STATUS = {
 }
 
 
+#: Request bodies refuse unknown fields.
+REQUEST = ConfigDict(extra="forbid")
+
+#: Numbers and flags of a request body take only their own JSON type:
+#: ``"retention_value": true`` is not the integer 1, as the OpenAPI document says.
+Int = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+
+
 # -- documents ----------------------------------------------------------------------------------
 class Problem(BaseModel):
     """An error (RFC 9457): ``detail`` says what is wrong and what to do."""
@@ -83,26 +92,26 @@ TaskOut = TaskView
 
 
 class BackupCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     server_ids: list[BodyId] = Field(min_length=1, max_length=64)
     name: str | None = None
     description: str | None = None
-    offline: bool = False
+    offline: Flag = False
 
 
 class RestoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     disk_mapping: dict[BodyId, BodyId] = Field(default_factory=dict)
     disk_ids: list[BodyId] = Field(default_factory=list)
-    power_on: bool = True
+    power_on: Flag = True
     #: Read and check every chunk before the server is stopped or a disk written.
-    verify: bool = False
+    verify: Flag = False
 
 
 class DeleteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     backup_ids: list[BodyId] = Field(min_length=1, max_length=100)
 
@@ -144,34 +153,34 @@ class PolicyCreate(BaseModel):
     """A new policy (P1-P3): times at least an hour apart; weekdays or every_days; keep
     by count, by days, or forever. The rules the schema cannot say are checked too."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     name: Name = "backup_policy"
-    enabled: bool = True
+    enabled: Flag = True
     times: list[TimeOfDay] = Field(min_length=1, max_length=24)
     weekdays: list[Weekday] | None = Field(default=None, min_length=1, max_length=7)
-    every_days: int | None = Field(default=None, ge=1, le=30)
+    every_days: Int | None = Field(default=None, ge=1, le=30)
     timezone: str = "UTC"
     retention: RetentionKind = RetentionKind.COUNT
-    retention_value: int | None = Field(default=None, ge=1, le=99999)
+    retention_value: Int | None = Field(default=None, ge=1, le=99999)
 
 
 class PolicyPatch(BaseModel):
     """Fields to change; the whole policy is validated again (P7)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     name: Name | None = None
     times: list[TimeOfDay] | None = Field(default=None, min_length=1, max_length=24)
     weekdays: list[Weekday] | None = Field(default=None, min_length=1, max_length=7)
-    every_days: int | None = Field(default=None, ge=1, le=30)
+    every_days: Int | None = Field(default=None, ge=1, le=30)
     timezone: str | None = None
     retention: RetentionKind | None = None
-    retention_value: int | None = Field(default=None, ge=1, le=99999)
+    retention_value: Int | None = Field(default=None, ge=1, le=99999)
 
 
 class ServerIds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     server_ids: list[BodyId] = Field(min_length=1, max_length=64)
 

@@ -28,8 +28,8 @@ from workflows.common import (
     SA_POLICY_ID,
     SA_SERVER_ID,
     DiskProgress,
-    act,
     all_or_cancel,
+    local_step,
     reason_of,
     run_failure,
     step,
@@ -58,13 +58,13 @@ class BackupServer(DiskProgress):
 
         self._at("validating")
         try:
-            prepared = await act(
+            prepared = await local_step(
                 A.prepare_backup, PrepareBackup(request=inp, backup_id=backup_id, task_id=task_id)
             )
         except Exception as err:
             failed = reason_of("validate", err)
             # Refused before anything was written: there is no backup to mark.
-            await act(
+            await local_step(
                 A.fail_backup,
                 FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
                 cleanup=True,
@@ -77,23 +77,27 @@ class BackupServer(DiskProgress):
         try:
             if restart:
                 self._at("stopping server")
-                await step("stop server", act(A.stop_server, OfServer(server_id=inp.server_id)))
+                await step(
+                    "stop server", local_step(A.stop_server, OfServer(server_id=inp.server_id))
+                )
             self._at("snapshot", name=prepared.name)
             try:
                 snapshot = await step(
-                    "group snapshot", act(A.take_snapshot, OfBackup(backup_id=backup_id))
+                    "group snapshot", local_step(A.take_snapshot, OfBackup(backup_id=backup_id))
                 )
                 disk_ids = snapshot.disk_ids
             finally:
                 if restart:
                     self._at("starting server")
-                    await act(A.start_server, OfServer(server_id=inp.server_id), cleanup=True)
+                    await local_step(
+                        A.start_server, OfServer(server_id=inp.server_id), cleanup=True
+                    )
             self._progress["disks_total"] = len(disk_ids)
             self._at("uploading")
             await all_or_cancel([self._disk(backup_id, d) for d in disk_ids])
             self._at("committing")
             result = await step(
-                "commit", act(A.commit_backup, OfTask(backup_id=backup_id, task_id=task_id))
+                "commit", local_step(A.commit_backup, OfTask(backup_id=backup_id, task_id=task_id))
             )
             committed = True
             self._at("done")
@@ -104,7 +108,7 @@ class BackupServer(DiskProgress):
             # Release first: the failure record frees the server for the next backup.
             released = True
             await self._release(inp.server_id, backup_id, committed=False)
-            await act(
+            await local_step(
                 A.fail_backup,
                 FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
                 cleanup=True,
@@ -117,7 +121,7 @@ class BackupServer(DiskProgress):
                 await self._release(inp.server_id, backup_id, committed)
 
     async def _release(self, server_id: str, backup_id: str, committed: bool) -> None:
-        await act(
+        await local_step(
             A.release_snapshot,
             ReleaseSnapshot(server_id=server_id, backup_id=backup_id, committed=committed),
             cleanup=True,

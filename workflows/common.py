@@ -56,14 +56,16 @@ A = TypeVar("A")
 
 
 @overload
-def act(step: Callable[[Any], T], *, cleanup: bool = False) -> Awaitable[T]: ...
+def local_step(step: Callable[[Any], T], *, cleanup: bool = False) -> Awaitable[T]: ...
 
 
 @overload
-def act(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]: ...
+def local_step(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]: ...
 
 
-def act(step: Callable[..., Any], arg: Any = None, *, cleanup: bool = False) -> Awaitable[Any]:
+def local_step(
+    step: Callable[..., Any], arg: Any = None, *, cleanup: bool = False
+) -> Awaitable[Any]:
     """Run a short bookkeeping step (catalog record, snapshot, power) as a local activity:
     the worker that runs the workflow task runs it at once, with no round trip through a
     task queue, which keeps a small backup's end-to-end time near its data-bound time.
@@ -83,7 +85,7 @@ def _queued(step: Callable[..., Any], *args: Any, **options: Any) -> Awaitable[A
     return cast(Awaitable[Any], workflow.execute_activity_method(cast(Any, step), *args, **options))
 
 
-def remote(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]:
+def queued_step(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]:
     """Run a bookkeeping step as a normal activity (any worker of the queue): for steps
     that may wait on other work, such as a delete's catalog transaction."""
     retry = CLEANUP_RETRY if cleanup else RETRY

@@ -19,8 +19,8 @@ with workflow.unsafe.imports_passed_through():
 from workflows.common import (
     SA_BACKUP_ID,
     SA_OPERATION,
+    queued_step,
     reason_of,
-    remote,
     sweep,
     tag,
     validated,
@@ -43,19 +43,19 @@ class DeleteBackups:
     async def run(self, inp: DeleteBackupsInput) -> dict[str, Any]:
         task_id = new_id("task", workflow.uuid4())
         tag(SA_BACKUP_ID.value_set(inp.backup_ids[0]), SA_OPERATION.value_set("delete"))
-        prepare = remote(A.prepare_delete, PrepareDelete(request=inp, task_id=task_id))
+        prepare = queued_step(A.prepare_delete, PrepareDelete(request=inp, task_id=task_id))
         plan = await validated(prepare)
         for backup_id, backup_task in plan.targets:
             self._progress["step"] = f"deleting {backup_id}"
             workflow.set_current_details(self._progress["step"])
             try:
-                await remote(A.delete_backup, OfTask(backup_id=backup_id, task_id=backup_task))
+                await queued_step(A.delete_backup, OfTask(backup_id=backup_id, task_id=backup_task))
                 self._progress["deleted"].append(backup_id)
             except Exception as err:
                 reason = reason_of(f"delete of backup {backup_id}", err).reason
                 self._progress["failed"][backup_id] = reason
                 failure = FailTask(backup_id=backup_id, task_id=backup_task, reason=reason)
-                await remote(A.fail_delete, failure, cleanup=True)
+                await queued_step(A.fail_delete, failure, cleanup=True)
         if self._progress["deleted"]:
             self._progress["step"] = "reclaiming storage"
             workflow.set_current_details(self._progress["step"])

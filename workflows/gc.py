@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import CollectGarbageInput
     from csbs.steps import SweepResult
 
-from workflows.common import SA_OPERATION, act, reason_of, run_failure, sweep, tag
+from workflows.common import SA_OPERATION, local_step, reason_of, run_failure, sweep, tag
 
 #: A sweep that meets these waits and tries again (backups run, another sweep holds the
 #: lease); anything else fails the run with its reason.
@@ -32,7 +32,7 @@ class CollectGarbage:
         inp = inp or CollectGarbageInput()
         tag(SA_OPERATION.value_set("gc"))
         workflow.set_current_details("reconciling operations whose runs closed")
-        reconciled = (await act(A.reconcile_operations)).count
+        reconciled = (await local_step(A.reconcile_operations)).count
         waited = 0
         while True:
             workflow.set_current_details("sweeping unreferenced chunks")

@@ -16,7 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from csbs.steps import PlanPolicyRun, PolicySkips
 
 from workflows.backup import BackupServer
-from workflows.common import SA_OPERATION, SA_POLICY_ID, reason_of, remote, tag, validated
+from workflows.common import SA_OPERATION, SA_POLICY_ID, queued_step, reason_of, tag, validated
 from workflows.retention import apply_retention
 
 
@@ -36,14 +36,16 @@ class RunPolicy:
     async def run(self, inp: RunPolicyInput) -> dict[str, Any]:
         tag(SA_POLICY_ID.value_set(inp.policy_id), SA_OPERATION.value_set("policy"))
         plan = await validated(
-            remote(A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)),
+            queued_step(
+                A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)
+            ),
             "policy run",
         )
         if plan.skipped:
             skips = PolicySkips(
                 policy_id=inp.policy_id, skipped=plan.skipped, run_id=workflow.info().workflow_id
             )
-            await remote(A.record_policy_skips, skips)
+            await queued_step(A.record_policy_skips, skips)
         kind = BackupKind.SCHEDULED if inp.trigger == "scheduled" else BackupKind.POLICY_MANUAL
         ids = {s: new_id("bk", workflow.uuid4()) for s in plan.server_ids}
         self._progress.update(step="backing up", total=len(ids))

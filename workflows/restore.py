@@ -39,7 +39,7 @@ class RestoreServer(wf.DiskProgress):
         wf.tag(wf.SA_BACKUP_ID.value_set(inp.backup_id), wf.SA_OPERATION.value_set("restore"))
         self._at("validating")
         plan = await wf.validated(
-            wf.act(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
+            wf.local_step(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
         )
         wf.tag(wf.SA_SERVER_ID.value_set(plan.server_id))
         self._progress.update(
@@ -66,14 +66,17 @@ class RestoreServer(wf.DiskProgress):
             if inp.verify:
                 await self._verify_first(plan)
             self._at("stopping server")
-            await wf.step("stop server", wf.act(A.stop_server, OfServer(server_id=plan.server_id)))
+            await wf.step(
+                "stop server", wf.local_step(A.stop_server, OfServer(server_id=plan.server_id))
+            )
             stopped = True
             self._at("restoring")
             await wf.all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
             if inp.power_on:
                 self._at("starting server")
                 await wf.step(
-                    "start server", wf.act(A.start_server, OfServer(server_id=plan.server_id))
+                    "start server",
+                    wf.local_step(A.start_server, OfServer(server_id=plan.server_id)),
                 )
             await self._finish(plan, ok=True)
             self._at("done")
@@ -98,7 +101,7 @@ class RestoreServer(wf.DiskProgress):
 
     async def _finish(self, plan: RestorePlan, ok: bool, reason: str | None = None) -> None:
         finish = FinishRestore(backup_id=plan.backup_id, task_id=plan.task_id, ok=ok, reason=reason)
-        await wf.act(A.finish_restore, finish, cleanup=True)
+        await wf.local_step(A.finish_restore, finish, cleanup=True)
 
     async def _verify_first(self, plan: RestorePlan) -> None:
         """Read and check every chunk to restore; any problem fails the restore before the

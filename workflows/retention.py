@@ -14,13 +14,13 @@ with workflow.unsafe.imports_passed_through():
     from csbs.model import DeleteBackupsInput, RetentionCleanupInput
     from csbs.steps import OfPolicy
 
-from workflows.common import SA_OPERATION, act, reason_of, tag
+from workflows.common import SA_OPERATION, local_step, reason_of, tag
 from workflows.delete import DeleteBackups
 
 
 async def apply_retention(policy_id: str, delete_workflow_id: str) -> dict[str, Any]:
     """Delete what one policy's retention expires now, via a ``DeleteBackups`` child."""
-    plan = await act(A.policy_expired_backups, OfPolicy(policy_id=policy_id))
+    plan = await local_step(A.policy_expired_backups, OfPolicy(policy_id=policy_id))
     expired = plan.expired
     entry: dict[str, Any] = {"expired": expired}
     if plan.kept:
@@ -42,7 +42,7 @@ class RetentionCleanup:
     @workflow.run
     async def run(self, inp: RetentionCleanupInput | None = None) -> dict[str, Any]:
         tag(SA_OPERATION.value_set("retention"))
-        policy_ids = (await act(A.list_policy_ids)).policy_ids
+        policy_ids = (await local_step(A.list_policy_ids)).policy_ids
         report: dict[str, Any] = {}
         for policy_id in policy_ids:
             workflow.set_current_details(f"policy {policy_id}")

@@ -20,8 +20,8 @@ from workflows.common import (
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
-    act,
     all_or_cancel,
+    local_step,
     reason_of,
     run_failure,
     tag,
@@ -49,7 +49,7 @@ class VerifyBackup:
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("verify"))
         workflow.set_current_details("validating")
         plan = await validated(
-            act(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
+            local_step(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
         )
         tag(SA_SERVER_ID.value_set(plan.server_id))
         workflow.set_current_details(f"verifying {len(plan.disk_ids)} disk(s)")
@@ -60,11 +60,11 @@ class VerifyBackup:
             stopped = FinishVerify(
                 backup_id=inp.backup_id, task_id=task_id, results=[], error=failed.reason
             )
-            await act(A.finish_verify, stopped, cleanup=True)
+            await local_step(A.finish_verify, stopped, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise run_failure(failed) from err
-        summary = await act(
+        summary = await local_step(
             A.finish_verify, FinishVerify(backup_id=inp.backup_id, task_id=task_id, results=results)
         )
         workflow.set_current_details("done" if summary.ok else "found problems")
@@ -85,7 +85,9 @@ class VerifyBackups:
     @workflow.run
     async def run(self, inp: VerifyBackupsInput) -> dict[str, Any]:
         tag(SA_OPERATION.value_set("verify"))
-        found = await act(A.backups_to_verify, BackupsToVerify(max_age_days=inp.max_age_days))
+        found = await local_step(
+            A.backups_to_verify, BackupsToVerify(max_age_days=inp.max_age_days)
+        )
         ids = found.backup_ids
         limit = asyncio.Semaphore(inp.concurrency)
         outcomes: dict[str, str] = {}
