@@ -105,7 +105,7 @@ def task_delete(
     ids = ui.guarded(lambda: f.deletable_tasks(task_ids, all_failed))
     if ids:
         ui.confirm(f"Delete {len(ids)} failed task record(s)?", yes)
-    deleted = ui.guarded(lambda: f.delete_tasks(ids))
+    deleted = ui.guarded(lambda: f.delete_tasks(task_ids, all_failed))
     ui.emit(
         {"deleted": deleted},
         as_json,

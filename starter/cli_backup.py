@@ -16,7 +16,7 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
 )
-from csbs.rules import BackupQuery, backup_requests
+from csbs.rules import BackupQuery
 from csbs.units import format_size
 from starter.cli_common import (
     JsonOpt,
@@ -71,7 +71,6 @@ def backup_create(
 ) -> None:
     """Back up one or more servers now (one backup per server)."""
     f = facade(settings())
-    guarded(lambda: backup_requests(server_ids, name, description, offline))
     ids = run_async(guarded_async(f.create_backups(server_ids, name, description, offline)))
     if wait:
         for backup_id in ids:

@@ -24,7 +24,6 @@ from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_driver
 from csbs.errors import CsbsError, InvalidInput
 from csbs.model import (
-    BackupServerInput,
     BackupStatus,
     DeleteBackupsInput,
     RestoreServerInput,
@@ -172,10 +171,7 @@ class Facade:
     ) -> list[str]:
         """Back servers up now (B7): one ``BackupServer`` each; the backup ids, once each is
         recorded. Bad input is refused before anything starts."""
-        return await self.start_backups(backup_requests(server_ids, name, description, offline))
-
-    async def start_backups(self, inputs: list[BackupServerInput]) -> list[str]:
-        """Start one ``BackupServer`` per request; the backup ids, once each is recorded."""
+        inputs = backup_requests(server_ids, name, description, offline)
         client = await self.csbs()
         ids = []
         for inp in inputs:
@@ -196,40 +192,34 @@ class Facade:
 
     async def delete_backups(self, backup_ids: list[str]) -> WorkflowHandle[Any, Any]:
         """Start ``DeleteBackups`` for backups that all exist; return once it is recorded."""
-        inp = DeleteBackupsInput(backup_ids=backup_ids)
-        for b in backup_ids:
-            self.catalog.get_backup(b)
-        handle = await (await self.csbs()).start_delete(inp)
+        self.check_backups(backup_ids)
+        handle = await (await self.csbs()).start_delete(DeleteBackupsInput(backup_ids=backup_ids))
+        await self._task_recorded(handle, TaskKind.DELETE, backup_ids[0])
+        return handle
+
+    async def _task_recorded(
+        self, handle: WorkflowHandle[Any, Any], kind: TaskKind, backup_id: str
+    ) -> str:
+        """The id of the task the started workflow recorded on the backup, once it has."""
 
         def started() -> str | None:
-            tasks = self.catalog.list_tasks(kind=TaskKind.DELETE, backup_id=backup_ids[0])
+            tasks = self.catalog.list_tasks(kind=kind, backup_id=backup_id)
             return next((t.id for t in tasks if t.workflow_id == handle.id), None)
 
-        await await_start(handle, started)
-        return handle
+        return await await_start(handle, started)
 
     async def restore(self, inp: RestoreServerInput) -> tuple[WorkflowHandle[Any, Any], str]:
         """Start ``RestoreServer``; return its handle and task id once it is recorded."""
         self.catalog.get_backup(inp.backup_id)
         handle = await (await self.csbs()).start_restore(inp)
-
-        def started() -> str | None:
-            tasks = self.catalog.list_tasks(kind=TaskKind.RESTORE, backup_id=inp.backup_id)
-            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
-
-        return handle, await await_start(handle, started)
+        return handle, await self._task_recorded(handle, TaskKind.RESTORE, inp.backup_id)
 
     async def verify(self, backup_id: str) -> tuple[WorkflowHandle[Any, Any], str]:
         """Start ``VerifyBackup``; return its handle and task id once it is recorded."""
         inp = VerifyBackupInput(backup_id=backup_id)
         self.catalog.get_backup(backup_id)
         handle = await (await self.csbs()).start_verify(inp)
-
-        def started() -> str | None:
-            tasks = self.catalog.list_tasks(kind=TaskKind.VERIFY, backup_id=backup_id)
-            return next((t.id for t in tasks if t.workflow_id == handle.id), None)
-
-        return handle, await await_start(handle, started)
+        return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
 
     # -- tasks -----------------------------------------------------------------------------
     def tasks(
@@ -254,9 +244,9 @@ class Facade:
         rows = [self.catalog.get_task(t) for t in task_ids or []]
         return deletable_tasks([(r.id, r.status) for r in rows])
 
-    def delete_tasks(self, task_ids: list[str]) -> list[str]:
-        """Delete failed task records (T2); the ids deleted."""
-        ids = self.deletable_tasks(task_ids, False) if task_ids else []
+    def delete_tasks(self, task_ids: list[str] | None, all_failed: bool = False) -> list[str]:
+        """Delete failed task records (T2), by id or all of them; the ids deleted."""
+        ids = self.deletable_tasks(task_ids, all_failed)
         self.catalog.delete_tasks(ids)
         return ids
 

@@ -69,15 +69,13 @@ class CatalogBase:
         """Every catalog call this thread makes inside the block is one transaction: it
         commits when the block ends, or changes nothing if the block raises. For steps that
         write several rows (a backup committed, its task finished, its server freed)."""
-        if getattr(self._unit, "session", None) is not None:
-            yield  # already in one: the outer unit commits
-            return
-        with self.session() as session:
+        with self.session() as session:  # the outer unit's, when nested: it commits
+            outer = getattr(self._unit, "session", None)
             self._unit.session = session
             try:
                 yield
             finally:
-                self._unit.session = None
+                self._unit.session = outer
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -36,4 +36,4 @@ def delete_task(task_id: Id, facade: FacadeDep) -> dict[str, Any]:
 @router.post("/v1/tasks:delete-failed", response_model=Deleted)
 def delete_failed_tasks(facade: FacadeDep) -> dict[str, Any]:
     """Delete every failed task record (T2)."""
-    return {"deleted": facade.delete_tasks(facade.deletable_tasks(None, True))}
+    return {"deleted": facade.delete_tasks(None, all_failed=True)}
