@@ -246,8 +246,8 @@ class CsbsActivities:
         )
 
     @_step("stop_server")
-    def stop_server(self, inp: OfServer) -> None:
-        self.services.restore.stop_server(inp.server_id)
+    def stop_server(self, inp: OfServer) -> str | None:
+        return self.services.restore.stop_server(inp.server_id, inp.task_id)
 
     @_step("start_server")
     def start_server(self, inp: OfServer) -> None:

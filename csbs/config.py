@@ -33,11 +33,21 @@ class Settings(BaseSettings):
     s3_bucket: str = "csbs"
     s3_region: str = "us-east-1"
     s3_prefix: str = "csbs"
-    compute_driver: Literal["local", "qemu"] = "local"
+    compute_driver: Literal["local", "qemu", "libvirt"] = "local"
     servers_dir: Path | None = None
-    #: The QEMU binaries the ``qemu`` driver runs (names on PATH or absolute paths).
+    #: The QEMU binaries the ``qemu`` and ``libvirt`` drivers run (names on PATH or
+    #: absolute paths).
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
+    qemu_storage_daemon: str = "qemu-storage-daemon"
+    #: The libvirt connection of the ``libvirt`` driver.
+    libvirt_uri: str = "qemu:///system"
+    #: The hypervisor host this process serves (``python worker.py --host NAME``); the
+    #: default host is served by the plain worker.
+    host: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    #: How long a graceful shutdown (the power button) may take before a server is
+    #: powered off (offline backup B12, restore R3).
+    shutdown_timeout: float = Field(default=90.0, gt=0, le=480)
     project: str = "default"
     #: Projects a worker serves, comma-separated; empty = just ``project``. Each
     #: gets its own task queue (see ``queue``), catalog view, S3 prefix and servers.

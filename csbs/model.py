@@ -91,6 +91,8 @@ class Disk(BaseModel):
     size_bytes: int
     role: DiskRole
     shared: bool = False
+    #: Why csbs cannot back this disk up (network, CD-ROM, LUN, shareable ...); None: it can.
+    unsupported: str | None = None
 
 
 class Server(BaseModel):
@@ -102,6 +104,8 @@ class Server(BaseModel):
     state: ServerState
     disks: list[Disk]
     project: str = "default"
+    #: The hypervisor host that runs the server; its agent serves its data plane.
+    host: str = "default"
 
     def disk(self, disk_id: str) -> Disk:
         for disk in self.disks:

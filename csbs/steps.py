@@ -76,9 +76,10 @@ class ReleaseSnapshot(Step):
 
 
 class OfServer(Step):
-    """Power a server off or on."""
+    """Power a server off or on; a forced stop's warning goes on ``task_id``'s record."""
 
     server_id: str
+    task_id: str | None = None
 
 
 # -- restore ------------------------------------------------------------------------------------

@@ -162,13 +162,14 @@ def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: flo
 
 # -- servers --------------------------------------------------------------------------------
 def _server_table(servers: list[Server]) -> None:
-    table = Table("id", "name", "type", "state", "disks")
+    table = Table("id", "name", "host", "type", "state", "disks")
     for s in servers:
         disks = ", ".join(
-            f"{d.id} ({d.role.value}{', shared' if d.shared else ''}, {format_size(d.size_bytes)})"
+            f"{d.id} ({d.role.value}{', shared' if d.shared else ''}, {format_size(d.size_bytes)}"
+            f"{', not backed up: ' + d.unsupported if d.unsupported else ''})"
             for d in s.disks
         )
-        table.add_row(s.id, s.name, s.type, s.state.value, disks)
+        table.add_row(s.id, s.name, s.host, s.type, s.state.value, disks)
     console.print(table)
 
 

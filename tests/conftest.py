@@ -37,6 +37,7 @@ from csbs.model import BackupServerInput, RestoreServerInput
 from csbs.services import Services
 from starter.client import CsbsClient
 from starter.stack import SeaweedS3, start_seaweed, tool
+from tests.libvirt_support import Lab, libvirtd, need_libvirt
 from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON, qemu_version
 from worker import build_worker
 from workflows.common import SEARCH_ATTRIBUTES
@@ -274,6 +275,36 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     """A worker on its own task queue over a fresh catalog, prefix and servers directory."""
     async with running_stack(temporal, make_settings(tmp_path, s3)) as st:
+        yield st
+
+
+@pytest.fixture(scope="session")
+def libvirt_host() -> Iterator[None]:
+    """libvirtd and virtlogd for the session (started here when they are not running)."""
+    need_libvirt()
+    with libvirtd():
+        yield
+
+
+@pytest.fixture
+def lab(libvirt_host: None) -> Iterator[Lab]:
+    """A folder QEMU can reach for images, and the domains a test defines (removed after)."""
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def libvirt_stack(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment, lab: Lab
+) -> AsyncIterator[Stack]:
+    """Like ``stack``, with the libvirt driver on this host's libvirtd (the domains are the
+    ones the test defines in ``lab``; a guest-less one is powered off after 2 s)."""
+    settings = make_settings(tmp_path, s3, compute_driver="libvirt", shutdown_timeout=2.0)
+    async with running_stack(temporal, settings) as st:
+        st.env["CSBS_SHUTDOWN_TIMEOUT"] = "2"
         yield st
 
 

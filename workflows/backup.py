@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 from workflows.common import (
+    POWER_TIMEOUT,
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_POLICY_ID,
@@ -78,7 +79,12 @@ class BackupServer(DiskProgress):
             if restart:
                 self._at("stopping server")
                 await step(
-                    "stop server", local_step(A.stop_server, OfServer(server_id=inp.server_id))
+                    "stop server",
+                    local_step(
+                        A.stop_server,
+                        OfServer(server_id=inp.server_id, task_id=task_id),
+                        timeout=POWER_TIMEOUT,
+                    ),
                 )
             self._at("snapshot", name=prepared.name)
             try:

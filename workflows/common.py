@@ -30,6 +30,9 @@ SEARCH_ATTRIBUTES = [SA_SERVER_ID, SA_BACKUP_ID, SA_POLICY_ID, SA_OPERATION]
 
 #: Short bookkeeping steps (catalog, driver calls).
 STEP_TIMEOUT = timedelta(minutes=2)
+#: Stopping a server: a graceful shutdown may take up to CSBS_SHUTDOWN_TIMEOUT (at most
+#: 8 minutes) before the server is forced off.
+POWER_TIMEOUT = timedelta(minutes=10)
 #: Data transfer of one disk: long, but watched by heartbeats.
 TRANSFER_TIMEOUT = timedelta(hours=24)
 HEARTBEAT_TIMEOUT = tuning.HEARTBEAT_TIMEOUT
@@ -56,15 +59,27 @@ A = TypeVar("A")
 
 
 @overload
-def local_step(step: Callable[[Any], T], *, cleanup: bool = False) -> Awaitable[T]: ...
+def local_step(
+    step: Callable[[Any], T], *, cleanup: bool = False, timeout: timedelta = STEP_TIMEOUT
+) -> Awaitable[T]: ...
 
 
 @overload
-def local_step(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -> Awaitable[T]: ...
+def local_step(
+    step: Callable[[Any, A], T],
+    arg: A,
+    *,
+    cleanup: bool = False,
+    timeout: timedelta = STEP_TIMEOUT,
+) -> Awaitable[T]: ...
 
 
 def local_step(
-    step: Callable[..., Any], arg: Any = None, *, cleanup: bool = False
+    step: Callable[..., Any],
+    arg: Any = None,
+    *,
+    cleanup: bool = False,
+    timeout: timedelta = STEP_TIMEOUT,
 ) -> Awaitable[Any]:
     """Run a short bookkeeping step (catalog record, snapshot, power) as a local activity:
     the worker that runs the workflow task runs it at once, with no round trip through a
@@ -75,7 +90,7 @@ def local_step(
     return workflow.execute_local_activity_method(
         cast(Any, step),
         args=args,
-        start_to_close_timeout=STEP_TIMEOUT,
+        start_to_close_timeout=timeout,
         retry_policy=CLEANUP_RETRY if cleanup else RETRY,
     )
 

@@ -67,7 +67,12 @@ class RestoreServer(wf.DiskProgress):
                 await self._verify_first(plan)
             self._at("stopping server")
             await wf.step(
-                "stop server", wf.local_step(A.stop_server, OfServer(server_id=plan.server_id))
+                "stop server",
+                wf.local_step(
+                    A.stop_server,
+                    OfServer(server_id=plan.server_id, task_id=plan.task_id),
+                    timeout=wf.POWER_TIMEOUT,
+                ),
             )
             stopped = True
             self._at("restoring")

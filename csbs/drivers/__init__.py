@@ -22,6 +22,18 @@ def make_driver(settings: Settings) -> ComputeDriver:
             qemu_binary=settings.qemu_binary,
             qemu_img=settings.qemu_img,
         )
+    if settings.compute_driver == "libvirt":
+        from csbs.drivers.libvirt import LibvirtDriver
+
+        return LibvirtDriver(
+            settings.effective_servers_dir,
+            uri=settings.libvirt_uri,
+            project=settings.project,
+            host=settings.host,
+            qemu_img=settings.qemu_img,
+            storage_daemon=settings.qemu_storage_daemon,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
     raise ValueError(f"compute_driver {settings.compute_driver!r} is not known")
 
 

@@ -85,7 +85,9 @@ class ComputeDriver(Protocol):
 
     def get_server(self, server_id: str) -> Server: ...
 
-    def stop(self, server_id: str) -> Server: ...
+    def stop(self, server_id: str) -> str | None:
+        """Stop the server, gracefully where the driver can (the power button first);
+        return a warning when it had to be forced off, else None."""
 
     def start(self, server_id: str) -> Server: ...
 

@@ -83,7 +83,7 @@ class LocalDriver(DirectoryDriver):
             self._save(server)
             return server
 
-    def stop(self, server_id: str) -> Server:
+    def stop(self, server_id: str) -> str | None:
         with self._lock(server_id, exclusive=True):
             server = self.get_server(server_id)
             if server.state == ServerState.RUNNING:
@@ -91,7 +91,7 @@ class LocalDriver(DirectoryDriver):
                 self._save(server)
             elif server.state != ServerState.STOPPED:
                 raise InvalidState(f"server {server_id} is {server.state}; it cannot be stopped")
-            return server
+            return None
 
     def start(self, server_id: str) -> Server:
         with self._lock(server_id, exclusive=True):

@@ -175,6 +175,11 @@ class BackupService(Service):
                 f"server {server.id} has shared disk(s) {', '.join(shared)}; servers with "
                 f"shared disks cannot be backed up"
             )
+        unsupported = [d.unsupported for d in server.disks if d.unsupported]
+        if unsupported:
+            raise InvalidInput(
+                f"server {server.id} cannot be backed up: {'; '.join(map(str, unsupported))}"
+            )
 
     def take_snapshot(self, backup_id: str) -> list[str]:
         """Group-snapshot all disks of the backup's server; return the disk ids."""

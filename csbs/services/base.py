@@ -5,6 +5,7 @@ operations whose Temporal runs closed without finishing them."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from csbs.model import (
 
 
 Heartbeat = Callable[[dict[str, Any]], None]
+
+
+log = logging.getLogger(__name__)
 
 
 class _Throttle:
@@ -163,8 +167,19 @@ class Service:
         except NotFound:
             return None
 
-    def stop_server(self, server_id: str) -> None:
-        self.driver.stop(server_id)
+    def stop_server(self, server_id: str, task_id: str | None = None) -> str | None:
+        """Stop a server gracefully; a warning (it had to be forced off) is added to the
+        task's detail, where ``csbs task show`` and the task list show it."""
+        warning = self.driver.stop(server_id)
+        if warning is not None:
+            log.warning("%s", warning)
+            if task_id is not None:
+                detail = self.catalog.get_task(task_id).detail
+                if warning not in (detail or ""):
+                    self.catalog.update_task(
+                        task_id, detail="; ".join(filter(None, [detail, warning]))
+                    )
+        return warning
 
     def start_server(self, server_id: str) -> None:
         self.driver.start(server_id)

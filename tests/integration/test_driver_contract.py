@@ -26,10 +26,21 @@ from tests.qemu_support import QEMU_SKIP
 MIB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", pytest.param("qemu", marks=QEMU_SKIP)])
+@pytest.fixture(
+    params=[
+        "local",
+        pytest.param("qemu", marks=QEMU_SKIP),
+        pytest.param("libvirt", marks=pytest.mark.libvirt),
+    ]
+)
 def drv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevServers]:
     if request.param == "local":
         yield LocalDriver(tmp_path / "servers")
+        return
+    if request.param == "libvirt":
+        from tests.libvirt_support import LabServers
+
+        yield LabServers(tmp_path / "servers", request.getfixturevalue("lab"))
         return
     from csbs.drivers.qemu import QemuDriver
 
@@ -77,6 +88,10 @@ def test_create_gives_sparse_system_and_data_disks(drv: DevServers, tmp_path: Pa
         ("data", False),
         ("data", True),
     ]
+    if drv.name == "libvirt":
+        # The images are the operator's (the lab's), not the driver's: nothing more to see.
+        assert server.disks[2].unsupported and "shareable" in server.disks[2].unsupported
+        return
     images = [p for p in (tmp_path / "servers" / server.id / "disks").iterdir()]
     assert len(images) == 3 and all(p.stat().st_blocks * 512 < MIB for p in images)
     assert drv.list_servers() == [server]
@@ -87,7 +102,11 @@ def test_states_and_guest_writes(drv: DevServers) -> None:
     server = drv.create_server("web", [4 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 100, b"abc")
-    assert drv.stop(server.id).state == ServerState.STOPPED
+    warning = drv.stop(server.id)
+    if drv.name == "libvirt":  # a guest-less domain never answers the power button
+        assert warning is not None and "powered off (libvirt destroy)" in warning
+    else:
+        assert warning is None  # stopped at once: no warning
     assert drv.get_server(server.id).state == ServerState.STOPPED
     with pytest.raises(InvalidState, match="guest writes need a running server"):
         drv.write(server.id, disk, 0, b"x")
@@ -99,9 +118,10 @@ def test_states_and_guest_writes(drv: DevServers) -> None:
     expected[100:103] = b"abc"
     expected[-2:] = b"yz"
     assert drv.checksum(server.id) == {disk: sha(bytes(expected))}
-    drv.set_state(server.id, ServerState.FAULT)
-    with pytest.raises(InvalidState):
-        drv.start(server.id)
+    if drv.name != "libvirt":  # libvirt cannot be told to put a domain in fault
+        drv.set_state(server.id, ServerState.FAULT)
+        with pytest.raises(InvalidState):
+            drv.start(server.id)
     with pytest.raises(NotFound):
         drv.get_server("srv-missing")
     with pytest.raises(ValueError):
@@ -255,8 +275,14 @@ def test_offline_snapshot_survives_start_and_restore_writes_are_tracked(
     writer.write(2 * MIB, b"3" * BLOCK_SIZE)
     writer.close()
     drv.start(server.id)
-    drv.group_snapshot(server.id, "next")
-    assert changed(drv, server.id, "next", disk) == [(0, MIB), (2 * MIB, BLOCK_SIZE)]
+    after = drv.group_snapshot(server.id, "next")
+    if drv.name == "libvirt":
+        # libvirt cannot track writes made beside QEMU: a restore deletes the checkpoints,
+        # and the next backup reads every disk in full, saying why.
+        assert after.disks[0].changed_since is None
+        assert "restored from a backup" in (after.disks[0].full_read_reason or "")
+    else:
+        assert changed(drv, server.id, "next", disk) == [(0, MIB), (2 * MIB, BLOCK_SIZE)]
     drv.release_snapshot(server.id, "next", committed=True)
 
 
@@ -373,7 +399,7 @@ def test_processes_are_found_whatever_the_callers_tmpdir(
     other.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(other))
     qemu.write(server.id, server.disks[0].id, 0, b"x")
-    assert qemu.stop(server.id).state == ServerState.STOPPED
+    assert qemu.stop(server.id) is None
     assert qemu.pid(server.id) is None
     assert qemu.start(server.id).state == ServerState.RUNNING
 

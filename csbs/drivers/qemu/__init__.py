@@ -39,11 +39,10 @@ recorded with the backup.
 """
 
 from csbs.drivers.qemu.driver import QemuDriver
-from csbs.drivers.qemu.io import QemuDiskWriter, QemuSnapshotReader
+from csbs.drivers.qemu.io import QemuSnapshotReader
 from csbs.drivers.qemu.qmp import QmpError, drive_id, node_name
 
 __all__ = [
-    "QemuDiskWriter",
     "QemuDriver",
     "QemuSnapshotReader",
     "QmpError",

@@ -10,7 +10,7 @@ from csbs.drivers.common import (
     check_disk_size,
 )
 from csbs.drivers.nbd import NbdClient, NbdError
-from csbs.drivers.qemu.io import QemuDiskWriter, _hash_export
+from csbs.drivers.nbd_io import NbdDiskWriter, hash_export
 from csbs.drivers.qemu.qmp import (
     GUEST_WRITE_PIECE,
     REASON_ADDED,
@@ -69,7 +69,7 @@ class QemuDriver(QemuSnapshots):
                 self._settle(server_id)
             return server
 
-    def stop(self, server_id: str) -> Server:
+    def stop(self, server_id: str) -> str | None:
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             if server.state == ServerState.RUNNING:
@@ -81,7 +81,7 @@ class QemuDriver(QemuSnapshots):
                 self._settle(server_id)
             elif server.state != ServerState.STOPPED:
                 raise InvalidState(f"server {server_id} is {server.state}; it cannot be stopped")
-            return server
+            return None
 
     def start(self, server_id: str) -> Server:
         with self._lock(server_id, exclusive=True):
@@ -175,7 +175,7 @@ class QemuDriver(QemuSnapshots):
                     **{"node-name": node_name(disk.id)},
                 )
                 try:
-                    sums[disk.id] = _hash_export(nbd_path, f"checksum/{disk.id}")
+                    sums[disk.id] = hash_export(nbd_path, f"checksum/{disk.id}")
                 finally:
                     self._export_del(qmp, export)
             self._nbd_stop_if_idle(qmp)
@@ -246,7 +246,7 @@ class QemuDriver(QemuSnapshots):
             self._cbt_path(server_id, disk_id).unlink(missing_ok=True)
 
     # -- restore ---------------------------------------------------------------------------
-    def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> QemuDiskWriter:
+    def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> NbdDiskWriter:
         check_disk_size(size_bytes)
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
@@ -275,7 +275,9 @@ class QemuDriver(QemuSnapshots):
                 client = NbdClient(self._nbd_path(server_id), f"restore/{disk_id}")
             except NbdError as exc:
                 raise DriverError(f"disk {disk_id}: cannot open it for restore ({exc})") from exc
-        return QemuDiskWriter(self, server_id, disk_id, size_bytes, client)
+        return NbdDiskWriter(
+            disk_id, size_bytes, client, lambda: self._close_writer(server_id, disk_id)
+        )
 
     def _close_writer(self, server_id: str, disk_id: str) -> None:
         with self._lock(server_id, exclusive=True):
