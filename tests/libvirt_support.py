@@ -303,7 +303,7 @@ class LabServers(LibvirtDriver):
         return sums
 
     def _flags(self, dom: Any) -> int:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        flags = int(libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         if dom.isActive():
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         return flags
