@@ -151,7 +151,7 @@ class Lab:
                 f"<cmdline>console=ttyS0 panic=-1 loglevel=3 {cmdline}</cmdline>"
             )
             devices.append(
-                f"<serial type='file'><source path={quoteattr(str(serial))}/>"
+                f"<serial type='file'><source path={quoteattr(str(serial))} append='on'/>"
                 f"<target port='0'/></serial>"
             )
         xml = f"""<domain type='qemu'>
@@ -361,8 +361,12 @@ class LabServers(LibvirtDriver):
 
 
 def build_guest(out: Path) -> Path:
-    """The real Linux guest of ../shared/guest (kernel and initramfs), built once."""
-    subprocess.run([str(GUEST_DIR / "build-guest"), str(out)], check=True)
+    """The real Linux guest of ../shared/guest (kernel and initramfs), built once into
+    ``out`` (a folder QEMU can read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o755)
+    subprocess.run([str(GUEST_DIR / "build-guest"), str(out)], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
     for name in ("vmlinuz", "initrd.gz"):
         os.chmod(out / name, 0o644)
     return out

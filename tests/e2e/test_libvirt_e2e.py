@@ -10,19 +10,30 @@ stays qcow2, the next backup reads in full)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
+from temporalio.testing import WorkflowEnvironment
 
 from csbs.model import ServerState
-from tests.conftest import MIB, Stack, backup, restore
-from tests.libvirt_support import Lab, LabServers, restart_libvirtd
+from starter.stack import SeaweedS3
+from tests.conftest import MIB, Stack, backup, make_settings, restore, running_stack
+from tests.libvirt_support import (
+    Lab,
+    LabServers,
+    build_guest,
+    guest_disk,
+    restart_libvirtd,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.libvirt]
 
@@ -149,3 +160,96 @@ async def test_the_chain_never_breaks(libvirt_stack: Stack, lab: Lab) -> None:
     await restore(st, after_restart["id"])
     dom.destroy()
     assert g.checksum(sid) == expected
+
+
+# -- a real Linux guest (../shared/guest) ------------------------------------------------
+IDLE = "#!/bin/sh\necho 'GUEST: ready'\nwhile true; do sleep 1; done\n"
+
+#: Every boot: check every file earlier boots wrote, then write more, one synced file at a
+#: time, each holding its own number 64 KiB over.
+WRITER = """#!/bin/sh
+mkdir -p /mnt/data
+n=0; bad=0
+for f in /mnt/data/*; do
+  [ -f "$f" ] || continue
+  i=$(basename "$f"); n=$((n+1))
+  [ "$(md5sum < "$f")" = "$(yes "file $i" | head -c 65536 | md5sum)" ] || bad=$((bad+1))
+done
+echo "GUEST: verified $n files, $bad bad"
+i=$((n+1))
+while true; do
+  yes "file $i" | head -c 65536 > /mnt/data/$i.tmp && sync && mv /mnt/data/$i.tmp /mnt/data/$i && sync
+  echo "GUEST: wrote $i"
+  i=$((i+1)); sleep 0.2
+done
+"""
+
+
+@pytest.fixture(scope="session")
+def guest_kernel(libvirt_host: None) -> Path:
+    return build_guest(Path("/var/tmp/csbs-guest"))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def guest_stack(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment, lab: Lab
+) -> AsyncIterator[Stack]:
+    """The libvirt stack with time for a real guest to shut down (12 s)."""
+    settings = make_settings(tmp_path, s3, compute_driver="libvirt", shutdown_timeout=12.0)
+    async with running_stack(temporal, settings) as st:
+        yield st
+
+
+def task_of(st: Stack, backup_id: str, kind: str) -> Any:
+    return next(t for t in st.catalog.list_tasks(kind=kind) if t.backup_id == backup_id)
+
+
+async def test_offline_backup_shuts_a_real_guest_down_or_powers_it_off(
+    guest_stack: Stack, lab: Lab, guest_kernel: Path
+) -> None:
+    """B12: the power button first, so the guest flushes its caches; a guest that ignores
+    it is powered off after the timeout, with a warning on the task. Either way the
+    server runs again afterwards."""
+    st = guest_stack
+    for ignores in (False, True):
+        dom = lab.define(
+            "ignores" if ignores else "clean",
+            [(guest_disk(lab, IDLE), "qcow2")],
+            kernel=guest_kernel,
+            cmdline="guest.ignore_power" if ignores else "",
+        )
+        lab.wait_serial(dom, "GUEST: ready")
+        record = await backup(st, dom.UUIDString(), offline=True)
+        assert record["status"] == "available"
+        detail = task_of(st, record["id"], "backup").detail or ""
+        said = lab.serial(dom)
+        if ignores:
+            assert "powered off (libvirt destroy)" in detail
+            assert "clean shutdown" not in said
+        else:
+            assert "GUEST: clean shutdown" in said and "powered off" not in detail
+        assert dom.isActive() and said.count("GUEST: up") >= 1
+        lab.wait_serial(dom, "GUEST: ready")
+
+
+async def test_a_real_guest_comes_back_with_what_it_wrote_up_to_the_snapshot(
+    guest_stack: Stack, lab: Lab, guest_kernel: Path
+) -> None:
+    """Crash consistency: back up while the guest writes, restore, boot: it mounts its
+    filesystem and reads every file it had synced before the snapshot, none damaged."""
+    st = guest_stack
+    dom = lab.define("writer", [(guest_disk(lab, WRITER), "qcow2")], kernel=guest_kernel)
+    lab.wait_serial(dom, "GUEST: wrote 3")
+    before = int(lab.serial(dom).rsplit("GUEST: wrote ", 1)[1].split()[0])
+    record = await backup(st, dom.UUIDString())
+    lab.wait_serial(dom, f"GUEST: wrote {before + 10}")  # it goes on writing after
+    done = await restore(st, record["id"])  # stops it, writes the disk, starts it again
+    assert done
+    deadline = time.monotonic() + 90
+    while (said := lab.serial(dom)).count("GUEST: verified") < 2:  # the second boot's
+        assert time.monotonic() < deadline, f"the restored guest never checked its files:\n{said}"
+        await asyncio.sleep(0.2)
+    verified = said.rsplit("GUEST: verified ", 1)[1].split("\n")[0]
+    count, bad = int(verified.split()[0]), int(verified.split(",")[1].split()[0])
+    assert bad == 0
+    assert before <= count < before + 10  # up to the snapshot, not what came after
