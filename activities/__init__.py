@@ -8,8 +8,10 @@ the resume point of a retried transfer from the last heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -78,14 +80,43 @@ def _typed_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _step(name: str) -> Callable[[F], F]:
+def _kept_alive(fn: Callable[P, R]) -> Callable[P, R]:
+    """Heartbeat while a short step runs, when its run asked for heartbeats (a step on a
+    host agent's queue): an agent killed in the middle of it is noticed within the
+    heartbeat timeout, not the step's whole timeout, and the step is retried."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        timeout = activity.info().heartbeat_timeout if activity.in_activity() else None
+        if not timeout or activity.info().is_local:
+            return fn(*args, **kwargs)
+        done = threading.Event()
+        beat = contextvars.copy_context()
+
+        def keep_alive() -> None:
+            while not done.wait(timeout.total_seconds() / 3):
+                beat.run(activity.heartbeat)
+
+        thread = threading.Thread(target=keep_alive, name="keep-alive", daemon=True)
+        thread.start()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            done.set()
+            thread.join()
+
+    return wrapper
+
+
+def _step(name: str, keep_alive: bool = False) -> Callable[[F], F]:
     """Register a method as the activity ``name``, its core errors typed (``_typed_errors``).
     Cancellation is cooperative: the SDK never raises an exception into the activity's
     thread (it can land at any bytecode, inside a lock's ``with`` or a thread pool's
-    start-up, and wedge the whole worker); long steps see it at their next heartbeat."""
+    start-up, and wedge the whole worker); long steps see it at their next heartbeat.
+    ``keep_alive``: a short step that does not heartbeat itself (see ``_kept_alive``)."""
 
     def register(fn: F) -> F:
-        typed: F = _typed_errors(fn)  # type: ignore[assignment]
+        typed: F = _typed_errors(_kept_alive(fn) if keep_alive else fn)  # type: ignore[assignment]
         return activity.defn(name=name, no_thread_cancel_exception=True)(typed)
 
     return register
@@ -196,6 +227,18 @@ class CsbsActivities:
             self.backups_to_verify,
         ]
 
+    def data_plane(self) -> list[Callable[..., Any]]:
+        """What a host agent serves for the servers of its host: snapshot, reads and
+        uploads, restore writes and power. Chunks go from there straight to S3."""
+        return [
+            self.take_snapshot,
+            self.backup_disk,
+            self.release_snapshot,
+            self.stop_server,
+            self.start_server,
+            self.restore_disk,
+        ]
+
     # -- backup ------------------------------------------------------------------------------
     @_step("prepare_backup")
     def prepare_backup(self, inp: PrepareBackup) -> PreparedBackup:
@@ -203,7 +246,7 @@ class CsbsActivities:
             inp.request, inp.backup_id, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
-    @_step("take_snapshot")
+    @_step("take_snapshot", keep_alive=True)
     def take_snapshot(self, inp: OfBackup) -> SnapshotTaken:
         with step_span("csbs.snapshot", backup_id=inp.backup_id) as span:
             disks = self.services.backup.take_snapshot(inp.backup_id)
@@ -234,7 +277,7 @@ class CsbsActivities:
     def fail_backup(self, inp: FailTask) -> None:
         self.services.backup.fail_backup(inp.backup_id, inp.task_id, inp.reason, _run_id())
 
-    @_step("release_snapshot")
+    @_step("release_snapshot", keep_alive=True)
     def release_snapshot(self, inp: ReleaseSnapshot) -> None:
         self.services.backup.release_snapshot(inp.server_id, inp.backup_id, inp.committed)
 
@@ -245,11 +288,11 @@ class CsbsActivities:
             inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
         )
 
-    @_step("stop_server")
+    @_step("stop_server", keep_alive=True)
     def stop_server(self, inp: OfServer) -> str | None:
         return self.services.restore.stop_server(inp.server_id, inp.task_id)
 
-    @_step("start_server")
+    @_step("start_server", keep_alive=True)
     def start_server(self, inp: OfServer) -> None:
         self.services.restore.start_server(inp.server_id)
 

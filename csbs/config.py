@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     #: The hypervisor host this process serves (``python worker.py --host NAME``); the
     #: default host is served by the plain worker.
     host: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    #: How long a data-plane step of a server on another host waits for that host's agent
+    #: to take it before the operation fails, naming the host.
+    host_wait_seconds: int = Field(default=300, ge=1, le=86400)
+    #: How often a worker reports its host's servers to the catalog (the inventory).
+    inventory_seconds: float = Field(default=30.0, gt=0, le=3600)
     #: How long a graceful shutdown (the power button) may take before a server is
     #: powered off (offline backup B12, restore R3).
     shutdown_timeout: float = Field(default=90.0, gt=0, le=480)
@@ -114,6 +119,10 @@ class Settings(BaseSettings):
         project, ``<task_queue>.<project>`` for any other, so that a project's workflows only
         ever run on workers serving that project."""
         return self.task_queue if self.project == "default" else f"{self.task_queue}.{self.project}"
+
+    def host_queue(self, host: str) -> str:
+        """The task queue of a host's agent for this settings' project."""
+        return f"{self.queue}@{host}"
 
     def project_list(self) -> list[str]:
         """The projects a worker serves."""

@@ -277,6 +277,16 @@ class DeleteBackupsInput(_Input):
         return v
 
 
+class HostRoute(BaseModel):
+    """Where a server's data-plane steps run (snapshot, reads, restore writes, power).
+    ``queue`` None: on the run's own worker, which serves the server's host; otherwise on
+    that host's agent queue, waiting at most ``wait_seconds`` for an agent to take each."""
+
+    host: str = "default"
+    queue: str | None = None
+    wait_seconds: int = 300
+
+
 class PreparedBackup(BaseModel):
     backup_id: str
     task_id: str
@@ -287,6 +297,7 @@ class PreparedBackup(BaseModel):
     parent_id: str | None
     #: The server's state when the backup was prepared (offline backups restart it).
     server_state: str = "running"
+    route: HostRoute = HostRoute()
 
 
 class RestoreItem(BaseModel):
@@ -306,6 +317,7 @@ class RestorePlan(BaseModel):
     server_id: str
     items: list[RestoreItem]
     warnings: list[str] = []
+    route: HostRoute = HostRoute()
 
 
 class VerifyPlan(BaseModel):

@@ -76,7 +76,45 @@ async def check_temporal(settings: Settings, timeout: float = 5.0) -> list[Check
             f"`python worker.py` (same CSBS_* settings)",
         )
     )
+    for name, seen in _hosts(settings):
+        if name == settings.host:
+            continue  # the default host is the worker's own (above)
+        agents = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=settings.namespace,
+                task_queue=TaskQueue(name=settings.host_queue(name)),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            )
+        )
+        count = len(agents.pollers)
+        checks.append(
+            Check(
+                f"host {name}",
+                count > 0,
+                f"{count} agent(s) polling; servers last reported {seen}"
+                if count
+                else f"no agent: its servers cannot be backed up or restored (last reported "
+                f"{seen}); run `python worker.py --host {name}` on that host",
+            )
+        )
     return checks
+
+
+def _hosts(settings: Settings) -> list[tuple[str, str]]:
+    """The hosts whose agents reported servers, with when they last did."""
+    from csbs.catalog import Catalog
+
+    try:
+        catalog = Catalog(settings.effective_database_url, settings.project)
+    except Exception:
+        return []  # the catalog check says why
+    try:
+        return [
+            (h.name, h.seen_at.isoformat(timespec="seconds") if h.seen_at else "never")
+            for h in catalog.hosts()
+        ]
+    finally:
+        catalog.dispose()
 
 
 def check_s3(settings: Settings) -> Check:
@@ -150,6 +188,8 @@ def check_driver(settings: Settings) -> Check:
         return Check("hypervisor", False, f"{servers} is not writable")
     if settings.compute_driver == "local":
         return Check("hypervisor", True, f"local driver, servers in {servers}")
+    if settings.compute_driver == "libvirt":
+        return check_libvirt(settings)
     missing = [b for b in (settings.qemu_binary, settings.qemu_img) if shutil.which(b) is None]
     if missing:
         return Check(
@@ -168,6 +208,46 @@ def check_driver(settings: Settings) -> Check:
         f"qemu driver: {version[0] if version else settings.qemu_binary}, servers in {servers}"
         if runtime_ok
         else f"qemu driver: {tempfile.gettempdir()} is not writable (QMP/NBD sockets live there)",
+    )
+
+
+def check_libvirt(settings: Settings) -> Check:
+    missing = [
+        b for b in (settings.qemu_img, settings.qemu_storage_daemon) if shutil.which(b) is None
+    ]
+    if missing:
+        return Check(
+            "hypervisor",
+            False,
+            f"libvirt driver: {', '.join(missing)} not found; install qemu-utils",
+        )
+    try:
+        import libvirt
+    except ImportError:
+        return Check(
+            "hypervisor",
+            False,
+            "libvirt driver: libvirt-python is not installed (pip install 'csbs[libvirt]')",
+        )
+    try:
+        conn = libvirt.open(settings.libvirt_uri)
+    except libvirt.libvirtError as exc:
+        return Check(
+            "hypervisor",
+            False,
+            f"libvirt driver: cannot connect to {settings.libvirt_uri}: "
+            f"{exc.get_error_message()} (is libvirtd running?)",
+        )
+    try:
+        domains = len(conn.listAllDomains(0))
+        version = conn.getLibVersion()
+    finally:
+        conn.close()
+    return Check(
+        "hypervisor",
+        True,
+        f"libvirt {version // 1000000}.{version // 1000 % 1000} at {settings.libvirt_uri}, "
+        f"{domains} domain(s) on host {settings.host}",
     )
 
 

@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError, FailureError
 
 from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
 from csbs.config import Settings
-from csbs.drivers import ComputeDriver, make_driver
+from csbs.drivers import ComputeDriver, make_fleet
 from csbs.errors import CsbsError, InvalidInput
 from csbs.model import (
     BackupStatus,
@@ -118,7 +118,7 @@ class Facade:
         self.settings = settings
         self.serve_metrics = serve_metrics
         self.catalog = catalog or Catalog(settings.effective_database_url, settings.project)
-        self.driver = driver or make_driver(settings)
+        self.driver = driver or make_fleet(settings, self.catalog)
         self.policies = PolicyService(self.catalog, self.driver)
         self._client = client
 

@@ -29,6 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
+from csbs.drivers import Fleet
 from csbs.drivers.base import DevServers
 from csbs.drivers.local import LocalDriver
 from csbs.drivers.qemu import QemuDriver
@@ -164,6 +165,14 @@ def make_settings(tmp_path: Path, s3: SeaweedS3, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def dev_servers(driver: object) -> DevServers:
+    """The dev driver under a service's driver (this host's, inside its ``Fleet``)."""
+    if isinstance(driver, Fleet):
+        driver = driver.local
+    assert isinstance(driver, DevServers)
+    return driver
+
+
 @dataclass
 class Stack:
     """Everything one end-to-end test needs, wired to the session's real servers."""
@@ -175,16 +184,14 @@ class Stack:
 
     @property
     def driver(self) -> LocalDriver:
-        drv = self.service.driver
+        drv = self.compute
         assert isinstance(drv, LocalDriver)
         return drv
 
     @property
     def compute(self) -> DevServers:
-        """The driver, whichever it is (``driver`` is the local one's full API)."""
-        drv = self.service.driver
-        assert isinstance(drv, DevServers)
-        return drv
+        """This host's driver, whichever it is (``driver`` is the local one's full API)."""
+        return dev_servers(self.service.driver)
 
     @property
     def catalog(self) -> Catalog:

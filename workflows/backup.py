@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -31,6 +32,7 @@ from workflows.common import (
     DiskProgress,
     all_or_cancel,
     local_step,
+    on_host,
     reason_of,
     run_failure,
     step,
@@ -73,6 +75,8 @@ class BackupServer(DiskProgress):
             raise run_failure(failed) from err
 
         committed = released = False
+        # Snapshot, reads and power run where the server is: here, or on its host's agent.
+        self._route = route = prepared.route
         # B12: an offline backup stops a running server for the snapshot only.
         restart = inp.offline and prepared.server_state == "running"
         try:
@@ -80,7 +84,8 @@ class BackupServer(DiskProgress):
                 self._at("stopping server")
                 await step(
                     "stop server",
-                    local_step(
+                    on_host(
+                        route,
                         A.stop_server,
                         OfServer(server_id=inp.server_id, task_id=task_id),
                         timeout=POWER_TIMEOUT,
@@ -89,14 +94,14 @@ class BackupServer(DiskProgress):
             self._at("snapshot", name=prepared.name)
             try:
                 snapshot = await step(
-                    "group snapshot", local_step(A.take_snapshot, OfBackup(backup_id=backup_id))
+                    "group snapshot", on_host(route, A.take_snapshot, OfBackup(backup_id=backup_id))
                 )
                 disk_ids = snapshot.disk_ids
             finally:
                 if restart:
                     self._at("starting server")
-                    await local_step(
-                        A.start_server, OfServer(server_id=inp.server_id), cleanup=True
+                    await on_host(
+                        route, A.start_server, OfServer(server_id=inp.server_id), cleanup=True
                     )
             self._progress["disks_total"] = len(disk_ids)
             self._at("uploading")
@@ -127,14 +132,22 @@ class BackupServer(DiskProgress):
                 await self._release(inp.server_id, backup_id, committed)
 
     async def _release(self, server_id: str, backup_id: str, committed: bool) -> None:
-        await local_step(
-            A.release_snapshot,
-            ReleaseSnapshot(server_id=server_id, backup_id=backup_id, committed=committed),
-            cleanup=True,
-        )
+        release = ReleaseSnapshot(server_id=server_id, backup_id=backup_id, committed=committed)
+        route = self._route
+        try:
+            await on_host(route, A.release_snapshot, release, cleanup=True)
+        except (ActivityError, ApplicationError) as err:
+            if route.queue is None:
+                raise
+            # The host's agent is gone: it releases what no running backup owns before
+            # its next snapshot. The backup's own record must not wait for it.
+            workflow.logger.warning("snapshot %s not released: %s", backup_id, err)
 
     async def _disk(self, backup_id: str, disk_id: str) -> TransferStats:
         upload = transfer(
-            A.backup_disk, OfDisk(backup_id=backup_id, disk_id=disk_id), summary=f"disk {disk_id}"
+            A.backup_disk,
+            OfDisk(backup_id=backup_id, disk_id=disk_id),
+            summary=f"disk {disk_id}",
+            route=self._route,
         )
         return await self._disk_step(f"upload of disk {disk_id}", upload, then="uploading")

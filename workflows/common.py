@@ -14,12 +14,17 @@ from temporalio.exceptions import (
     ApplicationError,
     CancelledError,
     ChildWorkflowError,
+    TimeoutType,
+)
+from temporalio.exceptions import (
+    TimeoutError as StepTimeout,
 )
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities import CsbsActivities
     from csbs import tuning
+    from csbs.model import HostRoute
     from csbs.steps import SweepResult
 
 SA_SERVER_ID = SearchAttributeKey.for_keyword("CsbsServerId")
@@ -107,26 +112,73 @@ def queued_step(step: Callable[[Any, A], T], arg: A, *, cleanup: bool = False) -
     return _queued(step, arg, start_to_close_timeout=STEP_TIMEOUT, retry_policy=retry)
 
 
+async def _on_agent(route: HostRoute, step: Callable[..., Any], arg: Any, **options: Any) -> Any:
+    """A step on a host agent's queue. No agent taking it within the route's wait fails it
+    at once with a reason that names the host (a retry goes back to the same queue, so an
+    agent that returns in time picks up where the last one stopped)."""
+    try:
+        return await _queued(
+            step,
+            arg,
+            task_queue=route.queue,
+            schedule_to_start_timeout=timedelta(seconds=route.wait_seconds),
+            **options,
+        )
+    except ActivityError as err:
+        cause = err.cause
+        if isinstance(cause, StepTimeout) and cause.type == TimeoutType.SCHEDULE_TO_START:
+            raise ApplicationError(
+                f"host {route.host} has no agent: no worker took the step within "
+                f"{route.wait_seconds} s (run python worker.py --host {route.host} there)",
+                type="HostUnavailable",
+                non_retryable=True,
+            ) from err
+        raise
+
+
+def on_host(
+    route: HostRoute,
+    step: Callable[[Any, A], T],
+    arg: A,
+    *,
+    cleanup: bool = False,
+    timeout: timedelta = STEP_TIMEOUT,
+) -> Awaitable[T]:
+    """A data-plane step of a server (snapshot, release, power): a local activity when
+    this run's worker serves the server's host, else an activity on the host's agent."""
+    if route.queue is None:
+        return local_step(step, arg, cleanup=cleanup, timeout=timeout)
+    retry = CLEANUP_RETRY if cleanup else RETRY
+    # The step heartbeats while it runs (activities._kept_alive): a killed agent is
+    # noticed within the heartbeat timeout and the step retried when an agent returns.
+    options = {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "retry_policy": retry}
+    return cast(
+        Awaitable[T], _on_agent(route, step, arg, start_to_close_timeout=timeout, **options)
+    )
+
+
 def transfer(
     step: Callable[[Any, A], T],
     arg: A,
     *,
     summary: str,
     timeout: timedelta = TRANSFER_TIMEOUT,
+    route: HostRoute | None = None,
 ) -> Awaitable[T]:
     """Run a data transfer (a disk's backup, restore or verification, a check of every
-    chunk) as a normal activity: any worker of the queue, heartbeats (a silent one is
-    retried, resuming from its checkpoint), and cancellation that waits for the activity's
-    clean-up."""
-    return _queued(
-        step,
-        arg,
-        start_to_close_timeout=timeout,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        retry_policy=RETRY,
-        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        summary=summary,
-    )
+    chunk) as a normal activity: any worker of the queue (of the server's host agent, on
+    a ``route`` to one), heartbeats (a silent one is retried, resuming from its
+    checkpoint), and cancellation that waits for the activity's clean-up."""
+    options: dict[str, Any] = {
+        "start_to_close_timeout": timeout,
+        "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+        "retry_policy": RETRY,
+        "cancellation_type": ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        "summary": summary,
+    }
+    if route is not None and route.queue is not None:
+        return cast(Awaitable[T], _on_agent(route, step, arg, **options))
+    return _queued(step, arg, **options)
 
 
 #: A sweep may take hours on a large repository; it heartbeats every second in every
@@ -207,6 +259,8 @@ class DiskProgress:
 
     def __init__(self) -> None:
         self._progress: dict[str, Any] = {"step": "starting", "disks_done": 0, "disks_total": 0}
+        #: Where the server's data-plane steps run (known once the request is validated).
+        self._route = HostRoute()
 
     @workflow.query(name="progress")
     def progress(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class RestoreServer(wf.DiskProgress):
             wf.local_step(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
         )
         wf.tag(wf.SA_SERVER_ID.value_set(plan.server_id))
+        self._route = plan.route
         self._progress.update(
             backup_id=plan.backup_id,
             task_id=task_id,
@@ -68,7 +69,8 @@ class RestoreServer(wf.DiskProgress):
             self._at("stopping server")
             await wf.step(
                 "stop server",
-                wf.local_step(
+                wf.on_host(
+                    plan.route,
                     A.stop_server,
                     OfServer(server_id=plan.server_id, task_id=plan.task_id),
                     timeout=wf.POWER_TIMEOUT,
@@ -81,7 +83,7 @@ class RestoreServer(wf.DiskProgress):
                 self._at("starting server")
                 await wf.step(
                     "start server",
-                    wf.local_step(A.start_server, OfServer(server_id=plan.server_id)),
+                    wf.on_host(plan.route, A.start_server, OfServer(server_id=plan.server_id)),
                 )
             await self._finish(plan, ok=True)
             self._at("done")
@@ -127,6 +129,7 @@ class RestoreServer(wf.DiskProgress):
             A.restore_disk,
             RestoreDisk(backup_id=backup_id, item=item),
             summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
+            route=self._route,
         )
         name = f"restore of disk {item.source_disk_id} onto {item.target_disk_id}"
         return await self._disk_step(name, write, then="restoring")

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from csbs.catalog.inventory import Inventory
 from csbs.catalog.leases import SweepLease
 from csbs.catalog.rows import (
     BackupFilter,
@@ -33,7 +34,7 @@ from csbs.errors import (
 from csbs.model import BackupStatus, TaskKind, TaskStatus
 
 
-class Catalog(SweepLease):
+class Catalog(SweepLease, Inventory):
     """Repository over the catalog tables; every method is its own transaction."""
 
     # -- backups ---------------------------------------------------------------------------

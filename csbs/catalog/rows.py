@@ -145,6 +145,32 @@ class SuspectChunkRow(SQLModel, table=True):
     found_at: datetime | None = Field(default=None, sa_column=_ts())
 
 
+class HostRow(SQLModel, table=True):
+    """A hypervisor host whose agent reported its servers (``python worker.py --host``)."""
+
+    __tablename__ = "hosts"
+
+    project: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    driver: str = Field(max_length=32)
+    servers: int = 0
+    seen_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class HostServerRow(SQLModel, table=True):
+    """A server as its host's agent last saw it (the inventory): ``server`` is the JSON
+    of :class:`csbs.model.Server`. The central worker reads it for servers it cannot
+    reach itself."""
+
+    __tablename__ = "host_servers"
+
+    project: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(index=True, max_length=64)
+    server: str = Field(sa_type=sa.Text)
+    seen_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
 class PolicyRow(SQLModel, table=True):
     """A backup policy; ``spec`` is the JSON of :class:`csbs.policy.PolicySpec`."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from csbs.config import Settings
 from csbs.drivers.base import ComputeDriver, DevServers, DiskWriter, SnapshotDisk, SnapshotReader
+from csbs.drivers.fleet import DEFAULT_HOST, Fleet, InventoryReader
 from csbs.errors import InvalidInput
 
 
@@ -12,13 +13,16 @@ def make_driver(settings: Settings) -> ComputeDriver:
     if settings.compute_driver == "local":
         from csbs.drivers.local import LocalDriver
 
-        return LocalDriver(settings.effective_servers_dir, project=settings.project)
+        return LocalDriver(
+            settings.effective_servers_dir, project=settings.project, host=settings.host
+        )
     if settings.compute_driver == "qemu":
         from csbs.drivers.qemu import QemuDriver
 
         return QemuDriver(
             settings.effective_servers_dir,
             project=settings.project,
+            host=settings.host,
             qemu_binary=settings.qemu_binary,
             qemu_img=settings.qemu_img,
         )
@@ -37,6 +41,11 @@ def make_driver(settings: Settings) -> ComputeDriver:
     raise ValueError(f"compute_driver {settings.compute_driver!r} is not known")
 
 
+def make_fleet(settings: Settings, inventory: InventoryReader) -> Fleet:
+    """This host's driver, with the servers that other hosts' agents reported."""
+    return Fleet(make_driver(settings), inventory, settings.host)
+
+
 def make_dev_servers(settings: Settings) -> DevServers:
     """The driver, for making servers and playing their guest (``csbs dev``, tests and
     benchmarks); a production driver refuses with the reason."""
@@ -50,11 +59,14 @@ def make_dev_servers(settings: Settings) -> DevServers:
 
 
 __all__ = [
+    "DEFAULT_HOST",
     "ComputeDriver",
     "DevServers",
     "DiskWriter",
+    "Fleet",
     "SnapshotDisk",
     "SnapshotReader",
     "make_dev_servers",
     "make_driver",
+    "make_fleet",
 ]

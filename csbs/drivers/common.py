@@ -103,9 +103,10 @@ class DirectoryDriver:
 
     name = "directory"
 
-    def __init__(self, root: Path, project: str = "default") -> None:
+    def __init__(self, root: Path, project: str = "default", host: str = "default") -> None:
         self.root = Path(root)
         self.project = project
+        self.host = host
 
     # -- paths and locking ---------------------------------------------------------------
     def _dir(self, server_id: str) -> Path:
@@ -147,14 +148,14 @@ class DirectoryDriver:
         for path in sorted(self.root.glob("*/server.json")):
             server = Server.model_validate_json(path.read_text())
             if self._mine(server):
-                servers.append(self._observe(server))
+                servers.append(self._observe(server).model_copy(update={"host": self.host}))
         return servers
 
     def get_server(self, server_id: str) -> Server:
         server = self._load(server_id)
         if not self._mine(server):
             raise NotFound(f"server {server_id} does not exist")
-        return self._observe(server)
+        return self._observe(server).model_copy(update={"host": self.host})
 
     def _observe(self, server: Server) -> Server:
         """The server as it is now (a hypervisor driver checks its process here)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
-from csbs.drivers import ComputeDriver, make_driver
+from csbs.drivers import ComputeDriver, make_fleet
 from csbs.services.backup import BackupService
 from csbs.services.base import Context, Heartbeat, Service
 from csbs.services.delete import DeleteService
@@ -42,11 +42,12 @@ class Services:
         store: ChunkStore | None = None,
         driver: ComputeDriver | None = None,
     ) -> None:
+        catalog = catalog or Catalog(settings.effective_database_url, settings.project)
         self.ctx = Context(
             settings,
-            catalog or Catalog(settings.effective_database_url, settings.project),
+            catalog,
             store or ChunkStore(settings),
-            driver or make_driver(settings),
+            driver or make_fleet(settings, catalog),
         )
         self.backup = BackupService(self.ctx)
         self.restore = RestoreService(self.ctx)

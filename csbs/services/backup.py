@@ -133,6 +133,7 @@ class BackupService(Service):
                     )
                 )
         backup = self.catalog.get_backup(backup_id)
+        server = self.driver.get_server(backup.server_id)
         return PreparedBackup(
             backup_id=backup.id,
             task_id=task_id,
@@ -141,7 +142,8 @@ class BackupService(Service):
             server_name=backup.server_name,
             disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup_id)],
             parent_id=backup.parent_id,
-            server_state=self.driver.get_server(backup.server_id).state.value,
+            server_state=server.state.value,
+            route=self.route(server),
         )
 
     def _check_quota(self) -> None:

@@ -29,6 +29,8 @@ from csbs.errors import (
 from csbs.model import (
     BackupStatus,
     ChunkProblem,
+    HostRoute,
+    Server,
     TaskKind,
     TaskStatus,
 )
@@ -131,6 +133,12 @@ class Service:
         # A server that is gone took its snapshot with it.
         with contextlib.suppress(NotFound):
             self.driver.release_snapshot(server_id, backup_id, committed)
+
+    def route(self, server: Server) -> HostRoute:
+        """Where the server's data-plane steps run: here, or on its host's agent."""
+        s = self.settings
+        queue = None if server.host == s.host else s.host_queue(server.host)
+        return HostRoute(host=server.host, queue=queue, wait_seconds=s.host_wait_seconds)
 
     def _running_task(
         self,

@@ -77,6 +77,7 @@ class RestoreService(Service):
             server_id=server.id,
             items=items,
             warnings=warnings,
+            route=self.route(server),
         )
 
     def check_restore(

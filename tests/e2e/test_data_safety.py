@@ -46,7 +46,7 @@ from csbs.services import Services
 from csbs.verify import missing_chunks
 from starter.client import CsbsClient
 from tests import conftest
-from tests.conftest import MIB, Stack, backup, make_settings
+from tests.conftest import MIB, Stack, backup, dev_servers, make_settings
 from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON
 
 KIB = 1024
@@ -86,8 +86,7 @@ def twin(svc: Services) -> Services:
 
 def dev(svc: Services) -> DevServers:
     """The service's driver as the dev servers it is in these tests."""
-    assert isinstance(svc.driver, DevServers)
-    return svc.driver
+    return dev_servers(svc.driver)
 
 
 def server_with_data(svc: Services, size: int = 1 * MIB) -> tuple[str, str]:

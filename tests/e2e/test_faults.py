@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
-from csbs.drivers import DevServers
 from csbs.errors import CsbsError, GarbageCollectionDeferred, GarbageCollectionRunning
 from csbs.model import (
     BackupServerInput,
@@ -48,6 +47,7 @@ from starter.stack import start_seaweed
 from tests.conftest import (
     Stack,
     backup,
+    dev_servers,
     kill9,
     make_settings,
     max_attempt,
@@ -123,8 +123,7 @@ def test_gc_never_sweeps_a_chunk_a_live_or_running_backup_needs(tmp_path: Path, 
     Up to four sweeps race for the lease beside a backup; nothing it needs may go."""
     settings = make_settings(tmp_path, s3, chunk_size=64 * KIB, transfer_concurrency=2)
     service = Services(settings)
-    drv = service.driver
-    assert isinstance(drv, DevServers)
+    drv = dev_servers(service.driver)
     server = drv.create_server("gc-race", [1 * MIB])
     disk = server.disks[0].id
     drv.write(server.id, disk, 0, os.urandom(1 * MIB))

@@ -30,7 +30,7 @@ async def test_one_worker_serves_each_project_on_its_own_queue(
     settings = make_settings(tmp_path, s3, projects="acme, globex,acme", task_queue="q")
     with ThreadPoolExecutor(settings.max_concurrent_activities) as pool:
         workers = build_workers(temporal.client, settings, pool)
-    assert [w.task_queue for w in workers] == ["q.acme", "q.globex"]
+    assert [w.task_queue for w, _, _ in workers] == ["q.acme", "q.globex"]
     assert settings.for_project("default").queue == "q"
 
 

@@ -30,7 +30,7 @@ MIB = 1024 * 1024
     params=[
         "local",
         pytest.param("qemu", marks=QEMU_SKIP),
-        pytest.param("libvirt", marks=pytest.mark.libvirt),
+        pytest.param("libvirt", marks=[pytest.mark.libvirt, pytest.mark.slow]),
     ]
 )
 def drv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevServers]:

@@ -53,8 +53,9 @@ class QemuProcesses(DirectoryDriver):
         project: str = "default",
         qemu_binary: str = "qemu-system-x86_64",
         qemu_img: str = "qemu-img",
+        host: str = "default",
     ) -> None:
-        super().__init__(root, project)
+        super().__init__(root, project, host)
         self.qemu_binary = qemu_binary
         self.qemu_img = qemu_img
 
