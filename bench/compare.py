@@ -1,7 +1,7 @@
 """csbs against restic on the same VM image, same SeaweedFS, same run (not part of the tests).
 
 Usage: .venv/bin/python bench/compare.py [--disk-gib 4] [--data-gib 2] [--changed 0.10]
-       [--repeat 1] [--skip-restic] [--no-qemu]
+       [--repeat 1] [--skip-restic] [--no-qemu] [--no-libvirt]
 
 Builds a local-driver server with one sparse disk holding mixed data (half random, half
 compressible text per 4 MiB region), starts its own SeaweedFS and Temporal dev server on
@@ -11,7 +11,10 @@ regions (chunk diffing and changed-block tracking), and a restore. restic 0.14 (
 package `restic`) backs up and restores the same raw image file into the same SeaweedFS.
 With QEMU installed it also puts the same data on a ``qemu``-driver server and times a full
 backup, an incremental after changing 1 % of the regions (dirty bitmaps) and an unchanged
-backup; restic backs up the raw image with the same 1 % changed. It measures the raw S3 PUT
+backup; restic backs up the raw image with the same 1 % changed. With libvirt (as root,
+libvirtd running or startable) the same image becomes a qcow2 disk of a guest-less domain
+defined from XML: a full backup through libvirt's pull-mode backup, then an incremental
+after the same 1 % changed (checkpoint bitmaps), with the bytes it read. It measures the raw S3 PUT
 ceiling of 4 MiB objects and the CPU seconds of csbs, restic and SeaweedFS per step.
 Prints medians and ratios.
 """
@@ -193,11 +196,52 @@ async def one_round(
             pid = qdrv.pid(qserver.id)
             if pid is not None:
                 os.kill(pid, 9)
+    if args.libvirt:
+        await libvirt_round(args, env_temporal, settings, image, offsets, out, backup)
     from csbs.chunkstore import ChunkStore
 
     out["_put_ceiling"] = put_ceiling(ChunkStore(settings))
     shutil.rmtree(work / "servers", ignore_errors=True)
     return out
+
+
+async def libvirt_round(
+    args: argparse.Namespace,
+    env_temporal: WorkflowEnvironment,
+    settings: Any,
+    image: Path,
+    offsets: list[int],
+    out: dict[str, float],
+    backup: Any,
+) -> None:
+    """The same data as a libvirt domain's qcow2 disk: full, then 1 % changed."""
+    from tests.libvirt_support import Lab, LabServers, libvirtd
+
+    with libvirtd():
+        lab = Lab()
+        try:
+            qcow2 = lab.dir / "bench.qcow2"
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(qcow2)],
+                check=True,
+            )
+            dom = lab.define("bench", [(qcow2, "qcow2")])
+            lsettings = settings.model_copy(
+                update={"compute_driver": "libvirt", "task_queue": f"{settings.task_queue}-lv"}
+            )
+            guest = LabServers(Path(lsettings.var_dir) / "lab", lab)
+            one_pct = offsets[:: max(1, int(1 / 0.01))]
+            with ThreadPoolExecutor(settings.max_concurrent_activities) as pool:
+                async with build_worker(env_temporal.client, lsettings, pool):
+                    client = CsbsClient(env_temporal.client, lsettings)
+                    await backup(client, dom.UUIDString(), "csbs libvirt full")
+                    for i, off in enumerate(one_pct):
+                        guest.write(dom.UUIDString(), "vda", off, mixed_region(5 * 10**6 + i))
+                    incr = await backup(client, dom.UUIDString(), "csbs libvirt bitmap 1%")
+            out["_libvirt read MB"] = sum(d["bytes_read"] for d in incr["disks"]) / 1e6
+            out["_libvirt changed MB"] = len(one_pct) * REGION / 1e6
+        finally:
+            lab.cleanup()
 
 
 async def main() -> None:
@@ -210,7 +254,14 @@ async def main() -> None:
     parser.add_argument(
         "--no-qemu", dest="qemu", action="store_false", help="skip the QEMU dirty-bitmap steps"
     )
+    parser.add_argument(
+        "--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt steps"
+    )
     args = parser.parse_args()
+    if args.libvirt and (os.getuid() != 0 or not shutil.which("libvirtd")):
+        sys.exit(
+            "the libvirt steps need root and libvirtd (apt-get install libvirt-daemon-system), or pass --no-libvirt"
+        )
     if args.qemu and not shutil.which("qemu-system-x86_64"):
         sys.exit(
             "QEMU is needed for the dirty-bitmap steps (apt-get install qemu-system-x86 "
@@ -227,6 +278,7 @@ async def main() -> None:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     mb = med.pop("_data_mb")
     ceiling = med.pop("_put_ceiling")
+    lv_read, lv_changed = med.pop("_libvirt read MB", None), med.pop("_libvirt changed MB", None)
     stored = {k[1:].removesuffix(" stored"): v for k, v in med.items() if k.endswith(" stored")}
     cpu = {
         k: tuple(statistics.median(c.steps[k][i] for c in cpus) for i in range(3))
@@ -254,11 +306,17 @@ async def main() -> None:
         ("incremental (cbt)", "incremental"),
         ("restore", "restore"),
         ("qemu bitmap 1%", "incremental 1%"),
+        ("libvirt bitmap 1%", "incremental 1%"),
     ]
     for step, peer in pairs:
         if f"restic {peer}" in med and f"csbs {step}" in med:
             ratio = med[f"restic {peer}"] / med[f"csbs {step}"]
             print(f"ratio {step:22} csbs is {ratio:.2f}x restic")
+    if lv_read is not None:
+        print(
+            f"libvirt incremental read {lv_read:.1f} MB for {lv_changed:.1f} MB changed "
+            f"(only the checkpoint's dirty ranges, aligned to chunks)"
+        )
     print(
         f"process peak RSS (bench + worker + client): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
     )

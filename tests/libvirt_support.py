@@ -162,7 +162,12 @@ class Lab:
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>{"".join(devices)}{extra_devices}<memballoon model='none'/></devices>
 </domain>"""
-        dom = self.conn.defineXML(xml)
+        # As an operator would: the XML in a file, then virsh define.
+        path = self.dir / f"{name}-{uuid.uuid4().hex[:6]}.xml"
+        path.write_text(xml)
+        subprocess.run(["virsh", "-q", "-c", URI, "define", str(path)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        dom = self.conn.lookupByName(f"{PREFIX}{self.tag}-{name}")
         if start:
             dom.create()
         return dom

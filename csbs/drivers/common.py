@@ -204,6 +204,7 @@ class DirectoryDriver:
             state=ServerState.RUNNING,
             disks=disks,
             project=self.project,
+            host=self.host,
         )
         for sub in ("disks", "cbt", "snapshots"):
             (self._dir(server.id) / sub).mkdir(parents=True, exist_ok=True)

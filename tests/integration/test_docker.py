@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret-1", "S3_ACCESS_KEY": "ak-1", "S3_SECRET_KEY": "sk-1"}
-CSBS_SERVICES = {"s3", "setup", "worker-1", "worker-2", "api"}
+CSBS_SERVICES = {"s3", "setup", "worker-1", "worker-2", "api", "agent"}
 
 
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -125,6 +125,25 @@ def test_compose_is_the_multi_node_deployment(resolved: dict[str, Any]) -> None:
         assert any("servers" in str(v) for v in services[name]["volumes"])
 
 
+def test_the_host_agent_serves_its_hosts_libvirt_vms(resolved: dict[str, Any]) -> None:
+    agent = resolved["services"]["agent"]
+    assert agent["profiles"] == ["libvirt"]  # only where there is a libvirt host
+    assert agent["command"] == ["python", "-m", "worker", "--host", "kvm-1"]
+    env = agent["environment"]
+    assert env["CSBS_COMPUTE_DRIVER"] == "libvirt"
+    worker = resolved["services"]["worker-1"]["environment"]
+    for key in (
+        "CSBS_DATABASE_URL",
+        "CSBS_TEMPORAL_ADDRESS",
+        "CSBS_S3_ENDPOINT",
+        "CSBS_TASK_QUEUE",
+    ):
+        assert env[key] == worker[key], key
+    mounts = " ".join(str(v) for v in agent["volumes"])
+    for path in ("/var/run/libvirt", "/var/lib/libvirt/images", "/run/csbs-libvirt"):
+        assert path in mounts, path
+
+
 def test_the_commands_compose_runs_exist_in_this_installation() -> None:
     bin_dir = Path(sys.executable).parent
     for args in (
@@ -134,6 +153,7 @@ def test_the_commands_compose_runs_exist_in_this_installation() -> None:
         [str(bin_dir / "temporal"), "operator", "cluster", "health", "--help"],
         [str(bin_dir / "weed"), "mini", "-h"],
         [sys.executable, "-c", "import worker; assert callable(worker.main)"],
+        [sys.executable, str(ROOT / "worker.py"), "--help"],
     ):
         out = subprocess.run(args, capture_output=True, text=True, cwd="/")
         assert out.returncode in (0, 2) and "Error" not in out.stderr[:200], (args, out.stderr)
