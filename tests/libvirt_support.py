@@ -81,11 +81,29 @@ def libvirtd() -> Iterator[None]:
             if time.monotonic() > deadline:
                 raise RuntimeError("libvirtd did not answer on qemu:///system within 30 s")
             time.sleep(0.2)
+    _remove_leftovers()
     try:
         yield
     finally:
         for daemon in reversed(started):
             subprocess.run(["pkill", "-x", daemon], check=False)
+
+
+def _remove_leftovers() -> None:
+    """Domains and folders of an earlier session that ended before its clean-up (a test
+    stopped at its timeout): one libvirt test session runs on a machine at a time."""
+    conn = libvirt.open(URI)
+    try:
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith(PREFIX):
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    finally:
+        conn.close()
+    for folder in Path("/var/tmp").glob("csbs-lv-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def restart_libvirtd() -> None:

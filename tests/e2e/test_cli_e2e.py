@@ -32,7 +32,8 @@ async def test_readme_story_backup_change_backup_restore(stack: Stack) -> None:
         )
     ).json()
     assert [d["role"] for d in server["disks"]] == ["system", "data"]
-    assert set(server["disks"][0]) == {"id", "name", "size_bytes", "role", "shared"}
+    assert set(server["disks"][0]) == {"id", "name", "size_bytes", "role", "shared", "unsupported"}
+    assert server["host"] == "default"
     sid, (d0, d1) = server["id"], (d["id"] for d in server["disks"])
     listed = (await stack.cli("server", "list", "--json")).json()
     assert [s["id"] for s in listed] == [sid]
