@@ -172,12 +172,14 @@ async def one_round(
     target = work / "restic-restore"
     run_restic("restic restore", "restore", "latest", "--target", str(target))
     shutil.rmtree(target, ignore_errors=True)
-    if args.qemu:
-        # The same image on a QEMU server: dirty-bitmap incrementals at 1 % changed; restic
-        # backs up the raw image with the same 1 % changed.
-        one_pct = offsets[:: max(1, int(1 / 0.01))]
+    one_pct = offsets[:: max(1, int(1 / 0.01))]
+    if args.qemu or args.libvirt:
+        # restic backs up the raw image with 1 % changed: the peer of the QEMU and libvirt
+        # dirty-bitmap incrementals below, which change the same 1 %.
         write_image(drv, server, one_pct, 3 * 10**6)
         run_restic("restic incremental 1%", "backup", str(image))
+    if args.qemu:
+        # The same image on a QEMU server: dirty-bitmap incrementals at 1 % changed.
         qsettings = settings.model_copy(
             update={"compute_driver": "qemu", "task_queue": f"{settings.task_queue}-q"}
         )

@@ -4,10 +4,12 @@ of, for ``csbs dev`` and the tests)."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from csbs.errors import NotFound
 from csbs.model import Disk, Server, ServerState
 
 
@@ -37,6 +39,30 @@ class Snapshot(BaseModel):
             if disk.disk_id == disk_id:
                 return disk
         raise KeyError(disk_id)
+
+    @classmethod
+    def taken_now(cls, server_id: str, snapshot_id: str, disks: list[SnapshotDisk]) -> Snapshot:
+        """A snapshot taken now, its changed-block checkpoint named after it."""
+        return cls(
+            id=snapshot_id,
+            server_id=server_id,
+            checkpoint=snapshot_id,
+            created_at=datetime.now(UTC).isoformat(),
+            disks=disks,
+        )
+
+    @classmethod
+    def disk_of_record(
+        cls, record: dict[str, Any] | None, server_id: str, snapshot_id: str, disk_id: str
+    ) -> SnapshotDisk:
+        """A disk of the snapshot a driver recorded (``record["snapshot"]``); NotFound when
+        the snapshot is not complete or does not hold the disk."""
+        if record is None or not record.get("complete"):
+            raise NotFound(f"snapshot {snapshot_id} of server {server_id} does not exist")
+        try:
+            return cls.model_validate(record["snapshot"]).disk(disk_id)
+        except KeyError:
+            raise NotFound(f"disk {disk_id} is not in snapshot {snapshot_id}") from None
 
 
 class SnapshotReader(Protocol):

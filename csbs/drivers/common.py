@@ -8,12 +8,13 @@ import fcntl
 import json
 import os
 import stat
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from csbs.errors import InvalidInput, NotFound, UnsafePath
+from csbs.errors import DiskUnavailable, InvalidInput, InvalidState, NotFound, UnsafePath
 from csbs.model import Disk, DiskRole, Server, ServerState, check_id
 
 
@@ -55,6 +56,37 @@ def child_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in CHILD_ENV_KEYS if k in os.environ}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     return env
+
+
+def spawn(
+    cmd: list[str], log_path: Path, missing: str, append: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a helper process (QEMU, qemu-storage-daemon) in its own session, so that it
+    outlives the worker as a VM outlives its management service, with the minimal
+    environment and its output in ``log_path``. DiskUnavailable(``missing``) when the
+    binary is not installed."""
+    try:
+        with open(log_path, "ab" if append else "wb") as log:
+            return subprocess.Popen(
+                cmd,
+                env=child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+    except FileNotFoundError:
+        raise DiskUnavailable(missing) from None
+
+
+def refuse_other_snapshots(server_id: str, snapshot_id: str, held: list[str]) -> None:
+    """One snapshot per server at a time: an earlier backup's must be released first."""
+    others = [s for s in held if s != snapshot_id]
+    if others:
+        raise InvalidState(
+            f"server {server_id} still holds snapshot {', '.join(others)} of an earlier "
+            f"backup; it must be released first"
+        )
 
 
 def runtime_base() -> Path:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
@@ -230,13 +229,7 @@ class LocalDriver(DirectoryDriver):
                         full_read_reason=None if since else NO_CHECKPOINT,
                     )
                 )
-            snapshot = Snapshot(
-                id=snapshot_id,
-                server_id=server_id,
-                checkpoint=snapshot_id,
-                created_at=datetime.now(UTC).isoformat(),
-                disks=disks,
-            )
+            snapshot = Snapshot.taken_now(server_id, snapshot_id, disks)
             record = snapshot.model_dump(mode="json")
             record["sizes"] = {d.disk_id: d.size_bytes for d in disks}
             write_json(snap / "snapshot.json", record)

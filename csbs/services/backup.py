@@ -224,12 +224,20 @@ class BackupService(Service):
                     staged, manifest.complete = manifest.complete or 0, None
             if manifest is None:
                 manifest = Manifest(backup_id, disk_id, reader.size_bytes, self.settings.chunk_size)
-            throttle = _Throttle(1.0)
+            throttle, beat = _Throttle(1.0), _Throttle(1.0)
             suspect = self.catalog.suspect_chunks()
             repaired: set[bytes] = set()
 
+            last_staged = [staged]
+
             def on_progress(done: int, staged_now: int, stats: TransferStats) -> None:
-                if heartbeat is not None:
+                # A heartbeat is a round trip to the worker's event loop: once a second is
+                # plenty, and always when the resume point moves (it is in the details).
+                finished = done == stats.chunks_total
+                if heartbeat is not None and (
+                    beat.ready(force=finished or staged_now != last_staged[0])
+                ):
+                    last_staged[0] = staged_now
                     heartbeat({"staged": staged_now, "done": done})
                 if throttle.ready(force=done == stats.chunks_total):
                     self._disk_progress(backup_id, disk_id, _pct(done, stats.chunks_total))

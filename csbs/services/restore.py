@@ -140,10 +140,12 @@ class RestoreService(Service):
         )
         self.release_stale_snapshots(backup.server_id)
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
-        throttle = _Throttle(1.0)
+        throttle, beat = _Throttle(1.0), _Throttle(1.0)
 
         def on_progress(done_now: int, _staged: int, stats: TransferStats) -> None:
-            if heartbeat is not None:
+            # A heartbeat is a round trip to the worker's event loop: once a second (a
+            # retry rewrites at most that second's chunks, which is harmless).
+            if heartbeat is not None and beat.ready(force=done_now == stats.chunks_total):
                 heartbeat({"done": done_now})
             if throttle.ready(force=done_now == stats.chunks_total):
                 self.catalog.update_backup(

@@ -21,6 +21,7 @@ from csbs.drivers.sparse import BLOCK_SIZE
 from csbs.errors import DiskUnavailable, InvalidInput, InvalidState, NotFound
 from csbs.model import ServerState
 from tests.conftest import kill_qemu
+from tests.libvirt_support import LabServers
 from tests.qemu_support import QEMU_SKIP
 
 MIB = 1024 * 1024
@@ -38,8 +39,6 @@ def drv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevServers]:
         yield LocalDriver(tmp_path / "servers")
         return
     if request.param == "libvirt":
-        from tests.libvirt_support import LabServers
-
         yield LabServers(tmp_path / "servers", request.getfixturevalue("lab"))
         return
     from csbs.drivers.qemu import QemuDriver
@@ -413,3 +412,87 @@ def test_a_snapshot_left_held_refuses_a_new_one_until_released(qemu: QemuDriver)
     qemu.release_snapshot(server.id, "old", committed=False)
     qemu.group_snapshot(server.id, "new")
     qemu.release_snapshot(server.id, "new", committed=True)
+
+
+# -- what only libvirt can get wrong ---------------------------------------------------------
+@pytest.fixture
+def lv(tmp_path: Path, request: pytest.FixtureRequest) -> LabServers:
+    return LabServers(tmp_path / "servers", request.getfixturevalue("lab"))
+
+
+def checkpoints(drv: LabServers, server_id: str) -> list[str]:
+    return sorted(c.getName() for c in drv._domain(server_id).listAllCheckpoints(0))
+
+
+def job_running(drv: LabServers, server_id: str) -> bool:
+    import libvirt
+
+    try:
+        drv._domain(server_id).backupGetXMLDesc(0)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_libvirt_release_ends_the_job_and_keeps_only_the_checkpoint_the_next_needs(
+    lv: LabServers,
+) -> None:
+    server = lv.create_server("db", [4 * MIB])
+    lv.group_snapshot(server.id, "bk-1")
+    assert job_running(lv, server.id) and checkpoints(lv, server.id) == ["bk-1"]
+    lv.release_snapshot(server.id, "bk-1", committed=True)
+    assert not job_running(lv, server.id) and checkpoints(lv, server.id) == ["bk-1"]
+    lv.group_snapshot(server.id, "bk-2")
+    assert checkpoints(lv, server.id) == ["bk-1", "bk-2"]
+    lv.release_snapshot(server.id, "bk-2", committed=False)  # a failed backup
+    assert not job_running(lv, server.id) and checkpoints(lv, server.id) == ["bk-1"]
+    third = lv.group_snapshot(server.id, "bk-3")
+    assert third.disks[0].changed_since == "bk-1"
+    lv.release_snapshot(server.id, "bk-3", committed=True)
+    assert not job_running(lv, server.id) and checkpoints(lv, server.id) == ["bk-3"]
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_libvirt_snapshots_a_shut_off_domain_started_paused_and_stops_it_again(
+    lv: LabServers,
+) -> None:
+    server = lv.create_server("off", [4 * MIB])
+    lv.write(server.id, server.disks[0].id, 0, b"before")
+    lv._domain(server.id).destroy()
+    snap = lv.group_snapshot(server.id, "bk-1")
+    assert lv.get_server(server.id).state == ServerState.STOPPED  # to its owner
+    assert lv._domain(server.id).isActive()  # QEMU exports the disks, the guest is paused
+    assert read_all(lv, server.id, "bk-1", snap.disks[0].disk_id)[:6] == b"before"
+    lv.release_snapshot(server.id, "bk-1", committed=True)
+    assert not lv._domain(server.id).isActive()
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_libvirt_refuses_foreign_jobs_and_disks_it_cannot_back_up(lv: LabServers) -> None:
+    shared = lv.create_server("shared", [4 * MIB], [4 * MIB])
+    with pytest.raises(InvalidInput, match="vdb is shareable"):
+        lv.group_snapshot(shared.id, "bk-1")
+    assert not job_running(lv, shared.id)
+    server = lv.create_server("busy", [4 * MIB])
+    dom = lv._domain(server.id)
+    import pwd
+
+    other = lv.lab.dir / "other-tool"  # another backup tool's socket, where QEMU can bind
+    other.mkdir()
+    qemu = pwd.getpwnam("libvirt-qemu")
+    os.chown(other, qemu.pw_uid, qemu.pw_gid)
+    dom.backupBegin(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{other}/nbd.sock'/>"
+        f"<disks><disk name='vda' backup='yes' type='file'>"
+        f"<scratch file='{other}/vda.scratch'/></disk></disks></domainbackup>",
+        None,
+        0,
+    )
+    with pytest.raises(InvalidState, match="backup job that csbs did not start"):
+        lv.group_snapshot(server.id, "bk-2")
+    assert job_running(lv, server.id)  # not ours: left alone
+    dom.abortJob()

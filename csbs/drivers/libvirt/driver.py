@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from csbs.drivers.common import check_disk_size, child_env, runtime_base, write_json
+from csbs.drivers.common import check_disk_size, runtime_base, spawn, write_json
 from csbs.drivers.libvirt.domain_xml import (
     DomainDisk,
     disk_xml,
@@ -47,7 +47,7 @@ from csbs.drivers.libvirt.domains import START_TIMEOUT, _error, libvirt
 from csbs.drivers.libvirt.snapshots import LibvirtSnapshots
 from csbs.drivers.nbd import NbdClient, NbdError
 from csbs.drivers.nbd_io import NbdDiskWriter
-from csbs.errors import DiskUnavailable, DriverError, InvalidState, NotFound
+from csbs.errors import DriverError, InvalidState, NotFound
 from csbs.model import Disk, check_id
 
 
@@ -161,20 +161,8 @@ class LibvirtDriver(LibvirtSnapshots):
             "--export", f"type=nbd,id=w,node-name=disk,name={disk.target},writable=on",
         ]  # fmt: skip
         log = folder / "qsd.log"
-        try:
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    cmd,
-                    env=child_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    start_new_session=True,
-                )
-        except FileNotFoundError:
-            raise DiskUnavailable(
-                f"{self.storage_daemon!r} is not installed (install qemu-utils)"
-            ) from None
+        missing = f"{self.storage_daemon!r} is not installed (install qemu-utils)"
+        proc = spawn(cmd, log, missing)
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(socket):
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -8,13 +8,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
-from csbs.drivers.common import child_env, write_json
+from csbs.drivers.common import child_env, refuse_other_snapshots, write_json
 from csbs.drivers.libvirt.domain_xml import (
     REASON_RAW,
     DomainDisk,
@@ -36,6 +36,9 @@ from csbs.drivers.libvirt.domains import (
 from csbs.drivers.nbd import NbdError
 from csbs.drivers.nbd_io import NbdSnapshotReader
 from csbs.errors import DiskUnavailable, DriverError, InvalidState, NotFound
+
+#: How long an aborted backup job may take to end.
+JOB_END_TIMEOUT = 60.0
 
 
 class LibvirtSnapshots(LibvirtDomains):
@@ -161,6 +164,18 @@ class LibvirtSnapshots(LibvirtDomains):
             return False
         return True if running == socket else None
 
+    def _wait_job_gone(self, dom: Any, snapshot_id: str) -> None:
+        """libvirt ends an aborted backup job in the background: wait until it has, so
+        that no job outlives its release and the next backup can begin at once."""
+        deadline = time.monotonic() + JOB_END_TIMEOUT
+        while self._our_job(dom, "") is not False:
+            if time.monotonic() > deadline:
+                raise DriverError(
+                    f"the backup job of snapshot {snapshot_id} did not end within "
+                    f"{JOB_END_TIMEOUT:g} s of its abort"
+                )
+            time.sleep(0.01)
+
     def _lost(self, server_id: str, snapshot_id: str) -> DiskUnavailable:
         return DiskUnavailable(
             f"snapshot {snapshot_id} of server {server_id} is lost: its backup job ended "
@@ -191,12 +206,7 @@ class LibvirtSnapshots(LibvirtDomains):
                 if self._our_job(dom, record["socket"]) is not True:
                     raise self._lost(server_id, snapshot_id)
                 return Snapshot.model_validate(record["snapshot"])
-            others = [s for s in self.snapshots(server_id) if s != snapshot_id]
-            if others:
-                raise InvalidState(
-                    f"server {server_id} still holds snapshot {', '.join(others)} of an earlier "
-                    f"backup; it must be released first"
-                )
+            refuse_other_snapshots(server_id, snapshot_id, self.snapshots(server_id))
             disks = self._disks(dom)
             if record is not None:  # an attempt that died half-way: undo what it did
                 self._undo(dom, server_id, snapshot_id, record, committed=False)
@@ -226,13 +236,7 @@ class LibvirtSnapshots(LibvirtDomains):
             planned = self._plan(dom, server_id, disks)
             planned = self._begin(dom, disks, planned, record, snapshot_id)
             checkpoint = self._checkpoint(dom, snapshot_id)
-            snapshot = Snapshot(
-                id=snapshot_id,
-                server_id=server_id,
-                checkpoint=snapshot_id,
-                created_at=datetime.now(UTC).isoformat(),
-                disks=planned,
-            )
+            snapshot = Snapshot.taken_now(server_id, snapshot_id, planned)
             record.update(
                 complete=True,
                 snapshot=snapshot.model_dump(mode="json"),
@@ -285,13 +289,8 @@ class LibvirtSnapshots(LibvirtDomains):
     def open_snapshot(self, server_id: str, snapshot_id: str, disk_id: str) -> NbdSnapshotReader:
         with self._lock(server_id):
             record = self._read_record(self._snap_dir(server_id, snapshot_id))
-            if record is None or not record.get("complete"):
-                raise NotFound(f"snapshot {snapshot_id} of server {server_id} does not exist")
-            snapshot = Snapshot.model_validate(record["snapshot"])
-            try:
-                disk = snapshot.disk(disk_id)
-            except KeyError:
-                raise NotFound(f"disk {disk_id} is not in snapshot {snapshot_id}") from None
+            disk = Snapshot.disk_of_record(record, server_id, snapshot_id, disk_id)
+            assert record is not None
             if self._our_job(self._domain(server_id), record["socket"]) is not True:
                 raise self._lost(server_id, snapshot_id)
         return _Reader(self, server_id, snapshot_id, record["socket"], disk)
@@ -323,6 +322,7 @@ class LibvirtSnapshots(LibvirtDomains):
         try:
             if self._our_job(dom, record.get("socket")):
                 dom.abortJob()
+                self._wait_job_gone(dom, snapshot_id)
             cbt = self._cbt(server_id)
             ours = [n for n in cbt.get("ours", []) if n != snapshot_id]
             if committed and record.get("complete"):

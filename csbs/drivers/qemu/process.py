@@ -20,6 +20,7 @@ from csbs.drivers.common import (
     DirectoryDriver,
     child_env,
     runtime_base,
+    spawn,
     write_json,
 )
 from csbs.drivers.qemu.qmp import (
@@ -175,22 +176,15 @@ class QemuProcesses(DirectoryDriver):
         for disk in server.disks:
             cmd += ["-drive", self._drive_spec(server.id, disk.id)]
         log_path = self._log_path(server.id)
+        missing = (
+            f"the QEMU binary {self.qemu_binary!r} is not installed "
+            f"(install qemu-system-x86 or set CSBS_QEMU_BINARY)"
+        )
         try:
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    cmd,
-                    env=child_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
-        except FileNotFoundError:
+            proc = spawn(cmd, log_path, missing, append=True)
+        except DiskUnavailable:
             shutil.rmtree(runtime, ignore_errors=True)
-            raise DiskUnavailable(
-                f"the QEMU binary {self.qemu_binary!r} is not installed "
-                f"(install qemu-system-x86 or set CSBS_QEMU_BINARY)"
-            ) from None
+            raise
         _children[proc.pid] = proc
         # Recorded before anything else can fail, so no process is ever left unrecorded.
         write_json(

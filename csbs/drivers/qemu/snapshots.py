@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
 from csbs.drivers.common import (
+    refuse_other_snapshots,
     write_json,
 )
 from csbs.drivers.qemu.io import QemuSnapshotReader
@@ -27,7 +27,6 @@ from csbs.errors import (
     DiskUnavailable,
     DriverError,
     InvalidState,
-    NotFound,
 )
 
 
@@ -59,12 +58,7 @@ class QemuSnapshots(QemuProcesses):
                 if self._pid(server_id) != record["pid"]:
                     raise self._lost(server_id, snapshot_id)
                 return Snapshot.model_validate(record["snapshot"])
-            others = [s for s in self.snapshots(server_id) if s != snapshot_id]
-            if others:
-                raise InvalidState(
-                    f"server {server_id} still holds snapshot {', '.join(others)} of an earlier "
-                    f"backup; it must be released first"
-                )
+            refuse_other_snapshots(server_id, snapshot_id, self.snapshots(server_id))
             pid = self._ensure(server)
             with self._session(server_id) as qmp:
                 if record is not None and record["pid"] == pid:
@@ -72,13 +66,7 @@ class QemuSnapshots(QemuProcesses):
                 shutil.rmtree(snap, ignore_errors=True)
                 snap.mkdir(parents=True)
                 disks = [self._plan_disk(qmp, server_id, d.id, d.size_bytes) for d in server.disks]
-                snapshot = Snapshot(
-                    id=snapshot_id,
-                    server_id=server_id,
-                    checkpoint=snapshot_id,
-                    created_at=datetime.now(UTC).isoformat(),
-                    disks=disks,
-                )
+                snapshot = Snapshot.taken_now(server_id, snapshot_id, disks)
                 record = {
                     "pid": pid,
                     "complete": False,
@@ -243,13 +231,8 @@ class QemuSnapshots(QemuProcesses):
     def open_snapshot(self, server_id: str, snapshot_id: str, disk_id: str) -> QemuSnapshotReader:
         with self._lock(server_id, exclusive=True):
             record = self._read_record(server_id, snapshot_id)
-            if record is None or not record.get("complete"):
-                raise NotFound(f"snapshot {snapshot_id} of server {server_id} does not exist")
-            snapshot = Snapshot.model_validate(record["snapshot"])
-            try:
-                disk = snapshot.disk(disk_id)
-            except KeyError:
-                raise NotFound(f"disk {disk_id} is not in snapshot {snapshot_id}") from None
+            disk = Snapshot.disk_of_record(record, server_id, snapshot_id, disk_id)
+            assert record is not None
             if self._pid(server_id) != record["pid"]:
                 raise self._lost(server_id, snapshot_id)
         return QemuSnapshotReader(self, server_id, snapshot_id, disk)
