@@ -247,7 +247,9 @@ def up(settings: object, demo: bool = True) -> None:
     if not _pid_alive(run_dir / "worker.pid"):
         raise RuntimeError(f"the worker exited at start: see {log_dir / 'worker.log'}")
     print(f"worker    task queue {settings.queue}, logs in {log_dir}")
-    if demo:
+    if demo and getattr(settings, "compute_driver", "local") == "libvirt":
+        print("servers   this host's libvirt domains: csbs server list")
+    elif demo:
         from csbs.drivers import make_dev_servers
 
         drv = make_dev_servers(settings)

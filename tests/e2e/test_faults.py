@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -361,9 +362,12 @@ async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Sta
             if handle.id.startswith("backup-"):
                 assert result["status"] == "available", result
                 made[op_id] = expected
+                retried = await retried_transfers(handle)
                 for disk in result["disks"]:
                     done = at_kill.get(disk["disk_id"], 0)
-                    if done:  # resumed after `done` positions were committed
+                    # Resumed after `done` positions were committed. (A disk that finished
+                    # in the moment between reading its checkpoint and the kill was not.)
+                    if done and disk["disk_id"] in retried:
                         resumed_disks += 1
                         skipped += done * chunk
                         reread += disk["bytes_read"]
@@ -387,6 +391,22 @@ async def test_worker_killed_at_random_points_of_backups_and_restores(stack: Sta
         f"skipping {skipped / MIB:.0f} MiB already committed and reading {reread / MIB:.0f} MiB; "
         f"{len(made)} backups restored bit-identical afterwards"
     )
+
+
+async def retried_transfers(handle: Any) -> set[str]:
+    """The disks whose ``backup_disk`` completed on a second or later attempt."""
+    disks: dict[int, str] = {}
+    retried = set()
+    async for event in handle.fetch_history_events():
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attrs = event.activity_task_scheduled_event_attributes
+            if attrs.activity_type.name == "backup_disk":
+                disks[event.event_id] = json.loads(attrs.input.payloads[0].data)["disk_id"]
+        elif event.HasField("activity_task_started_event_attributes"):
+            attrs = event.activity_task_started_event_attributes
+            if attrs.scheduled_event_id in disks and attrs.attempt > 1:
+                retried.add(disks[attrs.scheduled_event_id])
+    return retried
 
 
 # -- outages of S3, Temporal and the database ------------------------------------------------
