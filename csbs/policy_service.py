@@ -20,7 +20,7 @@ from csbs.catalog import (
     utcnow,
 )
 from csbs.drivers import ComputeDriver
-from csbs.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from csbs.errors import Conflict, InvalidInput, InvalidState, NotFound, QuotaExceeded
 from csbs.model import BackupStatus, PolicyRunPlan, RetentionPlan, TaskKind, TaskStatus
 from csbs.policy import (
     MAX_POLICIES_PER_PROJECT,
@@ -141,10 +141,17 @@ class PolicyService:
         return [b.server_id for b in self.policies.bindings(policy_id)]
 
     def plan_run(self, policy_id: str, trigger: str) -> PolicyRunPlan:
-        """P8: run now is refused while a bound server has a backup running; a scheduled
-        run skips such servers (the caller records the skips)."""
+        """P8: run now is refused while a bound server has a backup running, and (P7) when
+        no server is bound; a scheduled run skips busy servers (the caller records the
+        skips) and does nothing without servers."""
         self.policies.get(policy_id)
         server_ids = [b.server_id for b in self.policies.bindings(policy_id)]
+        if not server_ids and trigger == "manual":
+            # P7, guide 3.2.4: back up now needs at least one bound server.
+            raise InvalidState(
+                f"policy {policy_id} has no servers bound: bind at least one server "
+                f"(csbs policy bind {policy_id} SERVER_ID) before backing up now"
+            )
         running = {
             b.server_id: b
             for b in self.policies.catalog.list_backups(

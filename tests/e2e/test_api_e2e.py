@@ -93,7 +93,9 @@ async def test_backup_restore_delete_and_policies_over_rest(stack: Stack, api: A
     created = await http.post("/v1/backups", json={"server_ids": [server.id], "name": "api_bk"})
     assert created.status_code == 202, created.text
     (bk,) = created.json()
-    assert (bk["name"], bk["server_id"], bk["status"]) == ("api_bk", server.id, "creating")
+    assert (bk["name"], bk["server_id"]) == ("api_bk", server.id)
+    # Its record as the request found it: a small backup may already have finished.
+    assert bk["status"] in ("creating", "available")
     done = await api.wait_for(f"/v1/backups/{bk['id']}", lambda b: b["status"] != "creating")
     assert done["status"] == "available", done
     assert [t["kind"] for t in done["tasks"]] == ["backup"]

@@ -56,6 +56,10 @@ async def test_policy_lifecycle_through_the_cli(stack: Stack) -> None:
     desc = await stack.client.get_schedule_handle(schedule_id(pid)).describe()
     assert desc.schedule.state.paused is False
 
+    # P7: back up now needs a bound server; refused in one line, nothing started.
+    refused = await stack.cli("policy", "run", pid, check=False)
+    assert refused.code != 0 and "no servers bound" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
     server = stack.driver.create_server("p1", [4 * MIB])
     stack.driver.write(server.id, server.disks[0].id, 0, b"p" * 10000)
     bound = (await stack.cli("policy", "bind", pid, server.id, "--json")).json()

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from csbs.catalog import Catalog
 from csbs.drivers.local import LocalDriver
-from csbs.errors import InvalidInput, NotFound, QuotaExceeded
+from csbs.errors import InvalidInput, InvalidState, NotFound, QuotaExceeded
 from csbs.model import ServerState
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
@@ -84,3 +84,17 @@ def test_bindings(svc: PolicyService) -> None:
     assert svc.unbind(a.id, ids[1:3]) == ids[3:64]
     with pytest.raises(InvalidInput, match="not bound"):
         svc.unbind(a.id, [ids[1]])
+
+
+def test_back_up_now_needs_a_bound_server(svc: PolicyService) -> None:
+    """P7 (guide 3.2.4): "立即备份" is refused with the reason while no server is bound; a
+    scheduled run of such a policy backs up nothing, and fails nothing."""
+    drv = svc.driver
+    assert isinstance(drv, LocalDriver)
+    policy = svc.create(weekly(name="empty"))
+    with pytest.raises(InvalidState, match="no servers bound: bind at least one server"):
+        svc.plan_run(policy.id, "manual")
+    assert svc.plan_run(policy.id, "scheduled").server_ids == []
+    server = drv.create_server("s", [MIB])
+    svc.bind(policy.id, [server.id])
+    assert svc.plan_run(policy.id, "manual").server_ids == [server.id]
