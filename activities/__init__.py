@@ -54,6 +54,8 @@ from csbs.steps import (
     PrepareDelete,
     PrepareRestore,
     Reconciled,
+    RefuseBackup,
+    RefuseRestore,
     ReleaseSnapshot,
     RestoreDisk,
     SnapshotTaken,
@@ -205,8 +207,10 @@ class CsbsActivities:
             self.backup_disk,
             self.commit_backup,
             self.fail_backup,
+            self.refuse_backup,
             self.release_snapshot,
             self.prepare_restore,
+            self.refuse_restore,
             self.stop_server,
             self.start_server,
             self.check_restore,
@@ -277,6 +281,17 @@ class CsbsActivities:
     def fail_backup(self, inp: FailTask) -> None:
         self.services.backup.fail_backup(inp.backup_id, inp.task_id, inp.reason, _run_id())
 
+    @_step("refuse_backup")
+    def refuse_backup(self, inp: RefuseBackup) -> None:
+        self.services.backup.refuse_backup(
+            inp.request,
+            inp.backup_id,
+            inp.task_id,
+            inp.reason,
+            activity.info().workflow_id or "",
+            _run_id(),
+        )
+
     @_step("release_snapshot", keep_alive=True)
     def release_snapshot(self, inp: ReleaseSnapshot) -> None:
         self.services.backup.release_snapshot(inp.server_id, inp.backup_id, inp.committed)
@@ -286,6 +301,12 @@ class CsbsActivities:
     def prepare_restore(self, inp: PrepareRestore) -> RestorePlan:
         return self.services.restore.prepare_restore(
             inp.request, inp.task_id, activity.info().workflow_id or "", _run_id()
+        )
+
+    @_step("refuse_restore")
+    def refuse_restore(self, inp: RefuseRestore) -> None:
+        self.services.restore.refuse_restore(
+            inp.request, inp.task_id, inp.reason, activity.info().workflow_id or "", _run_id()
         )
 
     @_step("stop_server", keep_alive=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -419,12 +419,21 @@ class ChunkStore:
     def delete_staging(self, backup_id: str) -> None:
         self._delete(list(self.list_keys(f"staging/{check_id(backup_id)}/")))
 
-    def delete_backup_objects(self, backup_id: str) -> int:
-        """Delete a backup's descriptor, manifests and staging objects (not its chunks)."""
+    def delete_backup_objects(
+        self, backup_id: str, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Delete a backup's manifests, staging objects and, last, its descriptor (not its
+        chunks); ``progress(done, total)`` after each object."""
         keys = list(self.list_keys(f"manifests/{check_id(backup_id)}/"))
         keys += list(self.list_keys(f"staging/{backup_id}/"))
         keys.append(self.descriptor_key(backup_id))
-        self._delete(keys)
+        if progress is None:
+            self._delete(keys)
+            return len(keys)
+        progress(0, len(keys))
+        for done, key in enumerate(keys, start=1):
+            self._delete([key])
+            progress(done, len(keys))
         return len(keys)
 
     def list_manifest_refs(self, staging: bool = False) -> Iterator[tuple[str, str]]:

@@ -63,7 +63,11 @@ class Settings(BaseSettings):
     #: Worker threads for blocking activities.
     max_concurrent_activities: int = Field(default=16, ge=1, le=256)
     zstd_level: int = Field(default=1, ge=1, le=19)
-    #: Quotas per project (B15): most backups kept, most bytes stored; None = no limit.
+    #: Default quotas of a tenant (B15, guide 4.2 Q4) when it has none of its own
+    #: (``csbs quota set``): most disk backups kept (a server backup counts one per disk),
+    #: most chunk bytes stored; None = no limit. ``quota_backups`` is the old name of
+    #: ``quota_disk_backups``, still read.
+    quota_disk_backups: int | None = Field(default=None, ge=1)
     quota_backups: int | None = Field(default=None, ge=1)
     quota_bytes: int | None = Field(default=None, ge=1)
     #: Daily retention cleanup (P5): time of day and time zone of its schedule.

@@ -99,9 +99,10 @@ def collect_garbage(
                 referenced |= manifest
             lease.keep("marking", manifests=i + 1, of=len(refs))
         lease.keep("listing", force=True, chunks=0)
-        total, doomed, freed = 0, [], 0
+        total, doomed, freed, stored = 0, [], 0, 0
         for chunk_id, size in store.list_chunks():
             total += 1
+            stored += size
             if chunk_id not in referenced:
                 doomed.append(chunk_id)
                 freed += size
@@ -113,6 +114,8 @@ def collect_garbage(
             store.delete_chunks(batch)
             lease.deleted += len(batch)
             lease.keep("deleting", deleted=lease.deleted, of=len(doomed))
+        # The tenant's stored bytes, measured (B15): no backup runs beside a sweep.
+        catalog.set_usage(stored - freed)
     finally:
         lease.release()
     return SweepResult(

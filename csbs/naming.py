@@ -34,6 +34,15 @@ def check_description(description: str) -> str:
     return description
 
 
+#: The longest name (B7).
+MAX_NAME = 255
+
+
 def numbered(name: str, index: int, count: int) -> str:
-    """Name of the ``index``-th (0-based) backup of a request covering ``count`` servers."""
-    return name if count <= 1 else f"{name}-{index + 1:04d}"
+    """Name of the ``index``-th (0-based) backup of a request covering ``count`` servers:
+    ``name-0001``, ``name-0002``, ... (B7). A name so long that the suffix would pass 255
+    characters is cut to make room for it, never refused."""
+    if count <= 1:
+        return name
+    suffix = f"-{index + 1:04d}"
+    return f"{name[: MAX_NAME - len(suffix)]}{suffix}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +24,10 @@ FAILED_KEEP_COUNT = 10
 FAILED_KEEP_DAYS = 30
 MAX_POLICIES_PER_PROJECT = 32
 MAX_SERVERS_PER_POLICY = 64
+#: The console's defaults (guide 3.2.1): backups at 00:00, every 3 days, kept 6 months.
+DEFAULT_TIME = "00:00"
+DEFAULT_EVERY_DAYS = 3
+DEFAULT_KEEP_DAYS = RETENTION_PRESETS["6m"]
 
 
 class RetentionKind(StrEnum):
@@ -51,12 +55,28 @@ class PolicySpec(BaseModel):
 
     name: str = "backup_policy"
     enabled: bool = True
-    times: list[str] = Field(min_length=1)
+    times: list[str] = Field(default_factory=lambda: [DEFAULT_TIME], min_length=1)
     weekdays: list[str] | None = None
     every_days: int | None = Field(default=None, ge=1, le=30)
     timezone: str = "UTC"
     retention: RetentionKind = RetentionKind.COUNT
     retention_value: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _console_defaults(cls, data: Any) -> Any:
+        """Guide 3.2.1: what the console fills in. A policy without a period runs every
+        3 days; one without any retention option keeps its backups 6 months."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("weekdays") is None and data.get("every_days") is None:
+            data["every_days"] = DEFAULT_EVERY_DAYS
+        if data.get("retention") is None and data.get("retention_value") is None:
+            data["retention"], data["retention_value"] = RetentionKind.DAYS, DEFAULT_KEEP_DAYS
+        elif data.get("retention") is None:
+            data["retention"] = RetentionKind.COUNT
+        return data
 
     @field_validator("name")
     @classmethod
@@ -136,14 +156,6 @@ def schedule_calendars(spec: PolicySpec) -> list[Calendar]:
                 Calendar(minutes // 60, minutes % 60, day_of_month_step=spec.every_days)
             )
     return calendars
-
-
-def next_run_days(step: int, year: int, month: int) -> list[int]:
-    """Days of ``month`` on which an every-``step``-days policy runs (1, 1+N, ...)."""
-    import calendar
-
-    last = calendar.monthrange(year, month)[1]
-    return list(range(1, last + 1, step))
 
 
 @dataclass(frozen=True)

@@ -195,10 +195,21 @@ class PolicyService:
         return self.retention(policy_id, now).expired
 
     def retention(self, policy_id: str, now: datetime | None = None) -> RetentionPlan:
-        """What this policy's retention deletes now, and what it keeps past its rule (a
-        server's last available backup) with why."""
+        """What this policy's retention deletes now (P4, P5, P9): nothing while the policy
+        is disabled, and only backups of the servers bound to it; and what it keeps past
+        its rule (a server's last available backup) with why."""
         spec = self.spec(policy_id)
-        rows = self.policies.catalog.list_backups(BackupFilter(policy_id=policy_id))
+        if not spec.enabled:
+            # Guide 3.2.5: a disabled policy no longer runs, and neither does its cleanup.
+            return RetentionPlan(expired=[], kept={})
+        # Guide 3.2.6 (P9): the backups of an unbound server are no longer the policy's to
+        # delete; they stay until a person deletes them.
+        bound = {b.server_id for b in self.policies.bindings(policy_id)}
+        rows = [
+            r
+            for r in self.policies.catalog.list_backups(BackupFilter(policy_id=policy_id))
+            if r.server_id in bound
+        ]
         backups = [
             RetainedBackup(r.id, r.server_id, r.kind, r.status, r.created_at)  # type: ignore[arg-type]
             for r in rows

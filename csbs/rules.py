@@ -89,7 +89,8 @@ def plan_disk_mapping(
 ) -> tuple[list[RestoreItem], list[str]]:
     """Decide which backed-up disk goes onto which disk of the server (R4).
 
-    Default: each disk onto itself. Rules: a mapped source must be in the backup, a target
+    Default: each disk onto itself; a one-disk backup of a server that has one disk goes
+    onto that disk even if it was replaced. Rules: a mapped source must be in the backup, a target
     must be a disk of the server with capacity not smaller than the source, a data disk
     never goes onto the system disk, and no target is used twice.
     """
@@ -110,6 +111,14 @@ def plan_disk_mapping(
     for disk in chosen:
         target_id = mapping.get(disk.disk_id, disk.disk_id)
         target = server_disks.get(target_id)
+        if target is None and not mapping and len(disks) == 1 and len(server.disks) == 1:
+            # R4, guide 3.1.2: a server with one disk is restored onto its one disk, even
+            # when that disk was replaced since the backup.
+            target_id, target = server.disks[0].id, server.disks[0]
+            warnings.append(
+                f"disk {disk.disk_id} was replaced since the backup: restored onto the "
+                f"server's one disk {target_id}"
+            )
         if target is None and disk.disk_id not in mapping:
             # R5: the disk was removed since the backup; it comes back as it was.
             warnings.append(f"disk {disk.disk_id} was removed since the backup: it is re-created")

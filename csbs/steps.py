@@ -33,6 +33,23 @@ class PrepareBackup(Step):
     task_id: str
 
 
+class RefuseBackup(Step):
+    """Record a backup refused at validation: an ``error`` backup and a failed task."""
+
+    request: BackupServerInput
+    backup_id: str
+    task_id: str
+    reason: str
+
+
+class RefuseRestore(Step):
+    """Record a restore refused at validation: a failed restore task with the reason."""
+
+    request: RestoreServerInput
+    task_id: str
+    reason: str
+
+
 class OfBackup(Step):
     """A step on one backup (take its group snapshot)."""
 

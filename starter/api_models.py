@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 from starlette.routing import Match
 
 from csbs.catalog.views import BackupDetailView, BackupView, TaskView
@@ -98,6 +98,20 @@ class BackupCreate(BaseModel):
     name: str | None = None
     description: str | None = None
     offline: Flag = False
+    #: Bind the servers to this policy instead of backing up now (guide 2.2, automatic
+    #: backup): the answer is the policy's servers, and no backup starts.
+    policy_id: BodyId | None = None
+
+    @model_validator(mode="after")
+    def _policy_alone(self) -> BackupCreate:
+        if self.policy_id is not None:
+            given = [f for f in ("name", "description") if getattr(self, f)]
+            given += ["offline"] if self.offline else []
+            if given:
+                raise ValueError(
+                    f"policy_id binds the servers and backs up nothing now: drop {', '.join(given)}"
+                )
+        return self
 
 
 class RestoreRequest(BaseModel):
@@ -151,17 +165,20 @@ Weekday = Literal["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 class PolicyCreate(BaseModel):
     """A new policy (P1-P3): times at least an hour apart; weekdays or every_days; keep
-    by count, by days, or forever. The rules the schema cannot say are checked too."""
+    by count, by days, or forever. The rules the schema cannot say are checked too. What
+    is left out takes the console's default (guide 3.2.1): 00:00, every 3 days, 6 months."""
 
     model_config = REQUEST
 
     name: Name = "backup_policy"
     enabled: Flag = True
-    times: list[TimeOfDay] = Field(min_length=1, max_length=24)
+    times: list[TimeOfDay] = Field(default_factory=lambda: ["00:00"], min_length=1, max_length=24)
     weekdays: list[Weekday] | None = Field(default=None, min_length=1, max_length=7)
     every_days: Int | None = Field(default=None, ge=1, le=30)
     timezone: str = "UTC"
-    retention: RetentionKind = RetentionKind.COUNT
+    #: Neither retention nor retention_value: keep 6 months (guide 3.2.1); a value alone
+    #: keeps that many backups.
+    retention: RetentionKind | None = None
     retention_value: Int | None = Field(default=None, ge=1, le=99999)
 
 

@@ -19,6 +19,7 @@ from starter.cli_backup import backup_app
 from starter.cli_common import JsonOpt, YesOpt
 from starter.cli_dev import dev_server_app
 from starter.policy_cli import policy_app
+from starter.quota_cli import quota_app
 
 app = typer.Typer(no_args_is_help=True, help="Cloud Server Backup Service")
 
@@ -43,6 +44,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
 app.add_typer(policy_app, name="policy")
+app.add_typer(quota_app, name="quota")
 dev_app.add_typer(dev_server_app, name="server")
 
 

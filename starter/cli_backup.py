@@ -41,17 +41,22 @@ backup_app = typer.Typer(no_args_is_help=True, help="Create, list, show, restore
 
 
 # -- backups --------------------------------------------------------------------------------
+def _status(b: dict[str, Any]) -> str:
+    """A backup's state, with its progress while it changes (B9)."""
+    status = str(b["status"])
+    if status in (BackupStatus.CREATING, BackupStatus.RESTORING, BackupStatus.DELETING):
+        return f"{status} {b['progress']}%"
+    return status
+
+
 def _backup_table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "name", "server", "status", "kind", "created", "size", "stored")
     for b in rows:
-        status = b["status"]
-        if status in (BackupStatus.CREATING, BackupStatus.RESTORING, BackupStatus.DELETING):
-            status = f"{status} {b['progress']}%"
         table.add_row(
             b["id"],
             b["name"],
             f"{b['server_name']} ({b['server_id']})",
-            status,
+            _status(b),
             b["kind"],
             (b["created_at"] or "")[:19],
             format_size(b["size_bytes"]),
@@ -66,11 +71,33 @@ def backup_create(
     name: Annotated[str | None, typer.Option(help="Backup name (default manualbk_xxxx).")] = None,
     description: Annotated[str | None, typer.Option(help="At most 255 characters.")] = None,
     offline: Annotated[bool, typer.Option(help="Stop the server for the snapshot.")] = False,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Bind the servers to this policy (automatic backup) instead of backing up "
+            "now; a server bound to another policy moves here.",
+        ),
+    ] = None,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up one or more servers now (one backup per server)."""
+    """Back up one or more servers now (one backup per server), or with --policy bind
+    them to a policy that backs them up on its schedule (guide 2.2)."""
     f = facade(settings())
+    if policy is not None:
+        given = [o for o, v in (("--name", name), ("--description", description)) if v]
+        given += [o for o, v in (("--offline", offline), ("--wait", wait)) if v]
+        if given:
+            fail(f"--policy binds the servers and backs up nothing now: drop {', '.join(given)}")
+        guarded(lambda: f.check_policy(policy))
+        bound = guarded(lambda: f.bind(policy, server_ids))
+        emit(
+            {"policy_id": policy, "server_ids": bound},
+            as_json,
+            lambda: console.print(f"{policy}: {len(bound)} server(s) bound"),
+        )
+        return
     ids = run_async(guarded_async(f.create_backups(server_ids, name, description, offline)))
     if wait:
         for backup_id in ids:
@@ -91,7 +118,7 @@ def backup_create(
     views = [f.backup_view(b) for b in ids]
     emit(views if len(views) > 1 else views[0], as_json, lambda: _backup_table(views))
     failed = [v for v in views if v["status"] == BackupStatus.ERROR]
-    if wait and failed:
+    if failed:
         fail("; ".join(f"backup {v['id']} failed: {v['error']}" for v in failed))
 
 
@@ -105,14 +132,39 @@ def backup_list(
     id: Annotated[str | None, typer.Option("--id", help="This backup id.")] = None,
     since: Annotated[str | None, typer.Option(help="Created at or after (ISO time).")] = None,
     until: Annotated[str | None, typer.Option(help="Created at or before (ISO time).")] = None,
+    disks: Annotated[
+        bool,
+        typer.Option("--disks", help="List disk backups (one per disk of each backup) instead."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """List backups, newest first."""
-    options = dict(locals())  # the filters, by their names in BackupQuery
+    """List backups, newest first; with --disks, their disk backups (restore one with
+    ``backup restore BACKUP_ID --disk DISK_ID``)."""
+    options = {k: v for k, v in locals().items() if k != "disks"}  # BackupQuery's filters
     f = facade(settings())
     query = guarded(lambda: BackupQuery.model_validate(options))
+    if disks:
+        disk_rows = guarded(lambda: f.list_disk_backups(query))
+        emit(disk_rows, as_json, lambda: _disk_backup_table(disk_rows))
+        return
     rows = guarded(lambda: f.list_backups(query))
     emit(rows, as_json, lambda: _backup_table(rows))
+
+
+def _disk_backup_table(rows: list[dict[str, Any]]) -> None:
+    table = Table("backup", "disk", "role", "server", "status", "created", "size", "stored")
+    for d in rows:
+        table.add_row(
+            f"{d['backup_name']} ({d['backup_id']})",
+            f"{d['name']} ({d['disk_id']})",
+            d["role"],
+            f"{d['server_name']} ({d['server_id']})",
+            _status(d),
+            (d["created_at"] or "")[:19],
+            format_size(d["size_bytes"]),
+            format_size(d["stored_bytes"]),
+        )
+    console.print(table)
 
 
 @backup_app.command("show")

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, FailureError
 
+from csbs import quota
 from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
+from csbs.catalog.views import DiskBackupListView
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_fleet
 from csbs.errors import CsbsError, InvalidInput
@@ -36,6 +38,7 @@ from csbs.model import (
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
 from csbs.rules import BackupQuery, backup_requests, deletable_tasks
+from csbs.services import Services
 from runtime.connection import connect
 from starter.client import CsbsClient
 
@@ -121,6 +124,15 @@ class Facade:
         self.driver = driver or make_fleet(settings, self.catalog)
         self.policies = PolicyService(self.catalog, self.driver)
         self._client = client
+        self._services: Services | None = None
+
+    @property
+    def services(self) -> Services:
+        """The service layer over this facade's catalog and driver (for checks that must
+        refuse a request before any workflow starts)."""
+        if self._services is None:
+            self._services = Services(self.settings, catalog=self.catalog, driver=self.driver)
+        return self._services
 
     async def client(self) -> Client:
         if self._client is None:
@@ -148,6 +160,22 @@ class Facade:
         rows = self.catalog.list_backups(flt)
         return [backup_json(r, self.catalog.disk_backups(r.id)) for r in rows]
 
+    def list_disk_backups(self, query: BackupQuery | None = None) -> list[dict[str, Any]]:
+        """Disk backups (guide 1.6): one per disk of every server backup that the filters
+        of ``backup list`` select, with that backup; newest first, system disk first."""
+        q = query or BackupQuery()
+        flt = BackupFilter(
+            **q.model_dump(exclude={"since", "until", "status"}),
+            status=q.status.value if q.status else None,
+            since=q.since_time(),
+            until=q.until_time(),
+        )
+        return [
+            DiskBackupListView.of_backup(r, d).model_dump(mode="json")
+            for r in self.catalog.list_backups(flt)
+            for d in self.catalog.disk_backups(r.id)
+        ]
+
     def backup_view(self, backup_id: str) -> dict[str, Any]:
         return backup_json(self.catalog.get_backup(backup_id), self.catalog.disk_backups(backup_id))
 
@@ -172,13 +200,12 @@ class Facade:
         """Back servers up now (B7): one ``BackupServer`` each; the backup ids, once each is
         recorded. Bad input is refused before anything starts."""
         inputs = backup_requests(server_ids, name, description, offline)
+        # Refused here, nothing starts and nothing is recorded; what only the workflow can
+        # find (a race) leaves an error backup and a failed task (B10).
+        names = [self.services.backup.check_request(inp).name for inp in inputs]
         client = await self.csbs()
         ids = []
-        for inp in inputs:
-            try:
-                server_name: str | None = self.driver.get_server(inp.server_id).name
-            except CsbsError:
-                server_name = None  # the workflow itself refuses it, with its reason
+        for inp, server_name in zip(inputs, names, strict=True):
             backup_id, handle = await client.start_backup(inp, server_name)
             await await_start(handle, lambda b=backup_id: self.catalog.find_backup(b))  # type: ignore[misc]
             ids.append(backup_id)
@@ -209,8 +236,9 @@ class Facade:
         return await await_start(handle, started)
 
     async def restore(self, inp: RestoreServerInput) -> tuple[WorkflowHandle[Any, Any], str]:
-        """Start ``RestoreServer``; return its handle and task id once it is recorded."""
-        self.catalog.get_backup(inp.backup_id)
+        """Start ``RestoreServer``; return its handle and task id once it is recorded.
+        What can be refused before it starts is refused here, with nothing recorded."""
+        self.services.restore.check_request(inp)
         handle = await (await self.csbs()).start_restore(inp)
         return handle, await self._task_recorded(handle, TaskKind.RESTORE, inp.backup_id)
 
@@ -220,6 +248,31 @@ class Facade:
         self.catalog.get_backup(backup_id)
         handle = await (await self.csbs()).start_verify(inp)
         return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
+
+    # -- quotas ----------------------------------------------------------------------------
+    def quota_view(self) -> dict[str, Any]:
+        """The project's limits, where each comes from, and what it uses (B15)."""
+        limits = quota.quota_of(self.settings, self.catalog)
+        usage = quota.usage_of(self.catalog, self.services.store)
+        return quota.quota_json(self.settings.project, limits, usage)
+
+    def set_quota(self, disk_backups: str | None, bytes_: str | None) -> dict[str, Any]:
+        """Set the project's own limits: a number, ``unlimited`` or ``default`` each; one
+        left out keeps what it is."""
+        if disk_backups is None and bytes_ is None:
+            raise InvalidInput("give --disk-backups or --bytes (a number, unlimited or default)")
+        row = self.catalog.quota_row()
+        disks = row.disk_backups if row else None
+        size = row.bytes if row else None
+        try:
+            if disk_backups is not None:
+                disks = quota.parse_limit(disk_backups, "disk_backups")
+            if bytes_ is not None:
+                size = quota.parse_limit(bytes_, "bytes", size=True)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        self.catalog.set_quota(disks, size)
+        return self.quota_view()
 
     # -- tasks -----------------------------------------------------------------------------
     def tasks(

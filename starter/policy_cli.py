@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from csbs.policy import RETENTION_PRESETS, PolicySpec, RetentionKind
+from csbs.policy import DEFAULT_TIME, RETENTION_PRESETS, PolicySpec, RetentionKind
 from starter import cli_common as cli
 from starter.facade import Facade
 
@@ -62,12 +62,18 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 @policy_app.command("create")
 def policy_create(
-    time: Annotated[list[str], typer.Option("--time", help="HH:MM, repeat for several.")],
+    time: Annotated[
+        list[str] | None, typer.Option("--time", help="HH:MM, repeat for several (00:00).")
+    ] = None,
     name: Annotated[str, typer.Option(help="Policy name.")] = "backup_policy",
-    weekdays: Annotated[str | None, typer.Option(help="mon,wed,... (weekly period)")] = None,
+    weekdays: Annotated[
+        str | None, typer.Option(help="mon,wed,... (weekly period; default every 3 days)")
+    ] = None,
     every_days: Annotated[int | None, typer.Option(help="Every N days, 1-30.")] = None,
     keep_count: Annotated[int | None, typer.Option(help="Keep N backups per server.")] = None,
-    keep_days: Annotated[str | None, typer.Option(help="Keep N days, or 1m, 3m, 6m, 1y.")] = None,
+    keep_days: Annotated[
+        str | None, typer.Option(help="Keep N days, or 1m, 3m, 6m, 1y (default 6m).")
+    ] = None,
     keep_forever: Annotated[bool, typer.Option(help="Never expire backups.")] = False,
     disabled: Annotated[bool, typer.Option(help="Create it disabled.")] = False,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the times.")] = "UTC",
@@ -75,14 +81,14 @@ def policy_create(
 ) -> None:
     """Create a policy and its schedule (P1-P3)."""
     facade = _facade()
-    retention = _retention(keep_count, keep_days, keep_forever) or cli.fail(
-        "give --keep-count, --keep-days or --keep-forever"
-    )
+    # Guide 3.2.1: without --time it runs at 00:00, without a period every 3 days, and
+    # without a retention option it keeps backups 6 months.
+    retention = _retention(keep_count, keep_days, keep_forever) or {}
     spec = cli.guarded(
         lambda: PolicySpec(
             name=name,
             enabled=not disabled,
-            times=time,
+            times=time or [DEFAULT_TIME],
             weekdays=weekdays.split(",") if weekdays else None,
             every_days=every_days,
             timezone=timezone,

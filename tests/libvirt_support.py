@@ -397,10 +397,16 @@ def build_guest(out: Path) -> Path:
 
 def guest_disk(lab: Lab, script: str, size: str = "64M", fmt: str = "qcow2") -> Path:
     """An ext4 system disk holding ``guest.sh`` (built with mkfs.ext4 -d, no mount)."""
-    src = Path(tempfile.mkdtemp(dir=lab.dir))
+    return ext4_image(lab.dir, script, size, fmt)
+
+
+def ext4_image(folder: Path, script: str, size: str = "64M", fmt: str = "qcow2") -> Path:
+    """An ext4 image in ``folder`` holding an executable ``guest.sh`` (mkfs.ext4 -d, no
+    mount): raw, or converted to qcow2."""
+    src = Path(tempfile.mkdtemp(dir=folder))
     (src / "guest.sh").write_text(script)
     os.chmod(src / "guest.sh", 0o755)
-    raw = lab.dir / f"fs-{uuid.uuid4().hex[:6]}.raw"
+    raw = folder / f"fs-{uuid.uuid4().hex[:6]}.raw"
     subprocess.run(
         ["mkfs.ext4", "-q", "-F", "-d", str(src), str(raw), size], check=True,
         stdout=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         OfServer,
         OfTask,
         PrepareBackup,
+        RefuseBackup,
         ReleaseSnapshot,
     )
 
@@ -66,12 +67,12 @@ class BackupServer(DiskProgress):
             )
         except Exception as err:
             failed = reason_of("validate", err)
-            # Refused before anything was written: there is no backup to mark.
-            await local_step(
-                A.fail_backup,
-                FailTask(backup_id=backup_id, task_id=task_id, reason=failed.reason),
-                cleanup=True,
+            # B10, guide 3.3: a refused backup is a failed backup, an ``error`` backup and
+            # a failed task with the reason, whoever started it.
+            refusal = RefuseBackup(
+                request=inp, backup_id=backup_id, task_id=task_id, reason=failed.reason
             )
+            await local_step(A.refuse_backup, refusal, cleanup=True)
             raise run_failure(failed) from err
 
         committed = released = False

@@ -20,7 +20,14 @@ with workflow.unsafe.imports_passed_through():
         describe,
         new_id,
     )
-    from csbs.steps import CheckRestore, FinishRestore, OfServer, PrepareRestore, RestoreDisk
+    from csbs.steps import (
+        CheckRestore,
+        FinishRestore,
+        OfServer,
+        PrepareRestore,
+        RefuseRestore,
+        RestoreDisk,
+    )
 
 from workflows import common as wf
 from workflows.verify import verify_disk
@@ -38,9 +45,16 @@ class RestoreServer(wf.DiskProgress):
         task_id = new_id("task", workflow.uuid4())
         wf.tag(wf.SA_BACKUP_ID.value_set(inp.backup_id), wf.SA_OPERATION.value_set("restore"))
         self._at("validating")
-        plan = await wf.validated(
-            wf.local_step(A.prepare_restore, PrepareRestore(request=inp, task_id=task_id))
-        )
+        try:
+            plan = await wf.local_step(
+                A.prepare_restore, PrepareRestore(request=inp, task_id=task_id)
+            )
+        except Exception as err:
+            # R6, guide 3.3: a refused restore leaves a failed restore task with the reason.
+            failed = wf.reason_of("validate", err)
+            refusal = RefuseRestore(request=inp, task_id=task_id, reason=failed.reason)
+            await wf.local_step(A.refuse_restore, refusal, cleanup=True)
+            raise wf.run_failure(failed) from err
         wf.tag(wf.SA_SERVER_ID.value_set(plan.server_id))
         self._route = plan.route
         self._progress.update(

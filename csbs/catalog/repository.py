@@ -4,6 +4,7 @@ others may race is a conditional update (docs/format.md, "Locks and leases")."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -14,6 +15,7 @@ from sqlmodel import Session, col, select
 
 from csbs.catalog.inventory import Inventory
 from csbs.catalog.leases import SweepLease
+from csbs.catalog.quotas import Quotas
 from csbs.catalog.rows import (
     BackupFilter,
     BackupRow,
@@ -34,7 +36,7 @@ from csbs.errors import (
 from csbs.model import BackupStatus, TaskKind, TaskStatus
 
 
-class Catalog(SweepLease, Inventory):
+class Catalog(SweepLease, Inventory, Quotas):
     """Repository over the catalog tables; every method is its own transaction."""
 
     # -- backups ---------------------------------------------------------------------------
@@ -175,6 +177,12 @@ class Catalog(SweepLease, Inventory):
         if holder.status == BackupStatus.CREATING.value:
             return f"being backed up ({holder.name}, {holder.id})"
         return None
+
+    def server_busy(self, server_id: str) -> str | None:
+        """What holds the server now (a running backup or restore), or None."""
+        with self.session() as s:
+            lock = s.get(ServerLockRow, server_id)
+            return None if lock is None else self._lock_holder(s, lock)
 
     def claim_server(self, server_id: str, holder: str, operation: str = "backup") -> None:
         """Take the server's lock for ``holder`` (a backup id, or a restore's task id) or
@@ -317,6 +325,39 @@ class Catalog(SweepLease, Inventory):
 
     def update_task(self, task_id: str, **fields: Any) -> TaskRow:
         return _fix_task(self.update_row(TaskRow, task_id, f"task {task_id}", fields))
+
+    def set_task_progress(self, backup_id: str, kind: TaskKind, progress: int) -> None:
+        """The progress of the running task(s) of ``kind`` on a backup (T1)."""
+        with self.session() as s:
+            s.exec(
+                sa.update(TaskRow)
+                .where(
+                    col(TaskRow.project) == self.project,
+                    col(TaskRow.backup_id) == backup_id,
+                    col(TaskRow.kind) == kind.value,
+                    col(TaskRow.status) == TaskStatus.RUNNING.value,
+                )
+                .values(progress=progress)
+            )
+
+    def disk_progress(self, task_id: str, disk_id: str, done: int, total: int) -> int:
+        """Record how far one disk of a running task is (chunks) and return the task's
+        progress over all its disks, in percent; the task row holds both (T1)."""
+        with self.session() as s:
+            query = select(TaskRow).where(col(TaskRow.id) == task_id)
+            if self.engine.dialect.name == "postgresql":
+                query = query.with_for_update()
+            task = s.exec(query).one_or_none()
+            if task is None or task.status != TaskStatus.RUNNING.value:
+                return 100 if task is not None else 0
+            disks = json.loads(task.disks_progress or "{}")
+            disks[disk_id] = [done, total]
+            all_done = sum(d for d, _ in disks.values())
+            all_total = sum(t for _, t in disks.values()) or 1
+            task.progress = min(99, all_done * 100 // all_total)
+            task.disks_progress = json.dumps(disks, sort_keys=True)
+            s.add(task)
+            return task.progress
 
     def finish_task(self, task_id: str, ok: bool, reason: str | None = None) -> TaskRow:
         fields: dict[str, Any] = {

@@ -110,6 +110,9 @@ class TaskRow(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_type=sa.Text)
     #: The Temporal run of the task (reconciliation asks Temporal whether it still runs).
     run_id: str | None = Field(default=None, max_length=64)
+    #: A running restore's progress per disk, JSON ``{disk_id: [done, total]}`` in chunks:
+    #: its disks may be written by different workers, and ``progress`` is their sum.
+    disks_progress: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class ServerLockRow(SQLModel, table=True):
@@ -169,6 +172,31 @@ class HostServerRow(SQLModel, table=True):
     host: str = Field(index=True, max_length=64)
     server: str = Field(sa_type=sa.Text)
     seen_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class QuotaRow(SQLModel, table=True):
+    """A tenant's own quota (B15), set with ``csbs quota set``; a limit left None falls
+    back to the settings' default (``CSBS_QUOTA_DISK_BACKUPS``, ``CSBS_QUOTA_BYTES``), and
+    0 means no limit for this tenant."""
+
+    __tablename__ = "quotas"
+
+    project: str = Field(primary_key=True, max_length=64)
+    disk_backups: int | None = None
+    bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    updated_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class UsageRow(SQLModel, table=True):
+    """A tenant's stored chunk bytes: measured exactly by every sweep (which lists the
+    chunks), plus what each backup committed since uploaded anew. A chunk that several
+    backups share is counted once."""
+
+    __tablename__ = "project_usage"
+
+    project: str = Field(primary_key=True, max_length=64)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    measured_at: datetime | None = Field(default=None, sa_column=_ts())
 
 
 class PolicyRow(SQLModel, table=True):

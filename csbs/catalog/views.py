@@ -109,6 +109,38 @@ class BackupView(View):
         return self.model_dump(mode="json")
 
 
+class DiskBackupListView(DiskBackupView):
+    """A disk backup with the server backup it is part of (guide 1.6, 4.4 Q2): every
+    server backup is also one disk backup per disk, each restorable on its own (R7)."""
+
+    backup_id: str
+    backup_name: str
+    status: BackupStatus
+    kind: BackupKind
+    server_id: str
+    server_name: str
+    policy_id: str | None
+    created_at: str | None
+    progress: int
+
+    @classmethod
+    def of_backup(cls, row: BackupRow, disk: DiskBackupRow) -> DiskBackupListView:
+        return cls.model_validate(
+            {
+                **DiskBackupView.of(disk).model_dump(),
+                "backup_id": row.id,
+                "backup_name": row.name,
+                "status": row.status,
+                "kind": row.kind,
+                "server_id": row.server_id,
+                "server_name": row.server_name,
+                "policy_id": row.policy_id,
+                "created_at": row.created_at,
+                "progress": row.progress,
+            }
+        )
+
+
 class BackupDetailView(BackupView):
     """A backup with every task that touched it."""
 

@@ -25,6 +25,7 @@ def make_driver(settings: Settings) -> ComputeDriver:
             host=settings.host,
             qemu_binary=settings.qemu_binary,
             qemu_img=settings.qemu_img,
+            shutdown_timeout=settings.shutdown_timeout,
         )
     if settings.compute_driver == "libvirt":
         from csbs.drivers.libvirt import LibvirtDriver

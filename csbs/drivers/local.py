@@ -287,6 +287,27 @@ class LocalDriver(DirectoryDriver):
             self._save(server)
             return disk
 
+    def replace_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk:
+        """Swap a disk for a new empty one with a new id, the same name and role (a
+        system disk re-installed, a failed disk replaced), as a cloud does."""
+        with self._lock(server_id, exclusive=True):
+            server = self.get_server(server_id)
+            old = self._find_disk(server, disk_id)
+            if self._active_snapshots(server_id):
+                raise InvalidState(f"server {server_id} has a snapshot in use; try again later")
+            new = self._new_disk(server, size_bytes, None).model_copy(
+                update={"name": old.name, "role": old.role}
+            )
+            with open(self._disk_path(server_id, new.id), "wb") as f:
+                f.truncate(size_bytes)
+            self._set_checkpoint(server_id, new.id, None)
+            server.disks = [new if d.id == disk_id else d for d in server.disks]
+            self._save(server)
+            self._disk_path(server_id, disk_id).unlink(missing_ok=True)
+            self._cbt_meta(server_id, disk_id).unlink(missing_ok=True)
+            self._cbt_bits(server_id, disk_id).path.unlink(missing_ok=True)
+            return new
+
     def resize_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk:
         """Grow a disk (disks are never shrunk in place, as on a cloud)."""
         with self._lock(server_id, exclusive=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 
+from csbs import quota
 from csbs.catalog import (
     BackupRow,
     BackupView,
@@ -15,11 +16,11 @@ from csbs.catalog import (
 from csbs.errors import (
     Conflict,
     CorruptData,
+    CsbsError,
     GarbageCollectionRunning,
     InvalidInput,
     InvalidState,
     NotFound,
-    QuotaExceeded,
 )
 from csbs.format import BackupDescriptor, DescriptorDisk, DescriptorServer, Manifest
 from csbs.model import (
@@ -28,6 +29,7 @@ from csbs.model import (
     PreparedBackup,
     Server,
     TaskKind,
+    TaskStatus,
     TransferStats,
 )
 from csbs.naming import default_name
@@ -78,7 +80,7 @@ class BackupService(Service):
         if existing is None:
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
-            self._check_quota()
+            self._check_quota(server)
             self._claim_server(server.id, backup_id, "backup")
             if self.catalog.gc_running(self.settings.gc_lease_seconds):
                 self.catalog.release_server(server.id, backup_id)
@@ -104,22 +106,17 @@ class BackupService(Service):
                 )
             )
             self.catalog.add_backup(
-                BackupRow(
-                    id=backup_id,
-                    project=self.settings.project,
-                    name=name,
-                    description=inp.description or "",
-                    server_id=server.id,
-                    server_name=server.name,
-                    server_type=server.type,
-                    status=BackupStatus.CREATING.value,
-                    kind=inp.kind.value,
-                    policy_id=inp.policy_id,
+                self._backup_row(
+                    inp,
+                    backup_id,
+                    name,
+                    server,
+                    BackupStatus.CREATING,
+                    workflow_id,
+                    run_id,
                     parent_id=parent.id if parent else None,
-                    created_at=now,
                     size_bytes=server.size_bytes,
-                    workflow_id=workflow_id,
-                    run_id=run_id or None,
+                    created_at=now,
                 )
             )
             for disk in server.disks:
@@ -146,23 +143,125 @@ class BackupService(Service):
             route=self.route(server),
         )
 
-    def _check_quota(self) -> None:
-        """B15: refuse before anything is written when the project is at its quota."""
-        s = self.settings
-        if s.quota_backups is None and s.quota_bytes is None:
+    def _backup_row(
+        self,
+        inp: BackupServerInput,
+        backup_id: str,
+        name: str,
+        server: Server | None,
+        status: BackupStatus,
+        workflow_id: str,
+        run_id: str,
+        **fields: object,
+    ) -> BackupRow:
+        """The catalog row of a backup made (or refused) now for ``inp``."""
+        return BackupRow.model_validate(
+            {
+                "id": backup_id,
+                "project": self.settings.project,
+                "name": name,
+                "description": inp.description or "",
+                "server_id": inp.server_id,
+                "server_name": server.name if server else "",
+                "server_type": server.type if server else "",
+                "status": status.value,
+                "kind": inp.kind.value,
+                "policy_id": inp.policy_id,
+                "created_at": fields.pop("created_at", None) or utcnow(),
+                "workflow_id": workflow_id,
+                "run_id": run_id or None,
+                **fields,
+            }
+        )
+
+    def _check_quota(self, server: Server) -> None:
+        """B15: refuse before anything is written when the backup's disks would pass the
+        tenant's disk-backup quota, or it already stores its byte quota."""
+        limits = quota.quota_of(self.settings, self.catalog)
+        if limits.disk_backups is None and limits.bytes is None:
             return
-        backups = self.catalog.list_backups()
-        if s.quota_backups is not None and len(backups) >= s.quota_backups:
-            raise QuotaExceeded(
-                f"project {s.project} has {len(backups)} backups and its quota is "
-                f"{s.quota_backups}; delete backups or raise CSBS_QUOTA_BACKUPS"
+        used_bytes = (
+            quota.stored_bytes(self.catalog, self.store) if limits.bytes is not None else None
+        )
+        quota.check_quota(
+            self.settings.project,
+            limits,
+            len(server.disks),
+            self.catalog.disk_backups_used(),
+            used_bytes,
+        )
+
+    def check_request(self, inp: BackupServerInput) -> Server:
+        """Everything ``prepare_backup`` refuses that can be known before a workflow
+        starts (the server, its state and disks, its running backup, the quota): a
+        command refused here starts nothing and records nothing."""
+        server = self.driver.get_server(inp.server_id)
+        self._check_backup_allowed(server)
+        busy = self.catalog.server_busy(server.id)
+        if busy is not None:
+            raise Conflict(
+                f"server {server.id} is {busy}; only one backup or restore of a server "
+                f"can run at a time"
             )
-        stored = sum(b.stored_bytes for b in backups)
-        if s.quota_bytes is not None and stored >= s.quota_bytes:
-            raise QuotaExceeded(
-                f"project {s.project} stores {stored} bytes and its quota is {s.quota_bytes} "
-                f"bytes; delete backups or raise CSBS_QUOTA_BYTES"
-            )
+        self._check_quota(server)
+        return server
+
+    def refuse_backup(
+        self,
+        inp: BackupServerInput,
+        backup_id: str,
+        task_id: str,
+        reason: str,
+        workflow_id: str,
+        run_id: str = "",
+    ) -> None:
+        """A backup workflow refused at validation (B10, guide 3.3): leave what a failed
+        backup leaves, a backup in ``error`` and a failed backup task, both with the
+        reason, whoever started it. A backup id of another run is not touched: that
+        refusal leaves only the task."""
+        existing = self.catalog.find_backup(backup_id)
+        if existing is not None and _same_run(existing, workflow_id, run_id):
+            self.fail_backup(backup_id, task_id, reason, run_id)
+            return
+        if self._find_task(task_id) is not None:
+            return  # recorded by an earlier attempt of this step
+        try:
+            server: Server | None = self.driver.get_server(inp.server_id)
+        except CsbsError:
+            server = None
+        name = inp.name or default_name(inp.kind, random.Random(backup_id))
+        now = utcnow()
+        own = existing is None
+        task = self._running_task(
+            task_id,
+            TaskKind.BACKUP,
+            workflow_id,
+            backup_id if own else "",
+            name,
+            inp.server_id,
+            server.name if server else "",
+            started_at=now,
+            run_id=run_id,
+        )
+        task.backup_id = backup_id if own else None
+        task.status, task.finished_at, task.reason = TaskStatus.FAILED.value, now, reason
+        with self.catalog.unit_of_work():
+            if own:
+                self.catalog.add_backup(
+                    self._backup_row(
+                        inp,
+                        backup_id,
+                        name,
+                        server,
+                        BackupStatus.ERROR,
+                        workflow_id,
+                        run_id,
+                        created_at=now,
+                        finished_at=now,
+                        error=reason,
+                    )
+                )
+            self.catalog.add_task(task)
 
     @staticmethod
     def _check_backup_allowed(server: Server) -> None:
@@ -296,8 +395,9 @@ class BackupService(Service):
             self.catalog.update_disk_backup(backup_id, disk_id, progress=pct)
             disks = self.catalog.disk_backups(backup_id)
             total = sum(d.size_bytes for d in disks) or 1
-            overall = int(sum(d.progress * d.size_bytes for d in disks) / total)
-            self.catalog.update_backup(backup_id, progress=min(overall, 99))
+            overall = min(99, int(sum(d.progress * d.size_bytes for d in disks) / total))
+            self.catalog.update_backup(backup_id, progress=overall)
+            self.catalog.set_task_progress(backup_id, TaskKind.BACKUP, overall)
 
     def commit_backup(self, backup_id: str, task_id: str) -> BackupView:
         """Write the backup's descriptor, mark it ``available`` and its task succeeded."""
@@ -351,6 +451,8 @@ class BackupService(Service):
         )
         self.catalog.finish_task(task_id, ok=True)
         self.catalog.release_server(row.server_id, backup_id)
+        # Chunks it uploaded anew are stored now; those it shares were counted already.
+        self.catalog.add_usage(row.stored_bytes)
         return row
 
     def fail_backup(self, backup_id: str, task_id: str, reason: str, run_id: str = "") -> None:

@@ -57,8 +57,16 @@ class DeleteService(Service):
         return pairs
 
     def delete_backup(self, backup_id: str, task_id: str) -> None:
-        """Remove a backup's manifests, descriptor and catalog rows (chunks are left to GC)."""
-        self.store.delete_backup_objects(backup_id)
+        """Remove a backup's manifests, descriptor and catalog rows (chunks are left to GC).
+        The ``deleting`` backup and its task show how many of its objects are gone (B9)."""
+
+        def progress(done: int, total: int) -> None:
+            pct = min(99, done * 100 // max(total, 1))
+            with self.catalog.unit_of_work():
+                self.catalog.update_backup(backup_id, progress=pct)
+                self.catalog.update_task(task_id, progress=pct)
+
+        self.store.delete_backup_objects(backup_id, progress)
         with self.catalog.unit_of_work():
             self.catalog.delete_backup(backup_id)
             self.catalog.finish_task(task_id, ok=True)

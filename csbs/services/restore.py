@@ -3,8 +3,12 @@ manifest, give the lock back."""
 
 from __future__ import annotations
 
+import json
+
 from csbs import verify
+from csbs.catalog import BackupRow, utcnow
 from csbs.errors import (
+    Conflict,
     CorruptData,
     InvalidState,
 )
@@ -14,7 +18,9 @@ from csbs.model import (
     RestoreItem,
     RestorePlan,
     RestoreServerInput,
+    Server,
     TaskKind,
+    TaskStatus,
     TransferStats,
 )
 from csbs.rules import (
@@ -23,7 +29,7 @@ from csbs.rules import (
 )
 
 #: Called by long steps with resumable details; activities turn it into a heartbeat.
-from csbs.services.base import Heartbeat, Service, _pct, _Throttle
+from csbs.services.base import Heartbeat, Service, _Throttle
 from csbs.transfer import restore_disk
 
 
@@ -37,9 +43,43 @@ class RestoreService(Service):
         server's lock, mark the backup ``restoring`` and record the task (a backup or
         another restore of the server, or a delete of the backup, that got there first
         makes it refuse, and nothing changes)."""
-        backup = self.catalog.get_backup(inp.backup_id)
         existing = self._find_task(task_id)
-        if existing is None and backup.status != BackupStatus.AVAILABLE:
+        backup, server, items, warnings = self._plan(inp, check_status=existing is None)
+        if existing is None:
+            task = self._running_task(
+                task_id,
+                TaskKind.RESTORE,
+                workflow_id,
+                backup.id,
+                backup.name,
+                server.id,
+                server.name,
+                "; ".join(warnings) or None,
+                run_id=run_id,
+            )
+            chunk = self.settings.chunk_size
+            task.disks_progress = json.dumps(
+                {i.source_disk_id: [0, -(-i.size_bytes // chunk)] for i in items}, sort_keys=True
+            )
+            self._with_server_lock(
+                server.id, lambda: self.catalog.begin_restore(server.id, backup.id, task)
+            )
+        return RestorePlan(
+            backup_id=backup.id,
+            backup_name=backup.name,
+            task_id=task_id,
+            server_id=server.id,
+            items=items,
+            warnings=warnings,
+            route=self.route(server),
+        )
+
+    def _plan(
+        self, inp: RestoreServerInput, check_status: bool = True
+    ) -> tuple[BackupRow, Server, list[RestoreItem], list[str]]:
+        """The backup, the server and the disk mapping of a restore, or its refusal."""
+        backup = self.catalog.get_backup(inp.backup_id)
+        if check_status and backup.status != BackupStatus.AVAILABLE:
             raise InvalidState(
                 f"backup {backup.id} is {backup.status}; only available backups can be restored"
             )
@@ -55,30 +95,50 @@ class RestoreService(Service):
             inp.disk_mapping,
             inp.disk_ids,
         )
-        if existing is None:
-            task = self._running_task(
-                task_id,
-                TaskKind.RESTORE,
-                workflow_id,
-                backup.id,
-                backup.name,
-                server.id,
-                server.name,
-                "; ".join(warnings) or None,
-                run_id=run_id,
-            )
-            self._with_server_lock(
-                server.id, lambda: self.catalog.begin_restore(server.id, backup.id, task)
-            )
-        return RestorePlan(
-            backup_id=backup.id,
-            backup_name=backup.name,
-            task_id=task_id,
-            server_id=server.id,
-            items=items,
-            warnings=warnings,
-            route=self.route(server),
+        return backup, server, items, warnings
+
+    def check_request(self, inp: RestoreServerInput) -> None:
+        """Everything ``prepare_restore`` refuses that can be known before a workflow
+        starts: a command refused here starts nothing and records nothing."""
+        _, server, _, _ = self._plan(inp)
+        busy = self.catalog.server_busy(server.id)
+        if busy is not None:
+            raise Conflict(f"server {server.id} is {busy}; restore it when that has finished")
+
+    def refuse_restore(
+        self,
+        inp: RestoreServerInput,
+        task_id: str,
+        reason: str,
+        workflow_id: str,
+        run_id: str = "",
+    ) -> None:
+        """A restore workflow refused at validation (R6, guide 3.3): a failed restore task
+        with the reason, whoever started it. The backup is left as it is."""
+        existing = self._find_task(task_id)
+        if existing is not None:
+            if existing.status == TaskStatus.RUNNING.value:
+                self.finish_restore(inp.backup_id, task_id, ok=False, reason=reason)
+            return
+        backup = self.catalog.find_backup(inp.backup_id)
+        server_name = ""
+        if backup is not None:
+            server_name = backup.server_name
+        task = self._running_task(
+            task_id,
+            TaskKind.RESTORE,
+            workflow_id,
+            inp.backup_id,
+            backup.name if backup else "",
+            backup.server_id if backup else "",
+            server_name,
+            run_id=run_id,
         )
+        now = utcnow()
+        task.status, task.finished_at, task.reason = TaskStatus.FAILED.value, now, reason
+        task.backup_id = backup.id if backup else None
+        task.server_id = backup.server_id if backup else None
+        self.catalog.add_task(task)
 
     def check_restore(
         self, backup_id: str, disk_ids: list[str], heartbeat: Heartbeat | None = None
@@ -139,6 +199,10 @@ class RestoreService(Service):
             manifest.size_bytes if item.target_disk_id == item.source_disk_id else target.size_bytes
         )
         self.release_stale_snapshots(backup.server_id)
+        running = self.catalog.list_tasks(
+            kind=TaskKind.RESTORE, status=TaskStatus.RUNNING, backup_id=backup_id
+        )
+        task = running[0] if running else None
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
         throttle, beat = _Throttle(1.0), _Throttle(1.0)
 
@@ -147,10 +211,13 @@ class RestoreService(Service):
             # retry rewrites at most that second's chunks, which is harmless).
             if heartbeat is not None and beat.ready(force=done_now == stats.chunks_total):
                 heartbeat({"done": done_now})
-            if throttle.ready(force=done_now == stats.chunks_total):
-                self.catalog.update_backup(
-                    backup_id, progress=min(99, _pct(done_now, stats.chunks_total))
+            if throttle.ready(force=done_now == stats.chunks_total) and task is not None:
+                # B9, T1: the backup shows ``restoring`` with the progress of all its
+                # disks, and so does the restore task.
+                overall = self.catalog.disk_progress(
+                    task.id, item.source_disk_id, done_now, stats.chunks_total
                 )
+                self.catalog.update_backup(backup_id, progress=overall)
 
         try:
             if size > manifest.size_bytes and done == 0:

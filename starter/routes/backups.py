@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
+from csbs.catalog.views import DiskBackupListView
 from csbs.model import RestoreServerInput
 from csbs.rules import BackupQuery
 from starter.api_models import (
     BackupCreate,
     BackupDetail,
     BackupOut,
+    Bound,
     DeleteRequest,
     Id,
     RestoreRequest,
@@ -28,14 +30,33 @@ def list_backups(facade: FacadeDep, query: Annotated[BackupQuery, Query()]) -> l
     return facade.list_backups(query)
 
 
+@router.get("/v1/disk-backups", response_model=list[DiskBackupListView], responses=_responses(422))
+def list_disk_backups(
+    facade: FacadeDep, query: Annotated[BackupQuery, Query()]
+) -> list[dict[str, Any]]:
+    """Disk backups: one per disk of every backup the filters select, with that backup
+    (guide 1.6); restore one with ``POST /v1/backups/{id}/restore`` and ``disk_ids``."""
+    return facade.list_disk_backups(query)
+
+
 @router.post(
     "/v1/backups",
     status_code=202,
-    response_model=list[BackupOut],
+    response_model=list[BackupOut] | Bound,
     responses=_responses(404, 409, 422, 503),
 )
-async def create_backups(body: BackupCreate, facade: FacadeDep) -> list[dict[str, Any]]:
-    """Back up servers now (one backup each); returns the backups being created."""
+async def create_backups(
+    body: BackupCreate, facade: FacadeDep, response: Response
+) -> list[dict[str, Any]] | dict[str, Any]:
+    """Back up servers now (one backup each); returns the backups being created. With
+    ``policy_id``, bind them to that policy instead (guide 2.2: a server bound elsewhere
+    moves here) and answer 200 with the policy's servers; nothing is backed up now."""
+    if body.policy_id is not None:
+        facade.check_policy(body.policy_id)  # a missing policy is 404; missing servers 422
+        with body_references():
+            bound = facade.bind(body.policy_id, body.server_ids)
+        response.status_code = 200
+        return {"policy_id": body.policy_id, "server_ids": bound}
     with body_references():
         ids = await facade.create_backups(
             body.server_ids, body.name, body.description, body.offline

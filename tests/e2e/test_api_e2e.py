@@ -162,6 +162,46 @@ async def test_backup_restore_delete_and_policies_over_rest(stack: Stack, api: A
         422,
         "1 hour apart",
     )
+    # Guide 3.2.1: what a new policy leaves out is the console's default.
+    made = await http.post("/v1/policies", json={"name": "defaults"})
+    assert made.status_code == 201, made.text
+    other = made.json()
+    assert (other["times"], other["every_days"], other["retention"], other["retention_value"]) == (
+        ["00:00"],
+        3,
+        "days",
+        180,
+    )
+    # Guide 2.2: creating a backup with a policy binds the server there (moved from the
+    # first policy) and backs up nothing now.
+    count = len((await http.get("/v1/backups")).json())
+    bound = await http.post(
+        "/v1/backups", json={"server_ids": [server.id], "policy_id": other["id"]}
+    )
+    assert bound.status_code == 200, bound.text
+    assert bound.json() == {"policy_id": other["id"], "server_ids": [server.id]}
+    assert (await http.get(f"/v1/policies/{pid}")).json()["server_ids"] == []
+    assert len((await http.get("/v1/backups")).json()) == count
+    assert_problem(
+        await http.post(
+            "/v1/backups",
+            json={"server_ids": [server.id], "policy_id": other["id"], "offline": True},
+        ),
+        422,
+        "drop offline",
+    )
+    assert_problem(
+        await http.post("/v1/backups", json={"server_ids": [server.id], "policy_id": "pol-x"}),
+        404,
+        "pol-x",
+    )
+    # Guide 1.6: every server backup is also a disk backup per disk.
+    disks = (await http.get("/v1/disk-backups", params={"id": bk["id"]})).json()
+    assert [(d["backup_id"], d["disk_id"], d["role"]) for d in disks] == [
+        (bk["id"], server.disks[0].id, "system"),
+        (bk["id"], server.disks[1].id, "data"),
+    ]
+    assert (await http.delete(f"/v1/policies/{other['id']}")).json() == {"deleted": [other["id"]]}
     assert (await http.post(f"/v1/policies/{pid}/disable")).json()["enabled"] is False
     assert (await http.delete(f"/v1/policies/{pid}")).json() == {"deleted": [pid]}
     assert_problem(await http.get(f"/v1/policies/{pid}"), 404, pid)
@@ -207,5 +247,8 @@ async def test_schemathesis_finds_nothing_against_the_openapi_document(
     out, _ = await proc.communicate()
     text = out.decode()
     (tmp_path / "schemathesis.txt").write_text(text)
+    # The generated policies' schedules go with them (the namespace is shared).
+    for policy in (await api.http.get("/v1/policies")).json():
+        await api.http.delete(f"/v1/policies/{policy['id']}")
     assert proc.returncode == 0, text[-6000:]
     assert "No issues found" in text or "passed" in text, text[-3000:]

@@ -7,9 +7,10 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from temporalio.client import ScheduleUpdate, ScheduleUpdateInput
 from temporalio.testing import WorkflowEnvironment
 
-from csbs.policy import PolicySpec, next_run_days
+from csbs.policy import PolicySpec
 from runtime.schedules import schedule_id, upsert_policy_schedule
 
 pytestmark = pytest.mark.slow
@@ -37,12 +38,28 @@ async def test_weekly_and_every_n_days_schedules(temporal: WorkflowEnvironment) 
     times = await next_times(temporal, "pol-n3", tz)
     assert all(t.hour == 2 and t.minute == 0 for t in times)
     # The guide's days: 1, 4, 7, ..., 28 (31), then the 1st again; none in between.
-    assert all(t.day in next_run_days(3, t.year, t.month) for t in times)
+    assert all(t.day % 3 == 1 for t in times)
     for a, b in itertools.pairwise(times):
         if a.month == b.month:
             assert b.day - a.day == 3
         else:
             assert b.day == 1
+
+    # The guide's example: a policy made on the 2nd of a month runs first on the 4th.
+    handle = temporal.client.get_schedule_handle(schedule_id("pol-n3"))
+
+    def from_the_2nd(update: ScheduleUpdateInput) -> ScheduleUpdate:
+        spec = update.description.schedule.spec
+        spec.start_at = datetime(2027, 3, 2, 9, 0, tzinfo=ZoneInfo(tz))
+        return ScheduleUpdate(schedule=update.description.schedule)
+
+    await handle.update(from_the_2nd)
+    times = await next_times(temporal, "pol-n3", tz)
+    assert [t.strftime("%m-%d %H:%M") for t in times[:3]] == [
+        "03-04 02:00",
+        "03-07 02:00",
+        "03-10 02:00",
+    ]
 
     # Update rewrites the schedule; a disabled policy's schedule is paused (P7).
     await upsert_policy_schedule(

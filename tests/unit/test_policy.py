@@ -14,7 +14,6 @@ from csbs.policy import (
     PolicySpec,
     RetainedBackup,
     RetentionKind,
-    next_run_days,
     retention_notes,
     schedule_calendars,
     select_expired,
@@ -39,12 +38,16 @@ def test_defaults_and_calendars() -> None:
     assert schedule_calendars(q) == [Calendar(2, 0, day_of_month_step=3)]
 
 
-def test_every_n_days_follows_the_guide() -> None:
-    """P2: created on the 2nd with N=3, the first run is on the 4th; it restarts monthly."""
-    days = next_run_days(3, 2026, 11)
-    assert days[:4] == [1, 4, 7, 10] and days[-1] == 28
-    assert min(d for d in days if d >= 2) == 4
-    assert next_run_days(30, 2026, 1) == [1, 31] and next_run_days(30, 2026, 2) == [1]
+def test_console_defaults_follow_the_guide() -> None:
+    """Guide 3.2.1 (P1-P3): what is left out is what the console fills in: 00:00, every
+    3 days, keep 6 months (180 days); a retention value alone counts backups."""
+    p = PolicySpec()
+    assert (p.name, p.times, p.weekdays, p.every_days) == ("backup_policy", ["00:00"], None, 3)
+    assert (p.retention, p.retention_value) == (RetentionKind.DAYS, 180)
+    assert PolicySpec(retention_value=4).retention == RetentionKind.COUNT
+    assert PolicySpec(weekdays=["fri"]).every_days is None
+    with pytest.raises(ValidationError, match="1-99999"):
+        PolicySpec(retention="count")
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,14 @@ class Fakes:
         async def fail_backup(inp: st.FailTask) -> None:
             await f._run("fail_backup", inp, None)
 
+        @activity.defn(name="refuse_backup")
+        async def refuse_backup(inp: st.RefuseBackup) -> None:
+            await f._run("refuse_backup", inp, None)
+
+        @activity.defn(name="refuse_restore")
+        async def refuse_restore(inp: st.RefuseRestore) -> None:
+            await f._run("refuse_restore", inp, None)
+
         @activity.defn(name="release_snapshot")
         async def release_snapshot(inp: st.ReleaseSnapshot) -> None:
             await f._run("release_snapshot", inp, None)
@@ -227,6 +235,8 @@ class Fakes:
             backup_disk,
             commit_backup,
             fail_backup,
+            refuse_backup,
+            refuse_restore,
             release_snapshot,
             stop_server,
             start_server,
@@ -350,8 +360,10 @@ async def test_a_refused_backup_records_the_reason_and_takes_no_snapshot(
     _, error = await outcome(env, fakes, "BackupServer", BackupServerInput(server_id="s1"))
     assert error is not None and error.type == "InvalidState"
     assert error.message == "validate: server s1 is stopped"
-    assert fakes.names() == ["prepare_backup", "fail_backup"]
-    assert fakes.inputs("fail_backup")[0].reason == "validate: server s1 is stopped"
+    assert fakes.names() == ["prepare_backup", "refuse_backup"]
+    refusal = fakes.inputs("refuse_backup")[0]
+    assert refusal.reason == "validate: server s1 is stopped"  # B10: recorded with its reason
+    assert refusal.request.server_id == "s1" and refusal.backup_id.startswith("bk-")
 
 
 async def test_a_failed_disk_cancels_the_others_and_fails_the_backup_with_its_reason(
@@ -449,6 +461,19 @@ async def test_a_restore_whose_chunks_are_missing_never_stops_the_server(
     assert "stop_server" not in fakes.names() and "restore_disk" not in fakes.names()
     finished = fakes.inputs("finish_restore")[0]
     assert finished.ok is False and "2 chunks are missing" in finished.reason
+
+
+async def test_a_refused_restore_leaves_a_failed_task_with_the_reason(
+    env: WorkflowEnvironment,
+) -> None:
+    """R6, T1: a restore refused at validation records a failed task with the reason."""
+    fakes = Fakes(prepare_restore=refuse("backup bk-1 is error", "InvalidState"))
+    _, error = await outcome(env, fakes, "RestoreServer", RestoreServerInput(backup_id="bk-1"))
+    assert error is not None and error.message == "validate: backup bk-1 is error"
+    assert fakes.names() == ["prepare_restore", "refuse_restore"]
+    refusal = fakes.inputs("refuse_restore")[0]
+    assert refusal.reason == "validate: backup bk-1 is error"
+    assert refusal.request.backup_id == "bk-1"
 
 
 async def test_a_restore_that_fails_after_stopping_says_the_server_was_left_stopped(
@@ -654,7 +679,7 @@ def test_no_activity_is_cancelled_by_an_exception_raised_into_its_thread() -> No
         for name in dir(CsbsActivities)
         if _Definition.from_callable(getattr(CsbsActivities, name)) is not None
     ]
-    assert len(methods) == 25
+    assert len(methods) == 27
     for method in methods:
         definition = _Definition.from_callable(method)
         assert definition is not None and definition.no_thread_cancel_exception, method

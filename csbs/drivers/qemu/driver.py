@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 from csbs.drivers.common import (
     check_disk_size,
+    write_json,
 )
 from csbs.drivers.nbd import NbdClient, NbdError
 from csbs.drivers.nbd_io import NbdDiskWriter, hash_export
+from csbs.drivers.qemu.boot import QemuBoot
 from csbs.drivers.qemu.qmp import (
     GUEST_WRITE_PIECE,
     REASON_ADDED,
@@ -18,6 +21,7 @@ from csbs.drivers.qemu.qmp import (
     REASON_RESIZED,
     _Qmp,
     _short,
+    device_id,
     drive_id,
     node_name,
 )
@@ -35,9 +39,20 @@ class QemuDriver(QemuSnapshots):
 
     # -- servers ----------------------------------------------------------------------------
     def create_server(
-        self, name: str, disk_sizes: list[int], shared_disk_sizes: list[int] | None = None
+        self,
+        name: str,
+        disk_sizes: list[int],
+        shared_disk_sizes: list[int] | None = None,
+        boot: QemuBoot | dict[str, Any] | None = None,
     ) -> Server:
+        """Make a server and start it. With ``boot`` (a ``QemuBoot`` or its JSON form) it
+        boots a real Linux guest on machine ``pc`` with its disks as virtio-blk devices
+        (``vda`` first) and its serial console in ``serial_path()``; without, it is
+        guest-less (machine ``none``)."""
+        config = None if boot is None else QemuBoot.of(boot)
         server = self._new_server(name, disk_sizes, shared_disk_sizes)
+        if config is not None:
+            write_json(self._boot_path(server.id), config.model_dump(mode="json"))
         for disk in server.disks:
             self._img(
                 "create",
@@ -53,7 +68,22 @@ class QemuDriver(QemuSnapshots):
             self._launch(server, paused=False)
         return server
 
+    def boot_config(self, server_id: str) -> QemuBoot | None:
+        """The server's boot configuration; None for a guest-less server."""
+        self.get_server(server_id)
+        return self._boot(server_id)
+
+    def serial(self, server_id: str) -> str:
+        """What the guest wrote on its serial console so far, every boot ("" if none)."""
+        try:
+            return self.serial_path(server_id).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def set_state(self, server_id: str, state: ServerState) -> Server:
+        """Force a power state at once, as a test needs it: stopped pauses the VM (no
+        power button, even for a guest), running continues it (a guest that powered off
+        or was paused boots afresh)."""
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             server.state = ServerState(state)
@@ -62,7 +92,10 @@ class QemuDriver(QemuSnapshots):
             if state == ServerState.RUNNING:
                 self._ensure(server)
                 with self._session(server_id) as qmp:
-                    qmp.cmd("cont")
+                    if self._boot(server_id) is None:
+                        qmp.cmd("cont")
+                    else:
+                        self._boot_guest(qmp)
             elif pid is not None:
                 with self._session(server_id) as qmp:
                     qmp.cmd("stop")
@@ -70,20 +103,35 @@ class QemuDriver(QemuSnapshots):
             return server
 
     def stop(self, server_id: str) -> str | None:
+        """Stop the server (offline backup B12, restore R3).
+
+        A server with a guest gets the ACPI power button (QMP ``system_powerdown``) and up
+        to ``shutdown_timeout`` seconds to power off; a guest that does not is forced off
+        (its VM stops at once) and the warning saying so is returned. A guest-less server
+        has no guest to ask: its VM stops at once, with no wait and no warning. Either way
+        QEMU then quits cleanly (``quit``) once no snapshot or export needs it, so the dirty
+        bitmaps are written to the images and the next incremental still reads only the
+        changed blocks; a snapshot relaunches it paused, as for any stopped server."""
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
+            warning = None
             if server.state == ServerState.RUNNING:
                 if self._pid(server_id) is not None:
                     with self._session(server_id) as qmp:
-                        qmp.cmd("stop")
+                        if self._boot(server_id) is None:
+                            qmp.cmd("stop")
+                        else:
+                            warning = self._power_down(qmp, server)
                 server.state = ServerState.STOPPED
                 self._save(server)
                 self._settle(server_id)
             elif server.state != ServerState.STOPPED:
                 raise InvalidState(f"server {server_id} is {server.state}; it cannot be stopped")
-            return None
+            return warning
 
     def start(self, server_id: str) -> Server:
+        """Run a stopped server. A guest boots afresh (in the QEMU process that may hold
+        an offline backup's snapshot); a guest-less VM continues."""
         with self._lock(server_id, exclusive=True):
             server = self._server(server_id)
             if server.state == ServerState.STOPPED:
@@ -96,7 +144,10 @@ class QemuDriver(QemuSnapshots):
                             if export["id"].startswith("w-"):
                                 self._export_del(qmp, export["id"])
                         self._nbd_stop_if_idle(qmp)
-                        qmp.cmd("cont")
+                        if self._boot(server_id) is None:
+                            qmp.cmd("cont")
+                        else:
+                            self._boot_guest(qmp)
                 server.state = ServerState.RUNNING
                 self._save(server)
             elif server.state != ServerState.RUNNING:
@@ -197,10 +248,29 @@ class QemuDriver(QemuSnapshots):
                     if "OK" not in reply:
                         path.unlink(missing_ok=True)
                         raise DriverError(f"QEMU could not attach disk {disk.id}: {reply.strip()}")
+                    if self._boot(server_id) is not None:
+                        self._hotplug(qmp, server_id, disk.id)
             self._set_cbt(server_id, disk.id, None, REASON_ADDED)
             server.disks.append(disk)
             self._save(server)
             return disk
+
+    def _hotplug(self, qmp: _Qmp, server_id: str, disk_id: str) -> None:
+        """Show a drive just added to the guest as a new virtio-blk device. Its id is new
+        each time: a disk removed earlier may leave its (empty) device until QEMU quits."""
+        device = f"{device_id(disk_id)}-{uuid.uuid4().hex[:6]}"
+        try:
+            qmp.cmd(
+                "device_add",
+                driver="virtio-blk-pci",
+                drive=drive_id(disk_id),
+                id=device,
+                **{"share-rw": True},
+            )
+        except DriverError:
+            qmp.hmp(f"drive_del {drive_id(disk_id)}")
+            self._disk_path(server_id, disk_id).unlink(missing_ok=True)
+            raise
 
     def resize_disk(self, server_id: str, disk_id: str, size_bytes: int) -> Disk:
         """Grow a disk (disks are never shrunk in place, as on a cloud)."""

@@ -23,6 +23,7 @@ from csbs.drivers.common import (
     spawn,
     write_json,
 )
+from csbs.drivers.qemu.boot import QemuBoot
 from csbs.drivers.qemu.qmp import (
     QEMU_TIMEOUT,
     REASON_FIRST,
@@ -33,6 +34,7 @@ from csbs.drivers.qemu.qmp import (
     _pid_alive,
     _Qmp,
     _reap,
+    device_id,
     drive_id,
     node_name,
 )
@@ -55,10 +57,14 @@ class QemuProcesses(DirectoryDriver):
         qemu_binary: str = "qemu-system-x86_64",
         qemu_img: str = "qemu-img",
         host: str = "default",
+        shutdown_timeout: float = 90.0,
     ) -> None:
         super().__init__(root, project, host)
         self.qemu_binary = qemu_binary
         self.qemu_img = qemu_img
+        #: How long a guest may take to power off after the ACPI power button before it
+        #: is forced off (``Settings.shutdown_timeout``, as for the libvirt driver; B12).
+        self.shutdown_timeout = shutdown_timeout
 
     # -- paths --------------------------------------------------------------------------
     def _disk_path(self, server_id: str, disk_id: str) -> Path:
@@ -89,6 +95,78 @@ class QemuProcesses(DirectoryDriver):
 
     def _log_path(self, server_id: str) -> Path:
         return self._dir(server_id) / "qemu.log"
+
+    # -- the guest (servers with a boot configuration) ---------------------------------------
+    def _boot_path(self, server_id: str) -> Path:
+        return self._dir(server_id) / "boot.json"
+
+    def serial_path(self, server_id: str) -> Path:
+        """The file the guest's serial console is appended to (every boot)."""
+        return self._dir(server_id) / "serial.log"
+
+    def _boot(self, server_id: str) -> QemuBoot | None:
+        """The server's boot configuration; None for a guest-less server."""
+        try:
+            return QemuBoot.model_validate_json(self._boot_path(server_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _status(qmp: _Qmp) -> str:
+        """QEMU's run state: ``running``, ``prelaunch`` (never ran), ``paused``,
+        ``shutdown`` (the guest powered off; ``-no-shutdown`` keeps QEMU), ..."""
+        return str(qmp.cmd("query-status")["status"])
+
+    def _guest_powered_off(self, server: Server) -> bool:
+        """Whether the guest of a running server has powered itself off (call with the
+        lock and a live process)."""
+        if self._boot(server.id) is None:
+            return False
+        with self._session(server.id) as qmp:
+            return self._status(qmp) == "shutdown"
+
+    def _power_down(self, qmp: _Qmp, server: Server) -> str | None:
+        """Press the ACPI power button and wait up to ``shutdown_timeout`` for the guest to
+        power off (QEMU then stays, status ``shutdown``); else force it off (the VM stops
+        at once, as on a power cut). The warning when forced, else None (B12)."""
+        status = self._status(qmp)
+        if status in ("shutdown", "prelaunch"):
+            return None  # off already, or never booted
+        if status != "running":  # paused, panicked, ...: there is no guest to ask
+            qmp.cmd("stop")
+            return (
+                f"server {server.name} ({server.id}) was not running (QEMU status {status}) "
+                f"and could not take the ACPI power button; it was powered off (QEMU)"
+            )
+        qmp.cmd("system_powerdown")
+        deadline = time.monotonic() + self.shutdown_timeout
+        while time.monotonic() < deadline:
+            if self._status(qmp) == "shutdown":
+                return None
+            time.sleep(0.2)
+        qmp.cmd("stop")
+        if self._status(qmp) == "shutdown":  # it made it after all
+            return None
+        return (
+            f"server {server.name} ({server.id}) did not shut down within "
+            f"{self.shutdown_timeout:g} s after the ACPI power button; it was powered off "
+            f"(QEMU): its guest did not flush its caches"
+        )
+
+    def _boot_guest(self, qmp: _Qmp) -> None:
+        """Run the VM from a fresh boot: a VM that never ran just continues; one that
+        powered off or was paused is reset first (a running one is left alone)."""
+        status = self._status(qmp)
+        if status == "running":
+            return
+        if status != "prelaunch":
+            qmp.cmd("system_reset")
+            deadline = time.monotonic() + QEMU_TIMEOUT
+            while self._status(qmp) != "prelaunch":  # the main loop resets asynchronously
+                if time.monotonic() > deadline:
+                    raise DriverError("QEMU did not reset the guest for a fresh boot")
+                time.sleep(0.01)
+        qmp.cmd("cont")
 
     # -- changed-block records ------------------------------------------------------------
     def _cbt_path(self, server_id: str, disk_id: str) -> Path:
@@ -149,32 +227,66 @@ class QemuProcesses(DirectoryDriver):
         return server
 
     def _server(self, server_id: str) -> Server:
-        """The server, after supervision (call with the lock held)."""
+        """The server, after supervision (call with the lock held): a server whose QEMU
+        died, or whose guest powered itself off, is stopped."""
         self.get_server(server_id)
-        self._pid(server_id)
-        return self._load(server_id)
+        pid = self._pid(server_id)
+        server = self._load(server_id)
+        if (
+            pid is not None
+            and server.state == ServerState.RUNNING
+            and self._guest_powered_off(server)
+        ):
+            server.state = ServerState.STOPPED
+            self._save(server)
+        return server
 
     def _launch(self, server: Server, paused: bool) -> int:
         """Start QEMU for the server and wait until it answers on QMP.
 
         Not ``-daemonize``: QEMU's stdout (where ``qemu-io`` reports) goes to
         ``qemu.log``, which the guest-write path reads. QEMU runs in its own session, so it
-        outlives the worker that started it, as a VM outlives its management service."""
+        outlives the worker that started it, as a VM outlives its management service.
+
+        A server with a boot configuration gets machine ``pc`` booting its kernel, its
+        drives as virtio-blk devices (``share-rw``: a restore writes a stopped server's
+        disk through an NBD export while the device stays attached), the serial console
+        appended to ``serial.log``, and ``-no-shutdown``: when the guest powers off, QEMU
+        stays (status ``shutdown``) and the driver quits it cleanly itself, so the dirty
+        bitmaps are persisted and stay trusted."""
+        boot = self._boot(server.id)
         runtime = self._new_runtime(server.id)
         qmp, nbd = str(runtime / "qmp.sock"), str(runtime / "nbd.sock")
         cmd = [
             self.qemu_binary,
             "-nodefaults",
             "-display", "none",
-            "-machine", "none",
+            "-machine", "none" if boot is None else "pc",
             "-accel", "tcg",
             "-name", f"csbs-{server.id}",
             "-qmp", f"unix:{_opt(qmp)},server=on,wait=off",
         ]  # fmt: skip
+        if boot is not None:
+            serial = _opt(str(self.serial_path(server.id)))
+            cmd += [
+                "-m", str(boot.memory_mib),
+                "-no-shutdown",
+                "-kernel", str(boot.kernel),
+                "-append", boot.cmdline,
+                "-chardev", f"file,id=serial0,path={serial},append=on",
+                "-serial", "chardev:serial0",
+            ]  # fmt: skip
+            if boot.initrd is not None:
+                cmd += ["-initrd", str(boot.initrd)]
         if paused:
             cmd.append("-S")
         for disk in server.disks:
             cmd += ["-drive", self._drive_spec(server.id, disk.id)]
+            if boot is not None:
+                cmd += [
+                    "-device",
+                    f"virtio-blk-pci,drive={drive_id(disk.id)},id={device_id(disk.id)},share-rw=on",
+                ]
         log_path = self._log_path(server.id)
         missing = (
             f"the QEMU binary {self.qemu_binary!r} is not installed "

@@ -59,6 +59,12 @@ def node_name(disk_id: str) -> str:
     return f"node-{_short(disk_id)}"
 
 
+def device_id(disk_id: str) -> str:
+    """The virtio-blk device that shows a disk to a server's guest (servers with a boot
+    configuration only)."""
+    return f"vd-{_short(disk_id)}"
+
+
 def _opt(value: str) -> str:
     """Escape a value for QEMU's comma-separated option syntax."""
     return value.replace(",", ",,")
