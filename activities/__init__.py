@@ -49,6 +49,7 @@ from csbs.steps import (
     OfTask,
     PlanPolicyRun,
     PolicyIds,
+    PolicyRefusal,
     PolicySkips,
     PrepareBackup,
     PrepareDelete,
@@ -223,6 +224,7 @@ class CsbsActivities:
             self.reconcile_operations,
             self.plan_policy_run,
             self.record_policy_skips,
+            self.record_policy_refusal,
             self.policy_expired_backups,
             self.list_policy_ids,
             self.prepare_verify,
@@ -377,6 +379,10 @@ class CsbsActivities:
     @_step("plan_policy_run")
     def plan_policy_run(self, inp: PlanPolicyRun) -> PolicyRunPlan:
         return self.policies.plan_run(inp.policy_id, inp.trigger)
+
+    @_step("record_policy_refusal")
+    def record_policy_refusal(self, inp: PolicyRefusal) -> None:
+        self.policies.record_refusal(inp.policy_id, inp.trigger, inp.reason, inp.run_id)
 
     @_step("record_policy_skips")
     def record_policy_skips(self, inp: PolicySkips) -> None:

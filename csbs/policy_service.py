@@ -190,6 +190,31 @@ class PolicyService:
                 )
             )
 
+    def record_refusal(self, policy_id: str, trigger: str, reason: str, run_id: str) -> None:
+        """Leave a failed backup task for a policy run that was started and then refused
+        (T1, guide 3.3): whoever started it (a schedule, the Temporal CLI, the REST API,
+        another service) finds why in ``csbs task list --status failed``."""
+        task_id = f"{run_id}-refused"
+        try:
+            self.policies.catalog.get_task(task_id)
+            return
+        except NotFound:
+            pass
+        now = utcnow()
+        self.policies.catalog.add_task(
+            TaskRow(
+                id=task_id,
+                project=self.policies.project,
+                kind=TaskKind.BACKUP.value,
+                status=TaskStatus.FAILED.value,
+                workflow_id=run_id,
+                started_at=now,
+                finished_at=now,
+                reason=reason,
+                detail=f"policy {policy_id} ({trigger} run)",
+            )
+        )
+
     def expired(self, policy_id: str, now: datetime | None = None) -> list[str]:
         """Backups of this policy's schedule that retention deletes now (P4)."""
         return self.retention(policy_id, now).expired

@@ -178,6 +178,16 @@ class PolicySkips(Step):
     run_id: str
 
 
+class PolicyRefusal(Step):
+    """A policy run refused at its start (run now while a bound server is busy, or with
+    none bound; a policy that is gone), with why, and the run it refused."""
+
+    policy_id: str
+    trigger: str
+    reason: str
+    run_id: str
+
+
 class OfPolicy(Step):
     policy_id: str
 

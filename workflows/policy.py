@@ -13,10 +13,10 @@ with workflow.unsafe.imports_passed_through():
 
     from activities import CsbsActivities as A
     from csbs.model import BackupKind, BackupServerInput, RunPolicyInput, new_id
-    from csbs.steps import PlanPolicyRun, PolicySkips
+    from csbs.steps import PlanPolicyRun, PolicyRefusal, PolicySkips
 
 from workflows.backup import BackupServer
-from workflows.common import SA_OPERATION, SA_POLICY_ID, queued_step, reason_of, tag, validated
+from workflows.common import SA_OPERATION, SA_POLICY_ID, queued_step, reason_of, run_failure, tag
 from workflows.retention import apply_retention
 
 
@@ -35,12 +35,21 @@ class RunPolicy:
     @workflow.run
     async def run(self, inp: RunPolicyInput) -> dict[str, Any]:
         tag(SA_POLICY_ID.value_set(inp.policy_id), SA_OPERATION.value_set("policy"))
-        plan = await validated(
-            queued_step(
+        try:
+            plan = await queued_step(
                 A.plan_policy_run, PlanPolicyRun(policy_id=inp.policy_id, trigger=inp.trigger)
-            ),
-            "policy run",
-        )
+            )
+        except Exception as err:
+            # T1, guide 3.3: a run that was started and then refused leaves a failed task.
+            failed = reason_of("policy run", err)
+            refusal = PolicyRefusal(
+                policy_id=inp.policy_id,
+                trigger=inp.trigger,
+                reason=failed.reason,
+                run_id=workflow.info().workflow_id,
+            )
+            await queued_step(A.record_policy_refusal, refusal, cleanup=True)
+            raise run_failure(failed) from err
         if plan.skipped:
             skips = PolicySkips(
                 policy_id=inp.policy_id, skipped=plan.skipped, run_id=workflow.info().workflow_id

@@ -51,6 +51,11 @@ async def test_policy_run_backs_up_skips_busy_and_applies_retention(stack: Stack
     with pytest.raises(WorkflowFailureError) as info:  # P8: run now is refused meanwhile
         await run_policy(stack, policy.id, "manual", 0)
     assert "backups are running" in str(info.value.cause)
+    # Started and then refused: a failed task says why (T1, guide 3.3).
+    (refused,) = stack.catalog.list_tasks(status="failed")
+    assert str(info.value.cause).endswith(refused.reason or "-")
+    assert (refused.reason or "").startswith(f"policy run: policy {policy.id} cannot run now")
+    assert refused.detail == f"policy {policy.id} (manual run)"
     first = await run_policy(stack, policy.id, "scheduled", 1)
     assert set(first["backups"]) == {s.id for s in small}
     assert {v["outcome"] for v in first["backups"].values()} == {"available"}

@@ -184,6 +184,10 @@ class Fakes:
             plan = PolicyRunPlan(policy_id=inp.policy_id, server_ids=["srv-1", "srv-2"])
             return await f._run("plan_policy_run", inp, plan)  # type: ignore[no-any-return]
 
+        @activity.defn(name="record_policy_refusal")
+        async def record_policy_refusal(inp: st.PolicyRefusal) -> None:
+            await f._run("record_policy_refusal", inp, None)
+
         @activity.defn(name="record_policy_skips")
         async def record_policy_skips(inp: st.PolicySkips) -> None:
             await f._run("record_policy_skips", inp, None)
@@ -251,6 +255,7 @@ class Fakes:
             reconcile_operations,
             plan_policy_run,
             record_policy_skips,
+            record_policy_refusal,
             policy_expired_backups,
             list_policy_ids,
             prepare_verify,
@@ -651,6 +656,21 @@ async def test_a_policy_run_records_skips_reports_each_backup_and_applies_retent
     assert [i.backup_id for i in fakes.inputs("delete_backup")] == ["bk-old"]
 
 
+async def test_a_refused_policy_run_leaves_a_failed_task(env: WorkflowEnvironment) -> None:
+    """T1, P8: run now refused at its start (a bound server is busy) records why."""
+    fakes = Fakes(plan_policy_run=refuse("backups are running on srv-1", "Conflict"))
+    inp = RunPolicyInput(policy_id="pol-1", trigger="manual")
+    _, error = await outcome(env, fakes, "RunPolicy", inp)
+    assert error is not None and error.message == "policy run: backups are running on srv-1"
+    assert fakes.names() == ["plan_policy_run", "record_policy_refusal"]
+    refusal = fakes.inputs("record_policy_refusal")[0]
+    assert (refusal.policy_id, refusal.trigger, refusal.reason) == (
+        "pol-1",
+        "manual",
+        "policy run: backups are running on srv-1",
+    )
+
+
 async def test_retention_cleanup_goes_through_every_policy(env: WorkflowEnvironment) -> None:
     expired = {"pol-a": ["bk-a"], "pol-b": []}
     fakes = Fakes(
@@ -679,7 +699,7 @@ def test_no_activity_is_cancelled_by_an_exception_raised_into_its_thread() -> No
         for name in dir(CsbsActivities)
         if _Definition.from_callable(getattr(CsbsActivities, name)) is not None
     ]
-    assert len(methods) == 27
+    assert len(methods) == 28
     for method in methods:
         definition = _Definition.from_callable(method)
         assert definition is not None and definition.no_thread_cancel_exception, method
