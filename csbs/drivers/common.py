@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from csbs.errors import DiskUnavailable, InvalidInput, InvalidState, NotFound, UnsafePath
+from csbs.errors import (
+    DiskUnavailable,
+    DriverError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    UnsafePath,
+)
 from csbs.model import Disk, DiskRole, Server, ServerState, check_id
 
 
@@ -56,6 +63,27 @@ def child_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in CHILD_ENV_KEYS if k in os.environ}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     return env
+
+
+def run_qemu_img(binary: str, *args: str, timeout: float | None = None) -> str:
+    """Run ``qemu-img ARGS``; its stdout. A missing binary is DiskUnavailable (naming the
+    package and the setting), a failure DriverError with what qemu-img said."""
+    try:
+        done = subprocess.run(
+            [binary, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=child_env(),
+        )
+    except FileNotFoundError:
+        raise DiskUnavailable(
+            f"{binary!r} is not installed (install qemu-utils or set CSBS_QEMU_IMG)"
+        ) from None
+    if done.returncode != 0:
+        raise DriverError(f"qemu-img {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def spawn(

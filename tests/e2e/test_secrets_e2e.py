@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowFailureError
 
 from tests.conftest import ROOT, make_settings, running_stack, settings_env
 
@@ -103,6 +105,14 @@ async def test_no_secret_in_histories_logs_output_or_errors(
                 await csbs("policy", "run", pol_id, "--wait", "--json")
                 # Failures, whose messages are where secrets like to hide.
                 await csbs("backup", "create", "srv-missing", "--wait", ok=False)
+                # The CLI refuses that before starting anything; another service's start
+                # is refused by the workflow, with a failure in its history.
+                refused = await stack.client.start_workflow(
+                    "BackupServer", {"server_id": "srv-missing"}, id=f"refused-{queue}",
+                    task_queue=queue,
+                )  # fmt: skip
+                with contextlib.suppress(WorkflowFailureError):
+                    await refused.result()
                 wrong = tmp_path / "wrong.key"
                 wrong.write_text(os.urandom(32).hex())
                 out = await stack.cli(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import Snapshot, SnapshotDisk
-from csbs.drivers.common import child_env, refuse_other_snapshots, write_json
+from csbs.drivers.common import refuse_other_snapshots, run_qemu_img, write_json
 from csbs.drivers.libvirt.domain_xml import (
     REASON_RAW,
     DomainDisk,
@@ -83,17 +82,7 @@ class LibvirtSnapshots(LibvirtDomains):
         return {b["name"] for b in bitmaps}
 
     def _img(self, *args: str) -> str:
-        try:
-            done = subprocess.run(
-                [self.qemu_img, *args], env=child_env(), capture_output=True, text=True
-            )
-        except FileNotFoundError:
-            raise DiskUnavailable(
-                f"{self.qemu_img!r} is not installed (install qemu-utils)"
-            ) from None
-        if done.returncode != 0:
-            raise DriverError(f"qemu-img {args[0]} failed: {done.stderr.strip()}")
-        return done.stdout
+        return run_qemu_img(self.qemu_img, *args)
 
     def _plan(self, dom: Any, server_id: str, disks: list[DomainDisk]) -> list[SnapshotDisk]:
         """Which disks can be read incrementally from the trusted checkpoint, and why the

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 from csbs.drivers.common import (
     DirectoryDriver,
-    child_env,
+    run_qemu_img,
     runtime_base,
     spawn,
     write_json,
@@ -397,22 +396,7 @@ class QemuProcesses(DirectoryDriver):
         raise DriverError(f"QEMU has no block node {node}")
 
     def _img(self, *args: str) -> str:
-        try:
-            result = subprocess.run(
-                [self.qemu_img, *args],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-                env=child_env(),
-            )
-        except FileNotFoundError:
-            raise DiskUnavailable(
-                f"{self.qemu_img!r} is not installed (install qemu-utils or set CSBS_QEMU_IMG)"
-            ) from None
-        if result.returncode != 0:
-            raise DriverError(f"qemu-img {args[0]} failed: {result.stderr.strip()}")
-        return result.stdout
+        return run_qemu_img(self.qemu_img, *args, timeout=120)
 
     def pid(self, server_id: str) -> int | None:
         """The server's QEMU process id, if one runs (for tests and diagnostics)."""
