@@ -164,11 +164,19 @@ async def one_round(
             write_image(drv, server, changed, 2 * 10**6)
             drv._set_checkpoint(server.id, disk.id, None)
             incr = await backup(client, server.id, "csbs incremental (diff)")
+            # A full restore, as restic's (which writes a new file): every chunk.
             began, t0 = cpu.start(), time.monotonic()
-            handle = await client.start_restore(RestoreServerInput(backup_id=incr["id"]))
-            await handle.result()
+            full = RestoreServerInput(backup_id=incr["id"], full=True)
+            await (await client.start_restore(full)).result()
             out["csbs restore"] = time.monotonic() - t0
             cpu.stop("csbs restore", began)
+            # Delta restore: 1 % of the disk written since the backup; only that goes back.
+            write_image(drv, server, offsets[:: max(1, int(1 / 0.01))], 5 * 10**6)
+            began, t0 = cpu.start(), time.monotonic()
+            delta = RestoreServerInput(backup_id=incr["id"])
+            await (await client.start_restore(delta)).result()
+            out["csbs delta restore 1%"] = time.monotonic() - t0
+            cpu.stop("csbs delta restore 1%", began)
     target = work / "restic-restore"
     run_restic("restic restore", "restore", "latest", "--target", str(target))
     shutil.rmtree(target, ignore_errors=True)
@@ -314,6 +322,9 @@ async def main() -> None:
         if f"restic {peer}" in med and f"csbs {step}" in med:
             ratio = med[f"restic {peer}"] / med[f"csbs {step}"]
             print(f"ratio {step:22} csbs is {ratio:.2f}x restic")
+    if "csbs delta restore 1%" in med:
+        ratio = med["csbs restore"] / med["csbs delta restore 1%"]
+        print(f"ratio delta restore 1%        csbs delta is {ratio:.1f}x its full restore")
     if lv_read is not None:
         print(
             f"libvirt incremental read {lv_read:.1f} MB for {lv_changed:.1f} MB changed "

@@ -178,6 +178,8 @@ class RestoreServerInput(_Input):
     #: Read and check every chunk before touching any disk (a flipped byte in S3 then
     #: fails the restore before the server is stopped). Missing chunks are always checked.
     verify: bool = False
+    #: Write every chunk, even where the disk is known to hold the backup's data already.
+    full: bool = False
 
     @field_validator("disk_ids")
     @classmethod
@@ -308,6 +310,10 @@ class RestoreItem(BaseModel):
     create: bool = False
     name: str = ""
     role: DiskRole = DiskRole.DATA
+    #: Write only what differs, when the disk's changed blocks since a backup are known
+    #: (onto its own disk, unless a full restore was asked); ``why_full`` says why not.
+    delta: bool = False
+    why_full: str = ""
 
 
 class RestorePlan(BaseModel):

@@ -213,8 +213,10 @@ def restore_disk(
     start: int = 0,
     concurrency: int = 8,
     progress: ProgressFn | None = None,
+    positions: list[int] | None = None,
 ) -> TransferStats:
-    """Write every position of ``manifest`` from ``start`` on to ``writer``.
+    """Write every position of ``manifest`` from ``start`` on to ``writer`` (only those in
+    ``positions``, sorted, for a delta restore).
 
     Workers fetch, verify and write chunks at their offsets in parallel; zero positions are
     punched as holes (runs of them in one call). Every position is idempotent, so a retry
@@ -223,7 +225,7 @@ def restore_disk(
     began = time.monotonic()
     size, cs = manifest.size_bytes, manifest.chunk_size
     total = manifest.chunk_count
-    stats = TransferStats(chunks_total=total, read_mode="restore")
+    stats = TransferStats(chunks_total=total, read_mode="restore" if positions is None else "delta")
     stats_lock = threading.Lock()
     inflight: deque[tuple[int, Future[None] | None]] = deque()
     zero_run: list[int] = []  # [offset, length] of pending zero positions
@@ -271,7 +273,10 @@ def restore_disk(
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="csbs-down") as pool:
         try:
-            for index in range(start, total):
+            todo = (
+                range(start, total) if positions is None else [p for p in positions if p >= start]
+            )
+            for index in todo:
                 chunk_id = manifest.entry(index)
                 offset, length = chunk_span(index, size, cs)
                 if chunk_id is None:
@@ -289,6 +294,11 @@ def restore_disk(
                 drain(max(WINDOW, 4 * concurrency))
             flush_zeros()
             drain(0)
+            if positions is not None and done < total:
+                # A delta restore ends with the positions it skipped already right.
+                done = total
+                if progress is not None:
+                    progress(done, done, stats)
         except BaseException:
             for _, item in inflight:
                 if item is not None:

@@ -122,6 +122,8 @@ class RestoreRequest(BaseModel):
     power_on: Flag = True
     #: Read and check every chunk before the server is stopped or a disk written.
     verify: Flag = False
+    #: Write every chunk, even where the disk already holds the backup's data.
+    full: Flag = False
 
 
 class DeleteRequest(BaseModel):

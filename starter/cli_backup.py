@@ -265,6 +265,12 @@ def backup_restore(
         bool,
         typer.Option("--verify", help="Read and check every chunk before touching any disk."),
     ] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="Write every chunk (by default only what differs, when known)."
+        ),
+    ] = False,
     yes: YesOpt = False,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
@@ -278,6 +284,7 @@ def backup_restore(
             power_on=power_on,
             disk_ids=disk or [],
             verify=verify,
+            full=full,
         )
     )
     f = facade(s)

@@ -340,6 +340,15 @@ class Catalog(SweepLease, Inventory, Quotas):
                 .values(progress=progress)
             )
 
+    def add_task_note(self, task_id: str, note: str) -> None:
+        """Append a line to a task's detail, in one statement (disks note concurrently)."""
+        with self.session() as s:
+            s.exec(
+                sa.update(TaskRow)
+                .where(col(TaskRow.id) == task_id)
+                .values(detail=sa.func.coalesce(col(TaskRow.detail) + "; ", "") + note)
+            )
+
     def disk_progress(self, task_id: str, disk_id: str, done: int, total: int) -> int:
         """Record how far one disk of a running task is (chunks) and return the task's
         progress over all its disks, in percent; the task row holds both (T1)."""

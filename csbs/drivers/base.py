@@ -25,6 +25,17 @@ class SnapshotDisk(BaseModel):
     full_read_reason: str | None = None
 
 
+class RestoreBaseline(BaseModel):
+    """What a disk holds now, relative to a backup (delta restore): the backup whose
+    snapshot its changed-block tracking started from, and the ranges written since. No
+    ``backup_id`` means the driver cannot tell (``reason`` says why): the disk must be
+    written whole."""
+
+    backup_id: str | None = None
+    changed: list[tuple[int, int]] = []
+    reason: str = ""
+
+
 class Snapshot(BaseModel):
     """A crash-consistent point-in-time image of all disks of one server."""
 
@@ -136,6 +147,11 @@ class ComputeDriver(Protocol):
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
         """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""
+
+    def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
+        """The backup a disk's changed-block tracking started from and what was written
+        since (guest writes and restores alike), or why that is not known. Never too
+        little: a doubt is no baseline."""
 
 
 @runtime_checkable

@@ -10,7 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from csbs.drivers.base import ComputeDriver, DiskWriter, Snapshot, SnapshotReader
+from csbs.drivers.base import (
+    ComputeDriver,
+    DiskWriter,
+    RestoreBaseline,
+    Snapshot,
+    SnapshotReader,
+)
 from csbs.errors import DiskUnavailable, DriverError, NotFound
 from csbs.model import Disk, Server
 
@@ -105,3 +111,7 @@ class Fleet:
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
         self._local_only(server_id, "writing its disks")
         return self.local.open_disk_writer(server_id, disk_id, size_bytes)
+
+    def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
+        self._local_only(server_id, "reading its changed blocks")
+        return self.local.restore_baseline(server_id, disk_id)

@@ -28,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from csbs.drivers.base import Snapshot, SnapshotDisk
+from csbs.drivers.base import RestoreBaseline, Snapshot, SnapshotDisk
 from csbs.drivers.common import DirectoryDriver, hash_zeros, merge_ranges, write_json
 
 #: Why a disk without a checkpoint is read whole.
@@ -335,6 +335,22 @@ class LocalDriver(DirectoryDriver):
             self._cbt_bits(server_id, disk_id).path.unlink(missing_ok=True)
 
     # -- restore ---------------------------------------------------------------------------
+    def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
+        """The checkpoint names the last backup whose snapshot was committed (or kept);
+        the bits are every block written since, by the guest or by a restore."""
+        with self._lock(server_id, exclusive=True):
+            server = self.get_server(server_id)
+            disk = self._find_disk(server, disk_id)
+            if self._active_snapshots(server_id):
+                return RestoreBaseline(reason="a snapshot of the server is held")
+            since = self._checkpoint(server_id, disk_id)
+            if since is None:
+                return RestoreBaseline(reason=NO_CHECKPOINT)
+            blocks = self._cbt_bits(server_id, disk_id).all_set()
+            return RestoreBaseline(
+                backup_id=since, changed=_blocks_to_ranges(blocks, disk.size_bytes)
+            )
+
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> _LocalDiskWriter:
         with self._lock(server_id, exclusive=True):
             server = self.get_server(server_id)

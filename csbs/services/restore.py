@@ -7,11 +7,14 @@ import json
 
 from csbs import verify
 from csbs.catalog import BackupRow, utcnow
+from csbs.delta import DeltaPlan, plan_delta
 from csbs.errors import (
     Conflict,
     CorruptData,
     InvalidState,
+    NotFound,
 )
+from csbs.format import Manifest
 from csbs.model import (
     BackupStatus,
     Disk,
@@ -45,6 +48,15 @@ class RestoreService(Service):
         makes it refuse, and nothing changes)."""
         existing = self._find_task(task_id)
         backup, server, items, warnings = self._plan(inp, check_status=existing is None)
+        for item in items:
+            if inp.full:
+                item.why_full = "full restore asked (--full)"
+            elif item.create:
+                item.why_full = "full restore: the disk is re-created"
+            elif item.source_disk_id != item.target_disk_id:
+                item.why_full = "full restore: onto another disk"
+            else:
+                item.delta = True
         if existing is None:
             task = self._running_task(
                 task_id,
@@ -203,6 +215,10 @@ class RestoreService(Service):
             kind=TaskKind.RESTORE, status=TaskStatus.RUNNING, backup_id=backup_id
         )
         task = running[0] if running else None
+        # Asked before the writer opens: opening may resize the disk and drop its tracking.
+        delta = self._delta_plan(backup.server_id, item, manifest, target.size_bytes)
+        if task is not None and done == 0:
+            self.catalog.add_task_note(task.id, f"disk {item.source_disk_id}: {delta.note}")
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
         throttle, beat = _Throttle(1.0), _Throttle(1.0)
 
@@ -229,9 +245,38 @@ class RestoreService(Service):
                 start=done,
                 concurrency=self.settings.transfer_concurrency,
                 progress=on_progress,
+                positions=delta.positions,
             )
         finally:
             writer.close()
+
+    def _delta_plan(
+        self, server_id: str, item: RestoreItem, manifest: Manifest, disk_size: int
+    ) -> DeltaPlan:
+        """Which chunks this disk needs (issue 18: delta restore), or all with the reason.
+        The baseline backup must still be in the catalog with a readable manifest."""
+        if not item.delta:
+            return DeltaPlan(None, item.why_full or "full restore")
+        baseline = self.driver.restore_baseline(server_id, item.target_disk_id)
+        base_manifest: Manifest | None = None
+        why = baseline.reason
+        if baseline.backup_id is not None:
+            row = self.catalog.find_backup(baseline.backup_id)
+            if row is None or row.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
+                why = f"backup {baseline.backup_id}, where the disk's tracking starts, is gone"
+            else:
+                try:
+                    base_manifest = self.store.get_manifest(baseline.backup_id, item.source_disk_id)
+                except (NotFound, CorruptData) as exc:
+                    why = f"the manifest of backup {baseline.backup_id} cannot be read ({exc})"
+        return plan_delta(
+            manifest,
+            base_manifest,
+            baseline.backup_id if base_manifest is not None else None,
+            baseline.changed,
+            disk_size,
+            why,
+        )
 
     def finish_restore(self, backup_id: str, task_id: str, ok: bool, reason: str | None) -> None:
         """The backup is ``available`` again, the server's lock free; the task records the

@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from csbs.drivers.base import RestoreBaseline
 from csbs.drivers.common import check_disk_size, runtime_base, spawn, write_json
 from csbs.drivers.libvirt.domain_xml import (
     DomainDisk,
@@ -108,6 +109,13 @@ class LibvirtDriver(LibvirtSnapshots):
             return like.model_copy(
                 update={"size_bytes": size_bytes, "name": os.path.basename(path)}
             )
+
+    def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
+        """Not yet read from the domain's checkpoint: a restore writes the disk whole."""
+        self.get_server(server_id)
+        return RestoreBaseline(
+            reason="the libvirt driver does not report what changed since a backup yet"
+        )
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> NbdDiskWriter:
         check_disk_size(size_bytes)

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from csbs.drivers.base import RestoreBaseline
 from csbs.drivers.common import (
     check_disk_size,
     write_json,
@@ -316,6 +317,13 @@ class QemuDriver(QemuSnapshots):
             self._cbt_path(server_id, disk_id).unlink(missing_ok=True)
 
     # -- restore ---------------------------------------------------------------------------
+    def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
+        """Not yet read from the disk's dirty bitmap: a restore writes the disk whole."""
+        self.get_server(server_id)
+        return RestoreBaseline(
+            reason="the qemu driver does not report what changed since a backup yet"
+        )
+
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> NbdDiskWriter:
         check_disk_size(size_bytes)
         with self._lock(server_id, exclusive=True):
