@@ -12,7 +12,7 @@ from csbs.drivers.common import (
     check_disk_size,
     write_json,
 )
-from csbs.drivers.nbd import NbdClient, NbdError
+from csbs.drivers.nbd import STATE_DIRTY, NbdClient, NbdError, dirty_bitmap_context
 from csbs.drivers.nbd_io import NbdDiskWriter, hash_export
 from csbs.drivers.qemu.boot import QemuBoot
 from csbs.drivers.qemu.qmp import (
@@ -31,6 +31,7 @@ from csbs.errors import (
     DriverError,
     InvalidInput,
     InvalidState,
+    NotFound,
 )
 from csbs.model import Disk, Server, ServerState
 
@@ -318,11 +319,65 @@ class QemuDriver(QemuSnapshots):
 
     # -- restore ---------------------------------------------------------------------------
     def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
-        """Not yet read from the disk's dirty bitmap: a restore writes the disk whole."""
-        self.get_server(server_id)
-        return RestoreBaseline(
-            reason="the qemu driver does not report what changed since a backup yet"
-        )
+        """The disk's checkpoint is the last committed backup; its persistent dirty bitmap
+        (named after it, recording since its snapshot) holds every write since, the
+        guest's and a restore's alike. It is read over NBD block status from a read-only
+        export of the disk; any doubt about the bitmap is no baseline."""
+        with self._lock(server_id, exclusive=True):
+            server = self._server(server_id)
+            if not any(d.id == disk_id for d in server.disks):
+                raise NotFound(f"disk {disk_id} is not a disk of server {server_id}")
+            if self._active_snapshots(server_id):
+                return RestoreBaseline(reason="a snapshot of the server is held")
+            expected, reason = self._cbt(server_id, disk_id)
+            if expected is None:
+                return RestoreBaseline(reason=reason or REASON_FIRST)
+            self._ensure(server)
+            node, export = node_name(disk_id), f"rb-{_short(disk_id)}"
+            with self._session(server_id) as qmp:
+                found = {b["name"]: b for b in self._bitmaps(qmp, node)}.get(expected)
+                if found is None or found.get("inconsistent") or not found.get("recording"):
+                    return RestoreBaseline(
+                        reason=f"changed-block bitmap {expected} is missing, inconsistent or "
+                        f"not recording"
+                    )
+                # A read-only export takes only a disabled bitmap: read a frozen copy.
+                frozen = f"{export}-copy"
+                qmp.try_cmd("block-dirty-bitmap-remove", node=node, name=frozen)
+                qmp.cmd(
+                    "transaction",
+                    actions=[
+                        {
+                            "type": "block-dirty-bitmap-add",
+                            "data": {"node": node, "name": frozen, "disabled": True},
+                        },
+                        {
+                            "type": "block-dirty-bitmap-merge",
+                            "data": {"node": node, "target": frozen, "bitmaps": [expected]},
+                        },
+                    ],
+                )
+                try:
+                    self._nbd_start(qmp, self._nbd_path(server_id))
+                    qmp.cmd(
+                        "block-export-add",
+                        type="nbd",
+                        id=export,
+                        **{"node-name": node},
+                        name=export,
+                        bitmaps=[frozen],
+                    )
+                    context = dirty_bitmap_context(frozen)
+                    with NbdClient(self._nbd_path(server_id), export, [context]) as nbd:
+                        changed = nbd.ranges(context, STATE_DIRTY, STATE_DIRTY)
+                except NbdError as exc:
+                    return RestoreBaseline(reason=f"the dirty bitmap could not be read ({exc})")
+                finally:
+                    self._export_del(qmp, export)
+                    self._nbd_stop_if_idle(qmp)
+                    qmp.try_cmd("block-dirty-bitmap-remove", node=node, name=frozen)
+            self._settle(server_id)
+        return RestoreBaseline(backup_id=expected, changed=changed)
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> NbdDiskWriter:
         check_disk_size(size_bytes)
