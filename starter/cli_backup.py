@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -346,6 +349,49 @@ def backup_export(
             f"allocated), in {result['seconds']} s"
         ),
     )
+
+
+@backup_app.command("mount")
+def backup_mount(
+    backup_id: str,
+    disk: Annotated[
+        str | None, typer.Option("--disk", help="The backed-up disk (needed with several).")
+    ] = None,
+    socket_path: Annotated[
+        Path | None,
+        typer.Option("--socket", help="Unix socket to serve on (default under CSBS_VAR_DIR)."),
+    ] = None,
+    tcp_port: Annotated[
+        int | None,
+        typer.Option("--tcp-port", help="Also serve on 127.0.0.1:PORT (0: any free port)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve one disk of a backup read-only over NBD until interrupted, and print its URI:
+    qemu-img, nbdfuse or a VM reads the disk as it was at backup time, and only the chunks
+    it reads are fetched from the object store."""
+    f = facade(settings())
+    server = guarded(lambda: f.mount(backup_id, disk, socket_path, tcp_port))
+
+    def stop(_signum: int, _frame: Any) -> None:
+        server.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    info = {"backup_id": backup_id, "export": server.name, "uris": server.uris()}
+    # One line, printed at once: a caller reads it while the export keeps serving.
+    sys.stdout.write((json.dumps(info) if as_json else "\n".join(server.uris())) + "\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        say(
+            "unmounted:",
+            "green",
+            f"{server.reader.chunks_fetched} chunks fetched "
+            f"({format_size(server.reader.bytes_fetched)})",
+        )
 
 
 @backup_app.command("verify")

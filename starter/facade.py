@@ -26,6 +26,7 @@ from csbs.catalog.views import DiskBackupListView
 from csbs.config import Settings
 from csbs.drivers import ComputeDriver, make_fleet
 from csbs.errors import CorruptData, CsbsError, InvalidInput, InvalidState
+from csbs.format import Manifest
 from csbs.model import (
     BackupStatus,
     DeleteBackupsInput,
@@ -36,6 +37,7 @@ from csbs.model import (
     TaskStatus,
     VerifyBackupInput,
 )
+from csbs.nbd_server import BackupDiskReader, NbdServer
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
 from csbs.rules import BackupQuery, backup_requests, deletable_tasks
@@ -251,26 +253,18 @@ class Facade:
         handle = await (await self.csbs()).start_verify(inp)
         return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
 
-    # -- images ----------------------------------------------------------------------------
-    def export_image(
-        self,
-        backup_id: str,
-        disk_id: str | None,
-        fmt: str,
-        output: Path,
-        progress: ProgressFn | None = None,
-    ) -> dict[str, Any]:
-        """Write one disk of a backup as a standalone sparse raw or qcow2 image (the
-        guide's 备份创建镜像), here, from the object store."""
-        export.check_output(output, fmt)
+    # -- images and mounts ------------------------------------------------------------------
+    def backup_disk(self, backup_id: str, disk_id: str | None, what: str) -> tuple[str, Manifest]:
+        """One disk of an available backup and its manifest (the only disk when none is
+        named); refused with the reason otherwise."""
         backup = self.catalog.get_backup(backup_id)
         if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
             raise InvalidState(
-                f"backup {backup_id} is {backup.status}; only available backups can be exported"
+                f"backup {backup_id} is {backup.status}; only available backups can be {what}"
             )
         if backup.verify_status == "failed":
             raise CorruptData(
-                f"backup {backup_id} failed verification ({backup.verify_error}); export refused"
+                f"backup {backup_id} failed verification ({backup.verify_error}); refused"
             )
         disks = self.catalog.disk_backups(backup_id)
         if disk_id is None:
@@ -290,8 +284,34 @@ class Facade:
         if manifest.size_bytes != row.size_bytes:
             raise CorruptData(
                 f"manifest of disk {disk_id} of backup {backup_id} says {manifest.size_bytes} "
-                f"bytes, the catalog {row.size_bytes}; export refused"
+                f"bytes, the catalog {row.size_bytes}; refused"
             )
+        return disk_id, manifest
+
+    def mount(
+        self, backup_id: str, disk_id: str | None, socket_path: Path | None, tcp_port: int | None
+    ) -> NbdServer:
+        """A read-only NBD export of one disk of a backup, served from the object store."""
+        disk_id, manifest = self.backup_disk(backup_id, disk_id, "mounted")
+        reader = BackupDiskReader(self.services.store, manifest)
+        path = socket_path or self.settings.var_dir / "mounts" / f"{backup_id}-{disk_id}.sock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return NbdServer(reader, f"{backup_id}/{disk_id}", path, tcp_port)
+
+    # -- images ----------------------------------------------------------------------------
+    def export_image(
+        self,
+        backup_id: str,
+        disk_id: str | None,
+        fmt: str,
+        output: Path,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Write one disk of a backup as a standalone sparse raw or qcow2 image (the
+        guide's 备份创建镜像), here, from the object store."""
+        export.check_output(output, fmt)
+        disk_id, manifest = self.backup_disk(backup_id, disk_id, "exported")
+        store = self.services.store
         done = export.export_disk(
             store,
             manifest,
