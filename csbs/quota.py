@@ -74,6 +74,9 @@ def parse_limit(text: str, field: str, size: bool = False) -> int | None:
         ) from None
     if value < 1:
         raise ValueError(f"{field} must be at least 1, 'unlimited' or 'default' (got {text!r})")
+    most = 2**63 - 1 if size else 2**31 - 1
+    if value > most:
+        raise ValueError(f"{field} must be at most {most}, 'unlimited' or 'default' (got {text!r})")
     return value
 
 

@@ -213,6 +213,40 @@ class Deleted(BaseModel):
     deleted: list[str]
 
 
+class QuotaItem(BaseModel):
+    used: int
+    #: None: no limit.
+    limit: int | None
+    #: ``project``: the tenant's own limit; ``default``: from CSBS_QUOTA_*.
+    source: Literal["project", "default"]
+
+
+class QuotaOut(BaseModel):
+    """A tenant's quota (B15): disk backups and stored chunk bytes, used and allowed."""
+
+    project: str
+    disk_backups: QuotaItem
+    bytes: QuotaItem
+
+
+#: Limits as ``csbs quota set`` takes them: a number, ``unlimited`` or ``default``.
+Keyword = Literal["unlimited", "default"]
+CountLimit = Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)] | Keyword
+ByteLimit = Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)] | Keyword
+
+
+class QuotaPatch(BaseModel):
+    """The tenant's own limits to change; one left out keeps what it is."""
+
+    model_config = REQUEST
+
+    disk_backups: CountLimit | None = None
+    #: A number of bytes, or a size string like "500GiB".
+    bytes: (
+        ByteLimit | Annotated[str, StringConstraints(pattern=r"^[0-9]{1,15} ?[KMGT]i?B?$")] | None
+    ) = None
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

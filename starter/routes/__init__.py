@@ -3,9 +3,10 @@
 
 from starter.routes.backups import router as backups
 from starter.routes.policies import router as policies
+from starter.routes.quota import router as quota
 from starter.routes.servers import router as servers
 from starter.routes.tasks import router as tasks
 
-ROUTERS = [servers, backups, tasks, policies]
+ROUTERS = [servers, backups, tasks, policies, quota]
 
 __all__ = ["ROUTERS"]

@@ -195,6 +195,19 @@ async def test_backup_restore_delete_and_policies_over_rest(stack: Stack, api: A
         404,
         "pol-x",
     )
+    # B15: the tenant's quota, as csbs quota show|set.
+    quota = (await http.get("/v1/quota")).json()
+    assert quota["disk_backups"] == {"used": 4, "limit": None, "source": "default"}
+    assert quota["bytes"]["used"] > 0 and quota["bytes"]["source"] == "default"
+    changed = await http.patch("/v1/quota", json={"disk_backups": 50, "bytes": "10GiB"})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["disk_backups"] == {"used": 4, "limit": 50, "source": "project"}
+    assert changed.json()["bytes"]["limit"] == 10 * 1024**3
+    assert_problem(await http.patch("/v1/quota", json={}), 422, "give disk_backups or bytes")
+    assert_problem(await http.patch("/v1/quota", json={"disk_backups": 0}), 422, "disk_backups")
+    reset = await http.patch("/v1/quota", json={"disk_backups": "default", "bytes": "unlimited"})
+    assert reset.json()["disk_backups"]["source"] == "default"
+    assert reset.json()["bytes"] == {**reset.json()["bytes"], "limit": None, "source": "project"}
     # Guide 1.6: every server backup is also a disk backup per disk.
     disks = (await http.get("/v1/disk-backups", params={"id": bk["id"]})).json()
     assert [(d["backup_id"], d["disk_id"], d["role"]) for d in disks] == [
