@@ -194,16 +194,10 @@ class PolicyService:
         """Leave a failed backup task for a policy run that was started and then refused
         (T1, guide 3.3): whoever started it (a schedule, the Temporal CLI, the REST API,
         another service) finds why in ``csbs task list --status failed``."""
-        task_id = f"{run_id}-refused"
-        try:
-            self.policies.catalog.get_task(task_id)
-            return
-        except NotFound:
-            pass
         now = utcnow()
-        self.policies.catalog.add_task(
+        self.policies.catalog.add_task(  # a retry finds the row there and adds nothing
             TaskRow(
-                id=task_id,
+                id=f"{run_id}-refused",
                 project=self.policies.project,
                 kind=TaskKind.BACKUP.value,
                 status=TaskStatus.FAILED.value,

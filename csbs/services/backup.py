@@ -29,7 +29,6 @@ from csbs.model import (
     PreparedBackup,
     Server,
     TaskKind,
-    TaskStatus,
     TransferStats,
 )
 from csbs.naming import default_name
@@ -232,19 +231,17 @@ class BackupService(Service):
         name = inp.name or default_name(inp.kind, random.Random(backup_id))
         now = utcnow()
         own = existing is None
-        task = self._running_task(
+        task = self._failed_task(
             task_id,
             TaskKind.BACKUP,
             workflow_id,
-            backup_id if own else "",
+            backup_id if own else None,
             name,
             inp.server_id,
             server.name if server else "",
-            started_at=now,
-            run_id=run_id,
+            reason,
+            run_id,
         )
-        task.backup_id = backup_id if own else None
-        task.status, task.finished_at, task.reason = TaskStatus.FAILED.value, now, reason
         with self.catalog.unit_of_work():
             if own:
                 self.catalog.add_backup(

@@ -169,6 +169,28 @@ class Service:
             run_id=run_id or None,
         )
 
+    def _failed_task(
+        self,
+        task_id: str,
+        kind: TaskKind,
+        workflow_id: str,
+        backup_id: str | None,
+        backup_name: str,
+        server_id: str | None,
+        server_name: str,
+        reason: str,
+        run_id: str = "",
+    ) -> TaskRow:
+        """The record of a task refused as it started: failed now, with the reason."""
+        now = utcnow()
+        task = self._running_task(
+            task_id, kind, workflow_id, backup_id or "", backup_name, server_id or "",
+            server_name, started_at=now, run_id=run_id,
+        )  # fmt: skip
+        task.backup_id, task.server_id = backup_id, server_id
+        task.status, task.finished_at, task.reason = TaskStatus.FAILED.value, now, reason
+        return task
+
     def _find_task(self, task_id: str) -> TaskRow | None:
         try:
             return self.catalog.get_task(task_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from csbs import verify
-from csbs.catalog import BackupRow, utcnow
+from csbs.catalog import BackupRow
 from csbs.delta import DeltaPlan, plan_delta
 from csbs.errors import (
     Conflict,
@@ -133,24 +133,19 @@ class RestoreService(Service):
                 self.finish_restore(inp.backup_id, task_id, ok=False, reason=reason)
             return
         backup = self.catalog.find_backup(inp.backup_id)
-        server_name = ""
-        if backup is not None:
-            server_name = backup.server_name
-        task = self._running_task(
-            task_id,
-            TaskKind.RESTORE,
-            workflow_id,
-            inp.backup_id,
-            backup.name if backup else "",
-            backup.server_id if backup else "",
-            server_name,
-            run_id=run_id,
+        self.catalog.add_task(
+            self._failed_task(
+                task_id,
+                TaskKind.RESTORE,
+                workflow_id,
+                backup.id if backup else None,
+                backup.name if backup else "",
+                backup.server_id if backup else None,
+                backup.server_name if backup else "",
+                reason,
+                run_id,
+            )
         )
-        now = utcnow()
-        task.status, task.finished_at, task.reason = TaskStatus.FAILED.value, now, reason
-        task.backup_id = backup.id if backup else None
-        task.server_id = backup.server_id if backup else None
-        self.catalog.add_task(task)
 
     def check_restore(
         self, backup_id: str, disk_ids: list[str], heartbeat: Heartbeat | None = None
