@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.testing import WorkflowEnvironment
 
 from csbs.drivers.local import LocalDriver
@@ -99,6 +100,25 @@ async def listed(st: Stack, count: int) -> list[dict[str, Any]]:
         await asyncio.sleep(0.3)
 
 
+async def running_on(st: Stack, servers: list[Server], pid: int) -> None:
+    """Return once the agent process ``pid`` runs a step of one of ``servers``' backups
+    (Temporal shows it as a started pending activity whose worker is that process)."""
+    ids = {s.id for s in servers}
+    deadline = time.monotonic() + 60
+    while True:
+        for task in st.catalog.list_tasks(kind="backup"):
+            if task.server_id not in ids or task.workflow_id is None:
+                continue
+            desc = await st.client.get_workflow_handle(task.workflow_id).describe()
+            for pending in desc.raw_description.pending_activities:
+                if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED and (
+                    pending.last_worker_identity.startswith(f"{pid}@")
+                ):
+                    return
+        assert time.monotonic() < deadline, "the agent never ran a step of its servers"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_policy_run_across_two_hosts_survives_an_agent_killed_mid_run(
     central: Stack, tmp_path: Path
 ) -> None:
@@ -128,12 +148,9 @@ async def test_a_policy_run_across_two_hosts_survives_an_agent_killed_mid_run(
         handle = await client.start_policy_run(
             RunPolicyInput(policy_id=pid, trigger="manual"), f"runpolicy-{pid}-x"
         )
-        # Kill h1's agent as soon as one of its servers holds a snapshot (mid-backup).
+        # Kill h1's agent while it runs a step of one of its servers' backups (mid-backup).
         h1 = LocalDriver(dirs["h1"], host="h1")
-        deadline = time.monotonic() + 60
-        while not any(h1.snapshots(s.id) for s in servers["h1"]):
-            assert time.monotonic() < deadline, "h1's backups never started"
-            await asyncio.sleep(0.02)
+        await running_on(st, servers["h1"], agents["h1"].pid)
         kill9(agents["h1"])
         await asyncio.sleep(4)  # its step goes silent; h2's backups go on meanwhile
         agents["h1"] = agent(st, "h1", dirs["h1"])
