@@ -24,6 +24,7 @@ from activities import metrics
 from csbs.catalog import BackupView
 from csbs.errors import CsbsError
 from csbs.model import (
+    InstantResult,
     PolicyRunPlan,
     PreparedBackup,
     RestorePlan,
@@ -42,6 +43,7 @@ from csbs.steps import (
     FailTask,
     FinishRestore,
     FinishVerify,
+    InstantRestore,
     OfBackup,
     OfDisk,
     OfPolicy,
@@ -216,6 +218,7 @@ class CsbsActivities:
             self.start_server,
             self.check_restore,
             self.restore_disk,
+            self.instant_restore,
             self.finish_restore,
             self.prepare_delete,
             self.delete_backup,
@@ -243,6 +246,7 @@ class CsbsActivities:
             self.stop_server,
             self.start_server,
             self.restore_disk,
+            self.instant_restore,
         ]
 
     # -- backup ------------------------------------------------------------------------------
@@ -340,6 +344,29 @@ class CsbsActivities:
             _stats_attributes(span, stats)
         metrics.transfer("restore", stats)
         return stats
+
+    @_step("instant_restore")
+    def instant_restore(self, inp: InstantRestore) -> InstantResult:
+        info = activity.info()
+
+        def running() -> None:
+            # The workflow learns the server runs (its progress and the CLI say so) while
+            # this step goes on serving the disks until they are copied.
+            self._signal(info.workflow_id or "", info.workflow_run_id, "instant_running")
+
+        with step_span(
+            "csbs.instant_restore", backup_id=inp.plan.backup_id, server_id=inp.plan.server_id
+        ):
+            return self.services.restore.instant_restore(
+                inp.plan, heartbeat=_heartbeat, running=running
+            )
+
+    def _signal(self, workflow_id: str, run_id: str | None, signal: str) -> None:
+        """Signal a workflow run from an activity's thread (no-op without a client)."""
+        if self.client is None or self.loop is None or not workflow_id:
+            return
+        handle = self.client.get_workflow_handle(workflow_id, run_id=run_id or None)
+        asyncio.run_coroutine_threadsafe(handle.signal(signal), self.loop).result(timeout=30)
 
     @_step("finish_restore")
     def finish_restore(self, inp: FinishRestore) -> None:

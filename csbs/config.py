@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     #: How long a graceful shutdown (the power button) may take before a server is
     #: powered off (offline backup B12, restore R3).
     shutdown_timeout: float = Field(default=90.0, gt=0, le=480)
+    #: The most bytes per second an instant restore's background copy reads from csbs
+    #: per disk, so that it leaves the guest's own reads room; 0 is no limit.
+    instant_stream_speed: int = Field(default=0, ge=0, le=1 << 40)
     project: str = "default"
     #: Projects a worker serves, comma-separated; empty = just ``project``. Each
     #: gets its own task queue (see ``queue``), catalog view, S3 prefix and servers.

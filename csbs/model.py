@@ -7,7 +7,7 @@ import uuid
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from csbs.naming import check_description, check_name
 
@@ -180,6 +180,9 @@ class RestoreServerInput(_Input):
     verify: bool = False
     #: Write every chunk, even where the disk is known to hold the backup's data already.
     full: bool = False
+    #: Run the server from the backup at once and copy its disks in the background
+    #: (the guide's instant restore; qemu driver).
+    instant: bool = False
 
     @field_validator("disk_ids")
     @classmethod
@@ -187,6 +190,15 @@ class RestoreServerInput(_Input):
         for disk_id in v:
             check_id(disk_id, "disk_ids")
         return v
+
+    @model_validator(mode="after")
+    def _instant_runs(self) -> RestoreServerInput:
+        if self.instant and not self.power_on:
+            raise ValueError(
+                "instant: an instant restore runs the server from the backup at once; it "
+                "cannot leave it powered off (drop --no-power-on or --instant)"
+            )
+        return self
 
     @field_validator("backup_id")
     @classmethod
@@ -314,6 +326,14 @@ class RestoreItem(BaseModel):
     #: (onto its own disk, unless a full restore was asked); ``why_full`` says why not.
     delta: bool = False
     why_full: str = ""
+
+
+class InstantResult(BaseModel):
+    """What an instant restore's background copy fetched from the object store."""
+
+    disks: int
+    chunks_fetched: int
+    bytes_fetched: int
 
 
 class RestorePlan(BaseModel):

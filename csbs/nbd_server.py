@@ -154,6 +154,8 @@ class NbdServer:
         for listener in self.listeners:
             listener.listen(8)
         self._closed = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
 
     def uris(self) -> list[str]:
         out = []
@@ -172,10 +174,16 @@ class NbdServer:
         self._closed.wait()
 
     def close(self) -> None:
+        """Stop listening and drop every client (a client that reconnects, as QEMU does
+        for an instant restore, then finds the next server on the same socket)."""
         self._closed.set()
         for listener in self.listeners:
             with contextlib.suppress(OSError):
                 listener.close()
+        with self._conns_lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
@@ -191,6 +199,8 @@ class NbdServer:
 
     # -- one connection ----------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._conns.add(conn)
         try:
             with conn:
                 structured = self._handshake(conn)
@@ -198,6 +208,9 @@ class NbdServer:
                     self._transmit(conn, structured)
         except (OSError, ConnectionError, struct.error):
             return
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
 
     @staticmethod
     def _recv(conn: socket.socket, n: int) -> bytes:

@@ -13,6 +13,7 @@ from csbs.model import (
     ChunkProblem,
     DeleteBackupsInput,
     RestoreItem,
+    RestorePlan,
     RestoreServerInput,
     VerifyDiskResult,
 )
@@ -119,6 +120,12 @@ class RestoreDisk(Step):
 
     backup_id: str
     item: RestoreItem
+
+
+class InstantRestore(Step):
+    """Run the server from the backup and copy its disks in the background."""
+
+    plan: RestorePlan
 
 
 class FinishRestore(Step):

@@ -124,6 +124,15 @@ class RestoreRequest(BaseModel):
     verify: Flag = False
     #: Write every chunk, even where the disk already holds the backup's data.
     full: Flag = False
+    #: Run the server from the backup at once and copy its disks in the background (qemu
+    #: driver); the task runs until the copy has finished.
+    instant: Flag = False
+
+    @model_validator(mode="after")
+    def _instant_runs(self) -> RestoreRequest:
+        if self.instant and not self.power_on:
+            raise ValueError("instant: an instant restore runs the server; power_on must be true")
+        return self
 
 
 class DeleteRequest(BaseModel):

@@ -12,7 +12,8 @@ from typing import Annotated, Any, cast
 
 import typer
 from rich.table import Table
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.service import RPCError
 
 from csbs.model import (
     BackupStatus,
@@ -274,11 +275,22 @@ def backup_restore(
             "--full", help="Write every chunk (by default only what differs, when known)."
         ),
     ] = False,
+    instant: Annotated[
+        bool,
+        typer.Option(
+            "--instant",
+            help="Run the server from the backup at once; copy its disks in the background "
+            "(qemu driver).",
+        ),
+    ] = False,
     yes: YesOpt = False,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a server's disks from a backup (overwrites them; stops the server)."""
+    """Restore a server's disks from a backup (overwrites them; stops the server).
+
+    With --instant the command returns as soon as the server runs from the backup; the
+    restore task goes on until its disks are copied (--wait waits for that too)."""
     s = settings()
     inp = guarded(
         lambda: RestoreServerInput(
@@ -288,6 +300,7 @@ def backup_restore(
             disk_ids=disk or [],
             verify=verify,
             full=full,
+            instant=instant,
         )
     )
     f = facade(s)
@@ -300,6 +313,8 @@ def backup_restore(
 
     async def restore() -> dict[str, Any]:
         handle, task_id = await guarded_async(f.restore(inp))
+        if instant and not wait:
+            return await _instant_running(handle, task_id, backup_id)
         if not wait:
             return {
                 "workflow_id": handle.id,
@@ -323,7 +338,43 @@ def backup_restore(
     result = run_async(restore())
     for warning in result.get("warnings", []):
         say("warning:", "yellow", warning)
+    if result.get("status") == "running":
+        emit(
+            result,
+            as_json,
+            lambda: console.print(
+                f"server {result['server_id']} runs from backup {backup['name']}; its disks "
+                f"are copied in the background (task {result['task_id']}: csbs task show "
+                f"{result['task_id']})"
+            ),
+        )
+        return
     emit(result, as_json, lambda: console.print(result))
+
+
+async def _instant_running(handle: Any, task_id: str, backup_id: str) -> dict[str, Any]:
+    """Wait until an instant restore's server runs from the backup (or the run ends)."""
+    while True:
+        try:
+            progress = await handle.query("progress")
+        except RPCError:
+            progress = {}
+        step = progress.get("step")
+        if step in ("copying disks", "done"):
+            return {
+                "workflow_id": handle.id,
+                "task_id": task_id,
+                "backup_id": backup_id,
+                "server_id": progress.get("server_id"),
+                "status": "running" if step == "copying disks" else "restored",
+            }
+        if step == "failed" or (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            try:
+                await handle.result()
+            except WorkflowFailureError as exc:
+                fail(workflow_error(exc))
+            fail("the instant restore ended before the server ran")
+        await asyncio.sleep(0.1)
 
 
 @backup_app.command("export")

@@ -13,6 +13,7 @@ with workflow.unsafe.imports_passed_through():
 
     from activities import CsbsActivities as A
     from csbs.model import (
+        InstantResult,
         RestoreItem,
         RestorePlan,
         RestoreServerInput,
@@ -23,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from csbs.steps import (
         CheckRestore,
         FinishRestore,
+        InstantRestore,
         OfServer,
         PrepareRestore,
         RefuseRestore,
@@ -34,6 +36,8 @@ from workflows.verify import verify_disk
 
 #: Listing the store to check every chunk of a large backup is there.
 CHECK_TIMEOUT = timedelta(minutes=30)
+#: Copying a large server's disks in the background, at whatever pace the guest allows.
+INSTANT_TIMEOUT = timedelta(days=7)
 
 
 @workflow.defn(name="RestoreServer", failure_exception_types=[ValidationError])
@@ -59,6 +63,7 @@ class RestoreServer(wf.DiskProgress):
         self._route = plan.route
         self._progress.update(
             backup_id=plan.backup_id,
+            server_id=plan.server_id,
             task_id=task_id,
             disks_total=len(plan.items),
             warnings=plan.warnings,
@@ -91,14 +96,19 @@ class RestoreServer(wf.DiskProgress):
                 ),
             )
             stopped = True
-            self._at("restoring")
-            await wf.all_or_cancel([self._disk(plan.backup_id, item) for item in plan.items])
-            if inp.power_on:
-                self._at("starting server")
-                await wf.step(
-                    "start server",
-                    wf.on_host(plan.route, A.start_server, OfServer(server_id=plan.server_id)),
-                )
+            extra: dict[str, Any] = {}
+            if inp.instant:
+                fetched = await self._instant(plan)
+                extra = {"instant": True, "bytes_fetched": fetched.bytes_fetched}
+            else:
+                self._at("restoring")
+                await wf.all_or_cancel([self._disk(plan.backup_id, i) for i in plan.items])
+                if inp.power_on:
+                    self._at("starting server")
+                    await wf.step(
+                        "start server",
+                        wf.on_host(plan.route, A.start_server, OfServer(server_id=plan.server_id)),
+                    )
             await self._finish(plan, ok=True)
             self._at("done")
             return {
@@ -108,6 +118,7 @@ class RestoreServer(wf.DiskProgress):
                 "disks": [i.model_dump() for i in plan.items],
                 "powered_on": inp.power_on,
                 "warnings": plan.warnings,
+                **extra,
             }
         except BaseException as err:
             failed = wf.reason_of("restore", err)
@@ -119,6 +130,28 @@ class RestoreServer(wf.DiskProgress):
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise wf.run_failure(wf.StepFailed(reason, failed.error_type)) from err
+
+    @workflow.signal(name="instant_running")
+    def instant_running(self) -> None:
+        """The instant restore's step reports the server runs from the backup."""
+        if self._progress["step"] == "starting from the backup":
+            self._at("copying disks")
+
+    async def _instant(self, plan: RestorePlan) -> InstantResult:
+        """Run the server from the backup now; copy its disks in the background. Until
+        the copy has finished the run goes on (step ``copying disks``), and the server
+        depends on it; a worker restart retries the step, which picks up where it was."""
+        self._at("starting from the backup")
+        return await wf.step(
+            "instant restore",
+            wf.transfer(
+                A.instant_restore,
+                InstantRestore(plan=plan),
+                summary="run the server from the backup; copy its disks",
+                timeout=INSTANT_TIMEOUT,
+                route=self._route,
+            ),
+        )
 
     async def _finish(self, plan: RestorePlan, ok: bool, reason: str | None = None) -> None:
         finish = FinishRestore(backup_id=plan.backup_id, task_id=plan.task_id, ok=ok, reason=reason)

@@ -26,6 +26,7 @@ def make_driver(settings: Settings) -> ComputeDriver:
             qemu_binary=settings.qemu_binary,
             qemu_img=settings.qemu_img,
             shutdown_timeout=settings.shutdown_timeout,
+            stream_speed=settings.instant_stream_speed,
         )
     if settings.compute_driver == "libvirt":
         from csbs.drivers.libvirt import LibvirtDriver

@@ -36,6 +36,27 @@ class RestoreBaseline(BaseModel):
     reason: str = ""
 
 
+class InstantSource(BaseModel):
+    """One disk of an instant restore: csbs serves the backed-up disk read-only over NBD
+    on ``socket`` as ``export``; the server's disk reads through to it until streamed."""
+
+    disk_id: str
+    size_bytes: int
+    socket: str
+    export: str
+
+
+class StreamState(BaseModel):
+    """How far the background copy of one instantly restored disk has come."""
+
+    disk_id: str
+    done: int = 0
+    total: int = 0
+    finished: bool = False
+    #: The last error of the copy (it is started again), for the task's notes.
+    error: str | None = None
+
+
 class Snapshot(BaseModel):
     """A crash-consistent point-in-time image of all disks of one server."""
 
@@ -147,6 +168,30 @@ class ComputeDriver(Protocol):
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> DiskWriter:
         """Open a disk of a stopped server for restore, resizing it to ``size_bytes``."""
+
+    def instant_support(self) -> str | None:
+        """Why this driver cannot restore instantly (run a server from its backup while
+        the data is copied in the background), or None when it can."""
+        ...
+
+    def instant_socket(self, server_id: str, disk_id: str) -> str:
+        """Where csbs must serve the disk's backup for an instant restore (the path an
+        instant restore in progress recorded, else a new private one)."""
+        ...
+
+    def instant_backup(self, server_id: str) -> str | None:
+        """The backup an instant restore of the server is still copying from, or None."""
+        ...
+
+    def instant_attach(self, server_id: str, backup_id: str, sources: list[InstantSource]) -> None:
+        """Put each source disk in place of the server's disk, reading through to its NBD
+        export, and run the server (stopped before, with each export being served)."""
+        ...
+
+    def instant_stream(self, server_id: str) -> list[StreamState]:
+        """Move the background copy on (start or restart its jobs) and say how far it is.
+        Once every disk is finished the server no longer depends on csbs."""
+        ...
 
     def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
         """The backup a disk's changed-block tracking started from and what was written

@@ -312,3 +312,25 @@ class DirectoryDriver:
     def snapshots(self, server_id: str) -> list[str]:
         """Ids of the snapshots currently held (for tests and diagnostics)."""
         return [p.name for p in self._active_snapshots(server_id)]
+
+
+class NoInstantRestore:
+    """The instant-restore half of a driver that cannot run a server from its backup:
+    ``instant_support`` says why, and every step refuses with that reason."""
+
+    instant_reason = "this driver cannot restore instantly"
+
+    def instant_support(self) -> str | None:
+        return self.instant_reason
+
+    def instant_socket(self, server_id: str, disk_id: str) -> str:
+        raise InvalidState(self.instant_reason)
+
+    def instant_backup(self, server_id: str) -> str | None:
+        return None
+
+    def instant_attach(self, server_id: str, backup_id: str, sources: list[Any]) -> None:
+        raise InvalidState(self.instant_reason)
+
+    def instant_stream(self, server_id: str) -> list[Any]:
+        raise InvalidState(self.instant_reason)

@@ -13,9 +13,11 @@ from typing import Protocol
 from csbs.drivers.base import (
     ComputeDriver,
     DiskWriter,
+    InstantSource,
     RestoreBaseline,
     Snapshot,
     SnapshotReader,
+    StreamState,
 )
 from csbs.errors import DiskUnavailable, DriverError, NotFound
 from csbs.model import Disk, Server
@@ -115,3 +117,23 @@ class Fleet:
     def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
         self._local_only(server_id, "reading its changed blocks")
         return self.local.restore_baseline(server_id, disk_id)
+
+    def instant_support(self) -> str | None:
+        return self.local.instant_support()
+
+    def instant_socket(self, server_id: str, disk_id: str) -> str:
+        self._local_only(server_id, "its instant restore")
+        return self.local.instant_socket(server_id, disk_id)
+
+    def instant_backup(self, server_id: str) -> str | None:
+        if self._remote(server_id) is not None:
+            return None
+        return self.local.instant_backup(server_id)
+
+    def instant_attach(self, server_id: str, backup_id: str, sources: list[InstantSource]) -> None:
+        self._local_only(server_id, "its instant restore")
+        self.local.instant_attach(server_id, backup_id, sources)
+
+    def instant_stream(self, server_id: str) -> list[StreamState]:
+        self._local_only(server_id, "its instant restore")
+        return self.local.instant_stream(server_id)

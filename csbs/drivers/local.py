@@ -29,7 +29,13 @@ import shutil
 from pathlib import Path
 
 from csbs.drivers.base import RestoreBaseline, Snapshot, SnapshotDisk
-from csbs.drivers.common import DirectoryDriver, hash_zeros, merge_ranges, write_json
+from csbs.drivers.common import (
+    DirectoryDriver,
+    NoInstantRestore,
+    hash_zeros,
+    merge_ranges,
+    write_json,
+)
 
 #: Why a disk without a checkpoint is read whole.
 from csbs.drivers.sparse import (
@@ -55,10 +61,14 @@ NO_CHECKPOINT = (
 )
 
 
-class LocalDriver(DirectoryDriver):
+class LocalDriver(NoInstantRestore, DirectoryDriver):
     """Servers as directories; see the module docstring."""
 
     name = "local"
+    instant_reason = (
+        "the local driver has no hypervisor to run a server from its backup; instant "
+        "restore needs the qemu driver"
+    )
 
     def _disk_path(self, server_id: str, disk_id: str) -> Path:
         return self._dir(server_id) / "disks" / f"{check_id(disk_id, 'disk_id')}.raw"

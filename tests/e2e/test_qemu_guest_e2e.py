@@ -84,6 +84,15 @@ async def await_serial(drv: QemuDriver, sid: str, text: str, count: int = 1) -> 
     return await asyncio.to_thread(wait_serial, drv, sid, text, count)
 
 
+def write_image(drv: QemuDriver, server_id: str, disk_id: str, raw: Path) -> None:
+    """Write a raw image onto a disk as guest writes, skipping its empty MiBs."""
+    image = raw.read_bytes()
+    for at in range(0, len(image), MIB):
+        piece = image[at : at + MIB]
+        if piece.count(0) != len(piece):
+            drv.write(server_id, disk_id, at, piece)
+
+
 def guest_server(drv: QemuDriver, folder: Path, kernel: Path, name: str, *extra: str) -> Server:
     """A running guest whose ``vda`` (64 MiB) holds an ext4 with ``IDLE`` as guest.sh and
     whose ``vdb`` (16 MiB) is an empty data disk, booted up to "GUEST: ready".
@@ -92,11 +101,7 @@ def guest_server(drv: QemuDriver, folder: Path, kernel: Path, name: str, *extra:
     written as guest writes (qemu-io) and the guest boots again from it."""
     server = drv.create_server(name, [64 * MIB, 16 * MIB], boot=boot_of(kernel, *extra))
     wait_serial(drv, server.id, "vda holds no ext4 filesystem")
-    image = ext4_image(folder, IDLE, fmt="raw").read_bytes()
-    for at in range(0, len(image), MIB):
-        piece = image[at : at + MIB]
-        if piece.count(0) != len(piece):
-            drv.write(server.id, server.disks[0].id, at, piece)
+    write_image(drv, server.id, server.disks[0].id, ext4_image(folder, IDLE, fmt="raw"))
     drv.set_state(server.id, ServerState.STOPPED)
     drv.start(server.id)
     said = wait_serial(drv, server.id, "GUEST: ready")

@@ -699,7 +699,7 @@ def test_no_activity_is_cancelled_by_an_exception_raised_into_its_thread() -> No
         for name in dir(CsbsActivities)
         if _Definition.from_callable(getattr(CsbsActivities, name)) is not None
     ]
-    assert len(methods) == 28
+    assert len(methods) == 29
     for method in methods:
         definition = _Definition.from_callable(method)
         assert definition is not None and definition.no_thread_cancel_exception, method

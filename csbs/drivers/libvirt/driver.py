@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import RestoreBaseline
-from csbs.drivers.common import check_disk_size, runtime_base, spawn, write_json
+from csbs.drivers.common import (
+    NoInstantRestore,
+    check_disk_size,
+    runtime_base,
+    spawn,
+    write_json,
+)
 from csbs.drivers.libvirt.domain_xml import (
     DomainDisk,
     disk_xml,
@@ -52,8 +58,13 @@ from csbs.errors import DriverError, InvalidState, NotFound
 from csbs.model import Disk, check_id
 
 
-class LibvirtDriver(LibvirtSnapshots):
+class LibvirtDriver(NoInstantRestore, LibvirtSnapshots):
     """Existing libvirt domains as servers; see the module docstring."""
+
+    instant_reason = (
+        "instant restore is not available on the libvirt driver yet (it is on the qemu "
+        "driver); use a normal restore"
+    )
 
     # -- restore --------------------------------------------------------------------------
     def _shut_off(self, dom: Any, server_id: str) -> None:

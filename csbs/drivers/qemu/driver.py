@@ -15,6 +15,7 @@ from csbs.drivers.common import (
 from csbs.drivers.nbd import STATE_DIRTY, NbdClient, NbdError, dirty_bitmap_context
 from csbs.drivers.nbd_io import NbdDiskWriter, hash_export
 from csbs.drivers.qemu.boot import QemuBoot
+from csbs.drivers.qemu.instant import QemuInstant
 from csbs.drivers.qemu.qmp import (
     GUEST_WRITE_PIECE,
     REASON_ADDED,
@@ -26,7 +27,6 @@ from csbs.drivers.qemu.qmp import (
     drive_id,
     node_name,
 )
-from csbs.drivers.qemu.snapshots import QemuSnapshots
 from csbs.errors import (
     DriverError,
     InvalidInput,
@@ -36,7 +36,7 @@ from csbs.errors import (
 from csbs.model import Disk, Server, ServerState
 
 
-class QemuDriver(QemuSnapshots):
+class QemuDriver(QemuInstant):
     """Servers as QEMU processes; see the module docstring."""
 
     # -- servers ----------------------------------------------------------------------------

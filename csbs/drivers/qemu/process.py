@@ -57,6 +57,7 @@ class QemuProcesses(DirectoryDriver):
         qemu_img: str = "qemu-img",
         host: str = "default",
         shutdown_timeout: float = 90.0,
+        stream_speed: int = 0,
     ) -> None:
         super().__init__(root, project, host)
         self.qemu_binary = qemu_binary
@@ -64,6 +65,9 @@ class QemuProcesses(DirectoryDriver):
         #: How long a guest may take to power off after the ACPI power button before it
         #: is forced off (``Settings.shutdown_timeout``, as for the libvirt driver; B12).
         self.shutdown_timeout = shutdown_timeout
+        #: Bytes per second an instant restore copies per disk (``block-stream`` speed;
+        #: 0 is no limit; ``Settings.instant_stream_speed``).
+        self.stream_speed = stream_speed
 
     # -- paths --------------------------------------------------------------------------
     def _disk_path(self, server_id: str, disk_id: str) -> Path:
