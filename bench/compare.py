@@ -74,6 +74,97 @@ def put_ceiling(store: Any, seconds: float = 8.0, threads: int = 8) -> float:
     return count * REGION / 1e6 / (time.monotonic() - began)
 
 
+def get_ceiling(store: Any, seconds: float = 8.0, threads: int = 8) -> float:
+    """MB/s of raw 4 MiB GETs from the bucket (the upper bound of a full restore), over
+    the objects ``put_ceiling`` left."""
+    keys = [
+        o["Key"]
+        for o in store.s3.list_objects_v2(Bucket=store.bucket, Prefix="ceiling/", MaxKeys=200).get(
+            "Contents", []
+        )
+    ]
+    deadline = time.monotonic() + seconds
+
+    def worker(n: int) -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            key = keys[(n * 7 + done) % len(keys)]
+            done += len(store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+        return done
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(worker, range(threads)))
+    return total / 1e6 / (time.monotonic() - began)
+
+
+async def worker_rss_round(
+    env_temporal: WorkflowEnvironment, settings: Any, server_id: str, out: dict[str, float]
+) -> None:
+    """A full backup and a full restore of the same server by ``python worker.py`` as its
+    own process: its peak RSS (VmHWM) is the worker's alone."""
+    from tests.conftest import ROOT, settings_env
+
+    wsettings = settings.model_copy(update={"task_queue": f"{settings.task_queue}-rss"})
+    address = env_temporal.client.service_client.config.target_host
+    env = settings_env(wsettings, address)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = CsbsClient(env_temporal.client, wsettings)
+        _, handle = await client.start_backup(
+            BackupServerInput(server_id=server_id, name="rss-full")
+        )
+        record = cast(dict[str, Any], await handle.result())
+        full = RestoreServerInput(backup_id=record["id"], full=True)
+        await (await client.start_restore(full)).result()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        out["_worker peak RSS MB"] = int(hwm.split()[1]) / 1024
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def instant_round(
+    env_temporal: WorkflowEnvironment, settings: Any, out: dict[str, float]
+) -> None:
+    """Instant restore on guest-less QEMU servers of 1 and 8 GiB (256 MiB of data each):
+    from the start of the restore to the server running, then to the copy's end."""
+    qsettings = settings.model_copy(
+        update={"compute_driver": "qemu", "task_queue": f"{settings.task_queue}-i"}
+    )
+    qdrv = QemuDriver(qsettings.effective_servers_dir)
+    with ThreadPoolExecutor(settings.max_concurrent_activities) as pool:
+        async with build_worker(env_temporal.client, qsettings, pool):
+            client = CsbsClient(env_temporal.client, qsettings)
+            for gib in (1, 8):
+                server = qdrv.create_server(f"instant-{gib}", [gib * 1024 * MIB])
+                step = gib * 1024 * MIB // 64
+                write_image(qdrv, server, [i * step for i in range(64)], 7 * 10**6)
+                try:
+                    _, handle = await client.start_backup(BackupServerInput(server_id=server.id))
+                    record = cast(dict[str, Any], await handle.result())
+                    t0 = time.monotonic()
+                    restore = await client.start_restore(
+                        RestoreServerInput(backup_id=record["id"], instant=True)
+                    )
+                    while (await restore.query("progress")).get("step") != "copying disks":
+                        await asyncio.sleep(0.05)
+                    out[f"csbs instant {gib} GiB: running"] = time.monotonic() - t0
+                    await restore.result()
+                    out[f"csbs instant {gib} GiB: copied"] = time.monotonic() - t0
+                finally:
+                    pid = qdrv.pid(server.id)
+                    if pid is not None:
+                        os.kill(pid, 9)
+
+
 def restic(env: dict[str, str], *args: str) -> float:
     began = time.monotonic()
     subprocess.run(["restic", "-q", *args], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -166,18 +257,26 @@ async def one_round(
             incr = await backup(client, server.id, "csbs incremental (diff)")
             # Delta restore: 1 % of the disk written since the backup; only that goes back.
             write_image(drv, server, offsets[:: max(1, int(1 / 0.01))], 5 * 10**6)
+            # The guest's writes reach the disk before the restore starts, as they would
+            # long before an operator restores: the restore's fsync then flushes only
+            # what it wrote, not the benchmark's setup.
+            os.sync()
             began, t0 = cpu.start(), time.monotonic()
             delta = RestoreServerInput(backup_id=incr["id"])
             await (await client.start_restore(delta)).result()
             out["csbs delta restore 1%"] = time.monotonic() - t0
             cpu.stop("csbs delta restore 1%", began)
             # A full restore, as restic's (which writes a new file): every chunk.
+            os.sync()
             began, t0 = cpu.start(), time.monotonic()
             full = RestoreServerInput(backup_id=incr["id"], full=True)
             await (await client.start_restore(full)).result()
             out["csbs restore"] = time.monotonic() - t0
             cpu.stop("csbs restore", began)
+    drv._set_checkpoint(server.id, disk.id, None)  # the worker reads the whole disk
+    await worker_rss_round(env_temporal, settings, server.id, out)
     target = work / "restic-restore"
+    os.sync()
     run_restic("restic restore", "restore", "latest", "--target", str(target))
     shutil.rmtree(target, ignore_errors=True)
     one_pct = offsets[:: max(1, int(1 / 0.01))]
@@ -208,9 +307,13 @@ async def one_round(
                 os.kill(pid, 9)
     if args.libvirt:
         await libvirt_round(args, env_temporal, settings, image, offsets, out, backup)
+    if args.qemu:
+        await instant_round(env_temporal, settings, out)
     from csbs.chunkstore import ChunkStore
 
-    out["_put_ceiling"] = put_ceiling(ChunkStore(settings))
+    store = ChunkStore(settings)
+    out["_put_ceiling"] = put_ceiling(store)
+    out["_get_ceiling"] = get_ceiling(store)
     shutil.rmtree(work / "servers", ignore_errors=True)
     return out
 
@@ -288,6 +391,8 @@ async def main() -> None:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     mb = med.pop("_data_mb")
     ceiling = med.pop("_put_ceiling")
+    get_mb = med.pop("_get_ceiling")
+    worker_rss = med.pop("_worker peak RSS MB")
     lv_read, lv_changed = med.pop("_libvirt read MB", None), med.pop("_libvirt changed MB", None)
     stored = {k[1:].removesuffix(" stored"): v for k, v in med.items() if k.endswith(" stored")}
     cpu = {
@@ -305,6 +410,14 @@ async def main() -> None:
         c = cpu.get(key, (0.0, 0.0, 0.0))
         print(f"{key:28} {secs:8.2f} {mb / secs:8.1f}          {c[0]:5.1f} {c[1]:6.1f} {c[2]:5.1f}")
     print(f"raw S3 PUT ceiling (4 MiB, 8 threads): {ceiling:.1f} MB/s")
+    print(f"raw S3 GET ceiling (4 MiB, 8 threads): {get_mb:.1f} MB/s")
+    # The full restore fetches about what the full backup stored (compressed chunks).
+    restored = stored["csbs full"] / 1e6
+    restore_rate = restored / med["csbs restore"]
+    print(
+        f"csbs full restore fetches ~{restored:.0f} MB at {restore_rate:.1f} MB/s = "
+        f"{restore_rate / get_mb:.0%} of the GET ceiling"
+    )
     full_rate = stored["csbs full"] / 1e6 / med["csbs full"]
     print(
         f"csbs full uploads {stored['csbs full'] / 1e6:.0f} MB at {full_rate:.1f} MB/s = "
@@ -330,6 +443,7 @@ async def main() -> None:
             f"libvirt incremental read {lv_read:.1f} MB for {lv_changed:.1f} MB changed "
             f"(only the checkpoint's dirty ranges, aligned to chunks)"
         )
+    print(f"worker peak RSS (python worker.py, a full backup and restore): {worker_rss:.0f} MB")
     print(
         f"process peak RSS (bench + worker + client): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
     )
