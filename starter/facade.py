@@ -15,10 +15,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, FailureError
+
+if TYPE_CHECKING:
+    from csbs.file_restore import Volume
 
 from csbs import export, quota
 from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
@@ -297,6 +300,22 @@ class Facade:
         path = socket_path or self.settings.var_dir / "mounts" / f"{backup_id}-{disk_id}.sock"
         path.parent.mkdir(parents=True, exist_ok=True)
         return NbdServer(reader, f"{backup_id}/{disk_id}", path, tcp_port)
+
+    def browse(
+        self, backup_id: str, disk_id: str | None, partition: str | None
+    ) -> tuple[Volume, BackupDiskReader]:
+        """The filesystem of one disk of a backup (file-level restore), read from the
+        object store; its reader counts the chunks fetched."""
+        from csbs import file_restore  # the filesystem readers load only when needed
+
+        disk_id, manifest = self.backup_disk(backup_id, disk_id, "browsed")
+        # No read-ahead: a filesystem's metadata is scattered, and a file's chunks are
+        # asked for in order anyway.
+        reader = BackupDiskReader(self.services.store, manifest, readahead=0)
+        volume = file_restore.choose_volume(
+            file_restore.find_volumes(reader.read, manifest.size_bytes), partition
+        )
+        return volume, reader
 
     # -- images ----------------------------------------------------------------------------
     def export_image(

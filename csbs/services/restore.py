@@ -271,7 +271,8 @@ class RestoreService(Service):
                 )
                 socket_path = self.driver.instant_socket(server_id, item.target_disk_id)
                 export = f"{backup.id}/{item.source_disk_id}"
-                reader = BackupDiskReader(self.store, manifest)
+                # A small cache per disk (12 chunks): a server may have many disks.
+                reader = BackupDiskReader(self.store, manifest, cache_chunks=12, readahead=4)
                 readers.append(reader)
                 nbd = NbdServer(reader, export, Path(socket_path))
                 thread = threading.Thread(target=nbd.serve_forever, daemon=True)

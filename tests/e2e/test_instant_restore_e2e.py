@@ -196,3 +196,28 @@ async def test_instant_restore_boots_a_real_guest_from_the_backup_and_survives_a
     await asyncio.to_thread(drv.stop, sid)
     await asyncio.to_thread(drv.start, sid)
     await asyncio.to_thread(wait_serial, drv, sid, f"GUEST: sum {digest}", sums + 1, 120)
+
+
+async def test_instant_restore_is_refused_with_the_reason_where_no_hypervisor_runs(
+    stack: Stack,
+) -> None:
+    """The local driver cannot run a server: one line naming the field, nothing recorded,
+    the server and its backup untouched."""
+    st = stack
+    server = st.driver.create_server("plain", [4 * MIB])
+    st.driver.write(server.id, server.disks[0].id, 0, b"\x01" * MIB)
+    made = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+    tasks = len(st.catalog.list_tasks())
+    refused = await st.cli("backup", "restore", made["id"], "--instant", "--yes", check=False)
+    assert refused.code != 0
+    assert refused.stderr.strip().splitlines() == [
+        "error: instant: the local driver has no hypervisor to run a server from its backup; "
+        "instant restore needs the qemu driver"
+    ]
+    both = await st.cli(
+        "backup", "restore", made["id"], "--instant", "--no-power-on", "--yes", check=False
+    )
+    assert both.code != 0 and "instant: an instant restore runs the server" in both.stderr
+    assert len(st.catalog.list_tasks()) == tasks
+    assert st.catalog.get_backup(made["id"]).status == "available"
+    assert st.driver.get_server(server.id).state == ServerState.RUNNING
