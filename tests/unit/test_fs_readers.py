@@ -82,7 +82,12 @@ def fat(image: Path, tree: Path, bits: int, kib: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [(), ("-b", "1024"), ("-t", "ext2")], ids=["ext4", "ext4-1k", "ext2"]
+    "options",
+    [
+        pytest.param((), id="ext4"),
+        pytest.param(("-b", "1024"), id="ext4-1k", marks=pytest.mark.slow),
+        pytest.param(("-t", "ext2"), id="ext2", marks=pytest.mark.slow),
+    ],
 )
 def test_ext_filesystems_read_back_byte_for_byte(tmp_path: Path, options: tuple[str, ...]) -> None:
     tree = tmp_path / "tree"
@@ -96,7 +101,14 @@ def test_ext_filesystems_read_back_byte_for_byte(tmp_path: Path, options: tuple[
     assert fs.stat("/docs").mode == (tree / "docs").stat().st_mode & 0o7777
 
 
-@pytest.mark.parametrize(("bits", "kib"), [(12, 8000), (16, 16000), (32, 40000)])
+@pytest.mark.parametrize(
+    ("bits", "kib"),
+    [
+        (12, 8000),
+        pytest.param(16, 16000, marks=pytest.mark.slow),
+        pytest.param(32, 40000, marks=pytest.mark.slow),
+    ],
+)
 def test_fat_filesystems_read_back_byte_for_byte(tmp_path: Path, bits: int, kib: int) -> None:
     tree = tmp_path / "tree"
     make_tree(tree, links=False, many=0 if bits == 12 else 300)
