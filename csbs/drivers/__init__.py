@@ -39,6 +39,7 @@ def make_driver(settings: Settings) -> ComputeDriver:
             qemu_img=settings.qemu_img,
             storage_daemon=settings.qemu_storage_daemon,
             shutdown_timeout=settings.shutdown_timeout,
+            stream_speed=settings.instant_stream_speed,
         )
     raise ValueError(f"compute_driver {settings.compute_driver!r} is not known")
 

@@ -18,6 +18,8 @@ libvirt's pull-mode backup with checkpoints, restored through QEMU's block layer
   the domain off (``destroy``) and says so.
 - **Restore** writes a shut-off domain's images through ``qemu-storage-daemon`` (qcow2
   stays qcow2), after deleting csbs's checkpoints, so the next backup reads in full.
+- **Instant restore** runs the domain from images backed by the backup while block pulls
+  copy it (``csbs.drivers.libvirt.instant``).
 
 What csbs keeps per domain lives in ``<state_dir>/<uuid>/``: ``cbt.json`` (the trusted
 checkpoint, the disks it covers, why a disk has none) and ``snapshots/<id>/``.
@@ -35,11 +37,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from csbs.drivers.base import RestoreBaseline
 from csbs.drivers.common import (
-    NoInstantRestore,
     check_disk_size,
     runtime_base,
     spawn,
@@ -51,48 +51,17 @@ from csbs.drivers.libvirt.domain_xml import (
     domain_disks,
 )
 from csbs.drivers.libvirt.domains import START_TIMEOUT, _error, libvirt
-from csbs.drivers.libvirt.snapshots import LibvirtSnapshots
+from csbs.drivers.libvirt.instant import LibvirtInstant
 from csbs.drivers.nbd import NbdClient, NbdError
 from csbs.drivers.nbd_io import NbdDiskWriter
 from csbs.errors import DriverError, InvalidState, NotFound
 from csbs.model import Disk, check_id
 
 
-class LibvirtDriver(NoInstantRestore, LibvirtSnapshots):
+class LibvirtDriver(LibvirtInstant):
     """Existing libvirt domains as servers; see the module docstring."""
 
-    instant_reason = (
-        "instant restore is not available on the libvirt driver yet (it is on the qemu "
-        "driver); use a normal restore"
-    )
-
     # -- restore --------------------------------------------------------------------------
-    def _shut_off(self, dom: Any, server_id: str) -> None:
-        if dom.isActive():
-            raise InvalidState(f"server {server_id} is running; stop it before restoring")
-        if self._snapshot_dirs(server_id):
-            raise InvalidState(
-                f"server {server_id} is being backed up (a snapshot is held); restore it when "
-                f"the backup has finished"
-            )
-
-    def invalidate(self, dom: Any, server_id: str, why: str) -> None:
-        """Delete csbs's checkpoints: the disks no longer hold what they recorded."""
-        cbt = self._cbt(server_id)
-        for name in cbt.get("ours", []):
-            self._delete_checkpoint(dom, name)
-        targets = [d.target for d in domain_disks(dom.XMLDesc(0))]
-        write_json(
-            self._cbt_path(server_id),
-            {
-                "checkpoint": None,
-                "created": None,
-                "disks": {},
-                "reasons": dict.fromkeys(targets, why),
-                "ours": [],
-            },
-        )
-
     def recreate_disk(self, server_id: str, like: Disk, size_bytes: int) -> Disk:
         """Re-create a disk removed since the backup (R5): a new qcow2 image beside the
         system disk's, attached to the domain's definition under the same target."""
