@@ -280,7 +280,7 @@ def backup_restore(
         typer.Option(
             "--instant",
             help="Run the server from the backup at once; copy its disks in the background "
-            "(qemu driver).",
+            "(qemu and libvirt drivers).",
         ),
     ] = False,
     yes: YesOpt = False,

@@ -67,7 +67,7 @@ class LocalDriver(NoInstantRestore, DirectoryDriver):
     name = "local"
     instant_reason = (
         "the local driver has no hypervisor to run a server from its backup; instant "
-        "restore needs the qemu driver"
+        "restore needs the qemu or libvirt driver"
     )
 
     def _disk_path(self, server_id: str, disk_id: str) -> Path:

@@ -212,7 +212,7 @@ async def test_instant_restore_is_refused_with_the_reason_where_no_hypervisor_ru
     assert refused.code != 0
     assert refused.stderr.strip().splitlines() == [
         "error: instant: the local driver has no hypervisor to run a server from its backup; "
-        "instant restore needs the qemu driver"
+        "instant restore needs the qemu or libvirt driver"
     ]
     both = await st.cli(
         "backup", "restore", made["id"], "--instant", "--no-power-on", "--yes", check=False
