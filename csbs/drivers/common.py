@@ -12,7 +12,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from csbs.errors import (
     DiskUnavailable,
@@ -334,3 +334,25 @@ class NoInstantRestore:
 
     def instant_stream(self, server_id: str) -> list[Any]:
         raise InvalidState(self.instant_reason)
+
+
+class InstantRecords:
+    """``instant.json`` in a server's directory: the instant restore in progress (its
+    backup and each disk's source), so a retried step resumes instead of re-attaching."""
+
+    if TYPE_CHECKING:
+
+        def _dir(self, server_id: str) -> Path: ...
+
+    def _instant_path(self, server_id: str) -> Path:
+        return self._dir(server_id) / "instant.json"
+
+    def _instant(self, server_id: str) -> dict[str, Any] | None:
+        try:
+            record: dict[str, Any] = json.loads(self._instant_path(server_id).read_text())
+        except FileNotFoundError:
+            return None
+        return record
+
+    def _save_instant(self, server_id: str, record: dict[str, Any]) -> None:
+        write_json(self._instant_path(server_id), record)

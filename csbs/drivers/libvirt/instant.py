@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import InstantSource, Snapshot, StreamState
-from csbs.drivers.common import runtime_base, spawn, write_json
+from csbs.drivers.common import InstantRecords, runtime_base, spawn, write_json
 from csbs.drivers.libvirt.domain_xml import DomainDisk, dac_label, domain_disks
 from csbs.drivers.libvirt.domains import START_TIMEOUT, _error, _socket_base, libvirt, log
 from csbs.drivers.libvirt.snapshots import LibvirtSnapshots
@@ -187,7 +187,7 @@ def _terminate(pid: int, socket: str) -> None:
         proc.wait()
 
 
-class LibvirtInstant(LibvirtSnapshots):
+class LibvirtInstant(InstantRecords, LibvirtSnapshots):
     """Instant restore, and what keeps the domain's other operations from breaking it
     while its disks are copied (see the module docstring)."""
 
@@ -226,19 +226,6 @@ class LibvirtInstant(LibvirtSnapshots):
                 held.discard(key)
 
     # -- records ----------------------------------------------------------------------------
-    def _instant_path(self, server_id: str) -> Path:
-        return self._dir(server_id) / "instant.json"
-
-    def _instant(self, server_id: str) -> dict[str, Any] | None:
-        try:
-            record: dict[str, Any] = json.loads(self._instant_path(server_id).read_text())
-        except FileNotFoundError:
-            return None
-        return record
-
-    def _save_instant(self, server_id: str, record: dict[str, Any]) -> None:
-        write_json(self._instant_path(server_id), record)
-
     def _key(self, server_id: str) -> str:
         """Names this driver's sockets of a domain apart from another state dir's."""
         return hashlib.sha1(str(self._dir(server_id).resolve()).encode()).hexdigest()[:12]

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from csbs.drivers.base import InstantSource, StreamState
-from csbs.drivers.common import runtime_base, write_json
+from csbs.drivers.common import InstantRecords, runtime_base, write_json
 from csbs.drivers.qemu.qmp import _Qmp, _short, node_name
 from csbs.drivers.qemu.snapshots import QemuSnapshots
 from csbs.errors import InvalidState
@@ -47,21 +46,11 @@ def stream_job(disk_id: str) -> str:
     return f"stream-{_short(disk_id)}"
 
 
-class QemuInstant(QemuSnapshots):
+class QemuInstant(InstantRecords, QemuSnapshots):
     """Instant restore: disks read through to csbs's NBD exports while they stream."""
 
     def instant_support(self) -> str | None:
         return None
-
-    def _instant_path(self, server_id: str) -> Path:
-        return self._dir(server_id) / "instant.json"
-
-    def _instant(self, server_id: str) -> dict[str, Any] | None:
-        try:
-            record: dict[str, Any] = json.loads(self._instant_path(server_id).read_text())
-        except FileNotFoundError:
-            return None
-        return record
 
     def instant_backup(self, server_id: str) -> str | None:
         with self._lock(server_id, exclusive=True):
@@ -148,7 +137,7 @@ class QemuInstant(QemuSnapshots):
                     state = self._stream_disk(qmp, disk_id, jobs.get(stream_job(disk_id)))
                     if state.finished:
                         finished.append(disk_id)
-                        write_json(self._instant_path(server_id), record)
+                        self._save_instant(server_id, record)
                     states.append(state)
             if all(s.finished for s in states):
                 self._instant_path(server_id).unlink(missing_ok=True)
