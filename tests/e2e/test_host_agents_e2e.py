@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,21 +101,36 @@ async def listed(st: Stack, count: int) -> list[dict[str, Any]]:
         await asyncio.sleep(0.3)
 
 
-async def running_on(st: Stack, servers: list[Server], pid: int) -> None:
-    """Return once the agent process ``pid`` runs a step of one of ``servers``' backups
+async def started_on(st: Stack, ids: set[str], pid: int) -> bool:
+    """Whether the agent process ``pid`` runs a step of a backup of a server in ``ids``
     (Temporal shows it as a started pending activity whose worker is that process)."""
+    for task in st.catalog.list_tasks(kind="backup"):
+        if task.server_id not in ids or task.workflow_id is None:
+            continue
+        desc = await st.client.get_workflow_handle(task.workflow_id).describe()
+        for pending in desc.raw_description.pending_activities:
+            if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED and (
+                pending.last_worker_identity.startswith(f"{pid}@")
+            ):
+                return True
+    return False
+
+
+async def kill_mid_step(st: Stack, servers: list[Server], proc: subprocess.Popen[bytes]) -> None:
+    """Kill -9 the agent ``proc`` while it runs a step of one of ``servers``' backups.
+
+    The agent is frozen (SIGSTOP) before the last look, so the step Temporal still shows
+    as started on it cannot finish between that look and the kill."""
     ids = {s.id for s in servers}
     deadline = time.monotonic() + 60
     while True:
-        for task in st.catalog.list_tasks(kind="backup"):
-            if task.server_id not in ids or task.workflow_id is None:
-                continue
-            desc = await st.client.get_workflow_handle(task.workflow_id).describe()
-            for pending in desc.raw_description.pending_activities:
-                if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED and (
-                    pending.last_worker_identity.startswith(f"{pid}@")
-                ):
-                    return
+        if await started_on(st, ids, proc.pid):
+            os.killpg(proc.pid, signal.SIGSTOP)
+            await asyncio.sleep(0.3)  # a completion already on the wire lands first
+            if await started_on(st, ids, proc.pid):
+                kill9(proc)
+                return
+            os.killpg(proc.pid, signal.SIGCONT)
         assert time.monotonic() < deadline, "the agent never ran a step of its servers"
         await asyncio.sleep(0.02)
 
@@ -150,8 +166,7 @@ async def test_a_policy_run_across_two_hosts_survives_an_agent_killed_mid_run(
         )
         # Kill h1's agent while it runs a step of one of its servers' backups (mid-backup).
         h1 = LocalDriver(dirs["h1"], host="h1")
-        await running_on(st, servers["h1"], agents["h1"].pid)
-        kill9(agents["h1"])
+        await kill_mid_step(st, servers["h1"], agents["h1"])
         await asyncio.sleep(4)  # its step goes silent; h2's backups go on meanwhile
         agents["h1"] = agent(st, "h1", dirs["h1"])
         result: Any = await handle.result()
