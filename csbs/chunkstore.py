@@ -340,19 +340,26 @@ class ChunkStore:
 
     def get_chunk(self, chunk_id: bytes) -> tuple[bytes, int]:
         """Fetch and verify a chunk; return (plaintext, stored bytes)."""
-        key = self.chunk_key(chunk_id)
+        blob = self.fetch_chunk(chunk_id)
+        return self.open_chunk(chunk_id, blob), len(blob)
+
+    def fetch_chunk(self, chunk_id: bytes) -> bytes:
+        """The chunk's object as stored (the network half of ``get_chunk``)."""
         try:
-            blob = self._get(key)
+            return self._get(self.chunk_key(chunk_id))
         except NotFound as exc:
             raise CorruptData(f"chunk {chunk_id.hex()} is missing from the object store") from exc
+
+    def open_chunk(self, chunk_id: bytes, blob: bytes) -> bytes:
+        """Decrypt, decompress and verify a fetched chunk (the CPU half of ``get_chunk``)."""
         try:
-            plain = self._open(key, blob)
+            plain = self._open(self.chunk_key(chunk_id), blob)
         except CorruptData:
             raise CorruptData(
                 f"chunk {chunk_id.hex()}: digest mismatch (stored data is damaged or does not "
                 f"decrypt with this key)"
             ) from None
-        return decode_chunk(plain, chunk_id, self._id_key, self.chunk_size), len(blob)
+        return decode_chunk(plain, chunk_id, self._id_key, self.chunk_size)
 
     def delete_chunks(self, chunk_ids: list[bytes]) -> None:
         if chunk_ids:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
     #: Chunks hashed/compressed/uploaded (or fetched on restore) at once per disk.
     transfer_concurrency: int = Field(default=8, ge=1, le=64)
+    #: The most chunk GETs a restore keeps in flight per disk: from
+    #: ``transfer_concurrency`` it adapts to their latency up to this (``csbs.adaptive``).
+    transfer_concurrency_max: int = Field(default=16, ge=1, le=64)
     #: Worker threads for blocking activities.
     max_concurrent_activities: int = Field(default=16, ge=1, le=256)
     zstd_level: int = Field(default=1, ge=1, le=19)

@@ -412,3 +412,7 @@ class TransferStats(BaseModel):
     data_bytes: int = 0
     read_mode: str = "full"
     seconds: float = 0.0
+    #: A restore's chunk GETs in flight at its end (adapted to their latency) and their
+    #: mean latency in milliseconds.
+    concurrency: int = 0
+    get_ms: float = 0.0

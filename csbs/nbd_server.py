@@ -137,12 +137,14 @@ class NbdServer:
         self.reader, self.name = reader, name
         self.listeners: list[socket.socket] = []
         self.socket_path = socket_path
+        self._bound = 0
         if socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             unix.bind(str(socket_path))
             os.chmod(socket_path, 0o600)
+            self._bound = os.stat(socket_path).st_ino
             self.listeners.append(unix)
         self.tcp_port = None
         if tcp_port is not None:
@@ -185,8 +187,11 @@ class NbdServer:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
         if self.socket_path is not None:
+            # Only while the path is still ours: a retry of the same restore may have
+            # bound a new server there already (its clients reconnect to that one).
             with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+                if os.stat(self.socket_path).st_ino == self._bound:
+                    self.socket_path.unlink()
         self.reader.close()
 
     def _accept(self, listener: socket.socket) -> None:

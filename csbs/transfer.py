@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from csbs.adaptive import AdaptiveLimit
 from csbs.chunkstore import ChunkStore
 from csbs.drivers.base import DiskWriter, SnapshotReader
 from csbs.errors import CorruptData
@@ -214,15 +215,19 @@ def restore_disk(
     concurrency: int = 8,
     progress: ProgressFn | None = None,
     positions: list[int] | None = None,
+    max_concurrency: int | None = None,
 ) -> TransferStats:
     """Write every position of ``manifest`` from ``start`` on to ``writer`` (only those in
     ``positions``, sorted, for a delta restore).
 
     Workers fetch, verify and write chunks at their offsets in parallel; zero positions are
     punched as holes (runs of them in one call). Every position is idempotent, so a retry
-    resumes at the last reported position.
+    resumes at the last reported position. ``concurrency`` GETs are in flight at first;
+    the number adapts to their latency up to ``max_concurrency`` (``csbs.adaptive``).
     """
     began = time.monotonic()
+    most = max(concurrency, max_concurrency or concurrency)
+    gets = AdaptiveLimit(concurrency, most)
     size, cs = manifest.size_bytes, manifest.chunk_size
     total = manifest.chunk_count
     stats = TransferStats(chunks_total=total, read_mode="restore" if positions is None else "delta")
@@ -233,7 +238,11 @@ def restore_disk(
     done = start
 
     def fetch_and_write(chunk_id: bytes, offset: int, length: int) -> None:
-        data, stored = store.get_chunk(chunk_id)
+        with gets.slot():
+            blob = store.fetch_chunk(chunk_id)
+        stored = len(blob)
+        data = store.open_chunk(chunk_id, blob)
+        del blob
         if len(data) != length:
             raise CorruptData(
                 f"chunk {chunk_id.hex()} holds {len(data)} bytes where the manifest needs {length}"
@@ -271,7 +280,7 @@ def restore_disk(
         if progress is not None:
             progress(done, done, stats)
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="csbs-down") as pool:
+    with ThreadPoolExecutor(max_workers=most, thread_name_prefix="csbs-down") as pool:
         try:
             todo = (
                 range(start, total) if positions is None else [p for p in positions if p >= start]
@@ -291,7 +300,7 @@ def restore_disk(
                     inflight.append((index, pool.submit(fetch_and_write, chunk_id, offset, length)))
                 # A pending future holds no chunk until it runs: ``concurrency`` workers
                 # bound the memory; the window only bounds the bookkeeping.
-                drain(max(WINDOW, 4 * concurrency))
+                drain(max(WINDOW, 4 * most))
             flush_zeros()
             drain(0)
             if positions is not None and done < total:
@@ -305,4 +314,5 @@ def restore_disk(
                     item.cancel()
             raise
     stats.seconds = time.monotonic() - began
+    stats.concurrency, stats.get_ms = gets.limit, round(gets.mean_latency * 1000, 2)
     return stats

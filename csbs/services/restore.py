@@ -236,6 +236,7 @@ class RestoreService(Service):
                 concurrency=self.settings.transfer_concurrency,
                 progress=on_progress,
                 positions=delta.positions,
+                max_concurrency=self.settings.transfer_concurrency_max,
             )
         finally:
             writer.close()

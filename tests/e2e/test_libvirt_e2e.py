@@ -6,7 +6,7 @@ Covers issue 13's "done when", B1/B2/B3 (one instant, incrementals that read onl
 changed ranges), the chain that never breaks (checkpoint lost, disk added, QEMU killed,
 libvirtd restarted: a full read with the reason, never a wrong incremental), B12 and R3
 (graceful shutdown, then power-off with a warning), and R1 (restore bit-identical, qcow2
-stays qcow2, the next backup reads in full)."""
+stays qcow2, a delta from the checkpoint's bitmap, the chain goes on)."""
 
 from __future__ import annotations
 
@@ -100,9 +100,13 @@ async def test_a_domain_defined_by_hand_is_listed_backed_up_and_restored(
     assert "powered off (libvirt destroy)" in (task.detail or "")  # R3's stop, forced
     dom.create()
 
-    # The restore deleted csbs's checkpoints: the next backup reads in full, saying why.
+    # The restore wrote only the damaged chunk (a delta from the checkpoint's bitmap),
+    # and its writes went into that bitmap: the chain goes on, the next backup reads
+    # only that chunk.
+    assert "vda: delta restore from backup" in (task.detail or "")
+    assert "1 of 64 chunks written" in (task.detail or "")
     third = await backup(st, sid)
-    assert "restored from a backup" in notes(third)["vda"][1]
+    assert notes(third)["vda"] == ("cbt", "", MIB)
     assert [c.getName() for c in dom.listAllCheckpoints(0)] == [
         third["id"]
     ]  # only the one the next one needs

@@ -159,3 +159,44 @@ def test_a_listed_store_replaces_existence_checks(tmp_path: Path, store: ChunkSt
     assert heads == [] and asked == [3, 4]
     assert stats[0].chunks_uploaded == 3
     assert (stats[1].chunks_uploaded, stats[1].chunks_reused) == (1, 3)
+
+
+@pytest.mark.slow
+def test_a_restore_from_a_far_store_opens_up_its_gets(tmp_path: Path, store: ChunkStore) -> None:
+    """Issue 18, adaptive concurrency: the same real store 30 ms further away (each GET
+    waits 30 ms first, as across a WAN). Latency stays flat as more GETs go out, so the
+    restore raises them from 2 towards its maximum of 12, never past it; bytes exact."""
+    drv = LocalDriver(tmp_path / "servers")
+    server = drv.create_server("far", [96 * MIB])
+    disk = server.disks[0]
+    payload = os.urandom(96 * MIB)
+    drv.write(server.id, disk.id, 0, payload)
+    drv.group_snapshot(server.id, "s")
+    reader = drv.open_snapshot(server.id, "s", disk.id)
+    manifest = Manifest("bk-far", disk.id, 96 * MIB, MIB)
+    backup_disk(store, reader, manifest, None, None, concurrency=4)
+    reader.close()
+    drv.release_snapshot(server.id, "s", committed=True)
+    drv.stop(server.id)
+
+    fetch, lock, inside, most = store.fetch_chunk, threading.Lock(), [0], [0]
+
+    def far(chunk_id: bytes) -> bytes:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            threading.Event().wait(0.030)
+            return fetch(chunk_id)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    store.fetch_chunk = far  # type: ignore[method-assign]
+    writer = drv.open_disk_writer(server.id, disk.id, 96 * MIB)
+    stats = restore_disk(store, manifest, writer, concurrency=2, max_concurrency=12)
+    writer.close()
+    assert drv.checksum(server.id)[disk.id] == hashlib.sha256(payload).hexdigest()
+    assert stats.chunks_fetched == 96
+    assert stats.concurrency > 2 and 2 < most[0] <= 12, (stats.concurrency, most[0])
+    assert stats.get_ms >= 30

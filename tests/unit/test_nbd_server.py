@@ -75,3 +75,23 @@ def test_writes_and_unknown_exports_are_refused(served: Any) -> None:
         assert nbd.read(0, 512) == disk[:512]  # the disk is as it was
     with pytest.raises(NbdError):
         NbdClient(str(server.socket_path), "bk-2/d1")
+
+
+def test_a_server_closed_late_leaves_its_successors_socket_alone(
+    served: Any, tmp_path: Path
+) -> None:
+    """A retried instant restore binds a new server on the same path while the attempt it
+    replaces is still closing: that close must not unlink the new one's socket (its
+    clients could never reconnect)."""
+    server, disk, chunks = served
+    reader = BackupDiskReader(cast(ChunkStore, chunks), server.reader.manifest, readahead=0)
+    successor = NbdServer(reader, "bk-1/d1", server.socket_path)
+    threading.Thread(target=successor.serve_forever, daemon=True).start()
+    try:
+        server.close()  # the old attempt's cleanup, late
+        assert server.socket_path.exists()
+        with NbdClient(str(server.socket_path), "bk-1/d1") as nbd:
+            assert nbd.read(0, 64 * KIB) == disk[: 64 * KIB]
+    finally:
+        successor.close()
+    assert not server.socket_path.exists()

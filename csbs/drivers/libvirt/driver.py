@@ -17,7 +17,10 @@ libvirt's pull-mode backup with checkpoints, restored through QEMU's block layer
 - **Stop** presses the power button (``shutdown``) and waits; after the timeout it powers
   the domain off (``destroy``) and says so.
 - **Restore** writes a shut-off domain's images through ``qemu-storage-daemon`` (qcow2
-  stays qcow2), after deleting csbs's checkpoints, so the next backup reads in full.
+  stays qcow2). Its writes land in the checkpoint's bitmap like the guest's, so the chain
+  goes on, and a delta restore reads from that bitmap what changed since the checkpoint's
+  backup (``restore_baseline``). A restore that resizes a disk deletes csbs's
+  checkpoints: the next backup reads in full.
 - **Instant restore** runs the domain from images backed by the backup while block pulls
   copy it (``csbs.drivers.libvirt.instant``).
 
@@ -37,6 +40,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from csbs.drivers.base import RestoreBaseline
 from csbs.drivers.common import (
@@ -46,13 +50,14 @@ from csbs.drivers.common import (
     write_json,
 )
 from csbs.drivers.libvirt.domain_xml import (
+    REASON_RAW,
     DomainDisk,
     disk_xml,
     domain_disks,
 )
-from csbs.drivers.libvirt.domains import START_TIMEOUT, _error, libvirt
+from csbs.drivers.libvirt.domains import REASON_FIRST, START_TIMEOUT, _error, libvirt
 from csbs.drivers.libvirt.instant import LibvirtInstant
-from csbs.drivers.nbd import NbdClient, NbdError
+from csbs.drivers.nbd import STATE_DIRTY, NbdClient, NbdError, dirty_bitmap_context
 from csbs.drivers.nbd_io import NbdDiskWriter
 from csbs.errors import DriverError, InvalidState, NotFound
 from csbs.model import Disk, check_id
@@ -91,11 +96,72 @@ class LibvirtDriver(LibvirtInstant):
             )
 
     def restore_baseline(self, server_id: str, disk_id: str) -> RestoreBaseline:
-        """Not yet read from the domain's checkpoint: a restore writes the disk whole."""
-        self.get_server(server_id)
-        return RestoreBaseline(
-            reason="the libvirt driver does not report what changed since a backup yet"
-        )
+        """The trusted checkpoint's bitmap in the shut-off domain's qcow2 image: it records
+        every write since that backup's instant, the guest's and a restore's alike (the
+        restore writes through qemu-storage-daemon, which keeps the image's enabled
+        bitmaps recording). Read over NBD block status from a read-only export; any doubt
+        (another checkpoint, a redefined disk, a resize, a bitmap left in use by a QEMU
+        that died) is no baseline."""
+        with self._lock(server_id):
+            dom = self._domain(server_id)
+            disk = {d.target: d for d in domain_disks(dom.XMLDesc(0))}.get(disk_id)
+            if disk is None:
+                raise NotFound(f"disk {disk_id} is not a disk of server {server_id}")
+            if dom.isActive():
+                return RestoreBaseline(reason="the domain is running")
+            # A writer left by a killed attempt holds the image (its bitmap in use): stop
+            # it cleanly, so that its writes are in the bitmap and the bitmap is closed.
+            self._stop_writers(server_id, disk_id)
+            prev, reason = self._trusted_bitmap(dom, server_id, disk)
+            if prev is None:
+                return RestoreBaseline(reason=reason)
+            socket_dir = Path(tempfile.mkdtemp(prefix="b-", dir=runtime_base()))
+            socket = str(socket_dir / "nbd.sock")
+            try:
+                pid = self._serve(disk, socket, socket_dir, bitmap=prev)
+                try:
+                    context = dirty_bitmap_context(prev)
+                    with NbdClient(socket, disk.target, [context]) as nbd:
+                        changed = nbd.ranges(context, STATE_DIRTY, STATE_DIRTY)
+                finally:
+                    _terminate(pid)
+            except (NbdError, DriverError) as exc:
+                return RestoreBaseline(
+                    reason=f"the bitmap of checkpoint {prev} could not be read ({exc})"
+                )
+            finally:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+        return RestoreBaseline(backup_id=prev, changed=changed)
+
+    def _trusted_bitmap(self, dom: Any, server_id: str, disk: DomainDisk) -> tuple[str | None, str]:
+        """The checkpoint whose bitmap in ``disk``'s image can be trusted, or why none."""
+        cbt = self._cbt(server_id)
+        prev: str | None = cbt.get("checkpoint")
+        known = cbt.get("disks", {}).get(disk.target)
+        if not disk.tracked:
+            return None, REASON_RAW
+        if prev is None:
+            return None, cbt.get("reasons", {}).get(disk.target) or REASON_FIRST
+        checkpoint = self._checkpoint(dom, prev)
+        if checkpoint is None:
+            return None, f"checkpoint {prev} is gone from libvirt"
+        if self._created(checkpoint) != cbt.get("created"):
+            return None, f"checkpoint {prev} was redefined since csbs made it"
+        if known is None:
+            return None, f"disk {disk.target} was added since checkpoint {prev}"
+        if known["source"] != disk.source:
+            return None, f"disk {disk.target} is now image {disk.source}, not {known['source']}"
+        info = json.loads(self._img("info", "--output=json", "-U", "-f", "qcow2", disk.source))
+        if info.get("virtual-size") != known["size"]:
+            return None, f"disk {disk.target} was resized since checkpoint {prev}"
+        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        flags = {b["name"]: b.get("flags", []) for b in bitmaps}.get(prev)
+        if flags is None or "in-use" in flags or "auto" not in flags:
+            return None, (
+                f"the bitmap of checkpoint {prev} on {disk.target} is missing, disabled or "
+                f"inconsistent (QEMU or the host stopped uncleanly)"
+            )
+        return prev, ""
 
     def open_disk_writer(self, server_id: str, disk_id: str, size_bytes: int) -> NbdDiskWriter:
         check_disk_size(size_bytes)
@@ -106,14 +172,15 @@ class LibvirtDriver(LibvirtInstant):
             disk = disks.get(disk_id)
             if disk is None:
                 raise NotFound(f"disk {disk_id} is not a disk of server {server_id}")
-            self.invalidate(
-                dom,
-                server_id,
-                f"disk {disk_id} of this server was restored from a backup, which deleted "
-                f"csbs's checkpoints",
-            )
             self._stop_writers(server_id, disk_id)
             if self._capacity(dom, disk) != size_bytes:
+                # A resize changes what the bitmaps cover: the next backup reads in full.
+                self.invalidate(
+                    dom,
+                    server_id,
+                    f"disk {disk_id} of this server was resized by a restore, which deleted "
+                    f"csbs's checkpoints",
+                )
                 self._img("resize", "-q", "-f", disk.format, "--shrink", disk.source,
                           str(size_bytes))  # fmt: skip
             socket_dir = Path(tempfile.mkdtemp(prefix="w-", dir=runtime_base()))
@@ -134,19 +201,26 @@ class LibvirtDriver(LibvirtInstant):
         folder.mkdir(exist_ok=True)
         return folder / f"{check_id(disk_id, 'disk_id')}.json"
 
-    def _serve(self, disk: DomainDisk, socket: str, folder: Path) -> int:
-        """A writable NBD export of the image by qemu-storage-daemon (QEMU's block layer,
-        so qcow2 stays qcow2, with its backing chain); returns its pid."""
-        blockdev = {
+    def _serve(self, disk: DomainDisk, socket: str, folder: Path, bitmap: str | None = None) -> int:
+        """An NBD export of the image by qemu-storage-daemon (QEMU's block layer, so
+        qcow2 stays qcow2, with its backing chain and its enabled bitmaps recording);
+        writable, or read-only with ``bitmap``'s dirty ranges; returns its pid."""
+        blockdev: dict[str, Any] = {
             "driver": disk.format,
             "node-name": "disk",
             "file": {"driver": "file", "filename": disk.source},
         }
+        export: dict[str, Any] = {
+            "type": "nbd", "id": "w", "node-name": "disk", "name": disk.target, "writable": True,
+        }  # fmt: skip
+        if bitmap is not None:
+            blockdev["read-only"] = True
+            export.update(writable=False, bitmaps=[bitmap])
         cmd = [
             self.storage_daemon,
             "--blockdev", json.dumps(blockdev),
             "--nbd-server", f"addr.type=unix,addr.path={socket}",
-            "--export", f"type=nbd,id=w,node-name=disk,name={disk.target},writable=on",
+            "--export", json.dumps(export),
         ]  # fmt: skip
         log = folder / "qsd.log"
         missing = f"{self.storage_daemon!r} is not installed (install qemu-utils)"
