@@ -383,14 +383,19 @@ class ChunkStore:
             if size >= MIN_CHUNK_OBJECT:
                 yield chunk_id
 
-    def list_chunks(self) -> Iterator[tuple[bytes, int]]:
-        """(id, stored size) of every chunk object."""
-        for key, size in self.list_objects("chunks/"):
-            name = key.rsplit("/", 1)[-1]
-            try:
-                yield bytes.fromhex(name), size
-            except ValueError:
-                continue
+    def list_chunks(self, firsts: range | None = None) -> Iterator[tuple[bytes, int]]:
+        """(id, stored size) of every chunk object (only those whose id's first byte is in
+        ``firsts``: the key directories ``chunks/<first:02x>/``)."""
+        prefixes = ["chunks/"] if firsts is None else [f"chunks/{b:02x}/" for b in firsts]
+        for prefix in prefixes:
+            for key, size in self.list_objects(prefix):
+                name = key.rsplit("/", 1)[-1]
+                try:
+                    chunk_id = bytes.fromhex(name)
+                except ValueError:
+                    continue
+                if chunk_id:
+                    yield chunk_id, size
 
     # -- manifests and descriptors ---------------------------------------------------------
     def put_manifest(self, manifest: Manifest, staging: bool = False) -> str:

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     #: phase); another sweep may take it over after twice this. Worker clocks must agree
     #: to well within it (NTP).
     gc_lease_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
+    #: The most chunk ids a garbage-collection sweep holds in memory at once (~100 bytes
+    #: each); a larger repository is swept in shards of key directories, its marked ids
+    #: spilled to temporary files (32 bytes each) in ``TMPDIR``.
+    gc_shard_chunks: int = Field(default=2_000_000, ge=1)
     #: How long a data transfer may stay silent before Temporal gives it up and retries it,
     #: resuming from its last checkpoint, on any worker (seconds). Lower it where workers
     #: die often and must be replaced fast; the fault suite sets 3.

@@ -1,8 +1,11 @@
 """Garbage collection (D1): delete chunks that no manifest references, one sweep per
 project at a time, under a renewed lease (docs/format.md, "Locks and leases").
 
-A sweep marks (reads every committed and staging manifest), lists the chunks, and
-deletes the unreferenced ones in batches. It heartbeats and renews its lease in every
+A sweep counts the chunk objects per key directory, marks (reads every committed and
+staging manifest), then lists the chunks and deletes the unreferenced ones in batches,
+one shard of key directories at a time: with more chunks than ``CSBS_GC_SHARD_CHUNKS``
+the marked ids wait in one temporary file per shard, so memory stays bounded however
+large the repository (issue 17). It heartbeats and renews its lease in every
 phase; a sweep that finds its lease gone (it stalled past it, or a retry took over) stops
 before it deletes anything more. A listed manifest it cannot read stops the sweep before
 any delete (fail closed), unless the catalog says its backup is being deleted.
@@ -10,13 +13,16 @@ any delete (fail closed), unless the catalog says its backup is being deleted.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.errors import CsbsError, LeaseLost, NotFound
+from csbs.format import DIGEST_SIZE
 from csbs.model import BackupStatus
 from csbs.steps import SweepResult
 
@@ -24,6 +30,9 @@ from csbs.steps import SweepResult
 DELETE_BATCH = 1000
 #: Heartbeats at most this often within a phase (each phase begins with one).
 BEAT_SECONDS = 1.0
+#: The most chunk ids a sweep holds in memory at once (``CSBS_GC_SHARD_CHUNKS``).
+SHARD_CHUNKS = 2_000_000
+ZERO_DIGEST = bytes(DIGEST_SIZE)
 
 
 class UnreadableManifest(CsbsError):
@@ -83,55 +92,198 @@ def collect_garbage(
     lease_seconds: float,
     owner: str | None = None,
     heartbeat: Callable[[dict[str, Any]], None] | None = None,
+    shard_chunks: int = SHARD_CHUNKS,
+    temp_dir: str | None = None,
 ) -> SweepResult:
     """One sweep of the project's chunks; returns counts of manifests, chunks, chunks
     deleted and bytes freed. Raises GarbageCollectionRunning (another sweep holds the
-    lease), GarbageCollectionDeferred (backups run), LeaseLost or UnreadableManifest."""
+    lease), GarbageCollectionDeferred (backups run), LeaseLost or UnreadableManifest.
+
+    Memory stays bounded by ``shard_chunks`` chunk ids whatever the repository's size
+    (issue 17): see ``plan_shards`` and ``SpilledRefs``."""
     lease = Lease(catalog, lease_seconds, owner, heartbeat)
     try:
-        lease.keep("marking", force=True, manifests=0)
-        refs = [(b, d, False) for b, d in store.list_manifest_refs()]
-        refs += [(b, d, True) for b, d in store.list_manifest_refs(staging=True)]
-        referenced: set[bytes] = set()
-        for i, (backup_id, disk_id, staging) in enumerate(refs):
-            manifest = _read(catalog, store, backup_id, disk_id, staging)
-            if manifest is not None:
-                referenced |= manifest
-            lease.keep("marking", manifests=i + 1, of=len(refs))
-        lease.keep("listing", force=True, chunks=0)
-        total, doomed, freed, stored = 0, [], 0, 0
+        # 1. Count the chunk objects per key directory; keep their ids only while they
+        #    fit in one shard (then the sweep needs no second listing).
+        lease.keep("counting", force=True, chunks=0)
+        counts = [0] * 256
+        kept: list[tuple[bytes, int]] | None = []
+        total = 0
         for chunk_id, size in store.list_chunks():
+            counts[chunk_id[0]] += 1
             total += 1
-            stored += size
-            if chunk_id not in referenced:
-                doomed.append(chunk_id)
-                freed += size
-            lease.keep("listing", chunks=total)
-        lease.keep("deleting", force=True, deleted=0, of=len(doomed))
-        for start in range(0, len(doomed), DELETE_BATCH):
-            batch = doomed[start : start + DELETE_BATCH]
-            lease.renew()  # the delete that follows is issued well within the lease
-            store.delete_chunks(batch)
-            lease.deleted += len(batch)
-            lease.keep("deleting", deleted=lease.deleted, of=len(doomed))
+            if kept is not None:
+                kept.append((chunk_id, size))
+                if len(kept) > shard_chunks:
+                    kept = None
+            lease.keep("counting", chunks=total)
+        shards = plan_shards(counts, shard_chunks)
+        # 2. Mark: every chunk id a manifest references, into its shard.
+        refs = _ordered_refs(catalog, store)
+        lease.keep("marking", force=True, manifests=0, of=len(refs))
+        with SpilledRefs(shards, temp_dir) as marked:
+            previous: tuple[Any, bytes] | None = None
+            for i, (group, backup_id, disk_id, staging) in enumerate(refs):
+                entries = _read(catalog, store, backup_id, disk_id, staging)
+                if entries is not None:
+                    same = previous[1] if previous is not None and previous[0] == group else None
+                    marked.add_novel(entries, same)
+                    previous = (group, entries)
+                lease.keep("marking", manifests=i + 1, of=len(refs))
+            # 3. Sweep shard by shard: list its directories, delete what nothing marked.
+            doomed_total, freed, stored, peak = 0, 0, 0, 0
+            for number, (lo, hi) in enumerate(shards):
+                lease.keep("listing", force=True, shard=number + 1, of=len(shards))
+                live = marked.load(number)
+                peak = max(peak, len(live))
+                listed = (
+                    kept
+                    if kept is not None and len(shards) == 1
+                    else store.list_chunks(range(lo, hi))
+                )
+                doomed: list[bytes] = []
+                for chunk_id, size in listed:
+                    stored += size
+                    if chunk_id not in live:
+                        doomed.append(chunk_id)
+                        freed += size
+                    lease.keep("listing", shard=number + 1, of=len(shards))
+                del live
+                lease.keep("deleting", force=True, deleted=lease.deleted, shard=number + 1)
+                for start in range(0, len(doomed), DELETE_BATCH):
+                    batch = doomed[start : start + DELETE_BATCH]
+                    lease.renew()  # the delete that follows is issued well within the lease
+                    store.delete_chunks(batch)
+                    lease.deleted += len(batch)
+                    lease.keep("deleting", deleted=lease.deleted, shard=number + 1)
+                doomed_total += len(doomed)
         # The tenant's stored bytes, measured (B15): no backup runs beside a sweep.
         catalog.set_usage(stored - freed)
     finally:
         lease.release()
     return SweepResult(
-        manifests=len(refs), chunks=total, chunks_deleted=len(doomed), bytes_freed=freed
+        manifests=len(refs),
+        chunks=total,
+        chunks_deleted=doomed_total,
+        bytes_freed=freed,
+        shards=len(shards),
+        peak_ids=peak,
     )
+
+
+def plan_shards(counts: list[int], shard_chunks: int) -> list[tuple[int, int]]:
+    """Contiguous ranges ``[lo, hi)`` of chunk-id first bytes (the key directories
+    ``chunks/<lo:02x>/`` to ``chunks/<hi-1:02x>/``), each holding at most
+    ``shard_chunks`` chunk objects where a single directory allows it."""
+    shards: list[tuple[int, int]] = []
+    lo, held = 0, 0
+    for first, count in enumerate(counts):
+        if held and held + count > shard_chunks:
+            shards.append((lo, first))
+            lo, held = first, 0
+        held += count
+    shards.append((lo, len(counts)))
+    return shards
+
+
+class SpilledRefs:
+    """The referenced chunk ids of a sweep, split by shard. With one shard they are a set
+    in memory; with more, each shard's ids go to its own file of 32-byte records under a
+    temporary directory, read back one shard at a time.
+
+    ``add_novel`` writes only the entries of a manifest that differ from the previous
+    manifest of the same disk at the same position (an incremental chain repeats most of
+    its parent's entries): by induction each of those was written already. So the files
+    grow with the chunks written, not with backups times disk size."""
+
+    def __init__(self, shards: list[tuple[int, int]], temp_dir: str | None) -> None:
+        self.shards = shards
+        self.owner = bytearray(256)  # first byte -> shard number
+        for number, (lo, hi) in enumerate(shards):
+            for first in range(lo, hi):
+                self.owner[first] = number
+        self.memory: set[bytes] | None = set() if len(shards) == 1 else None
+        self.folder: tempfile.TemporaryDirectory[str] | None = None
+        self.files: list[BinaryIO] = []
+        self.temp_dir = temp_dir
+
+    def __enter__(self) -> SpilledRefs:
+        if self.memory is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="csbs-gc-", dir=self.temp_dir)
+            self.files = [
+                open(os.path.join(self.folder.name, f"{n}.ids"), "w+b")  # noqa: SIM115
+                for n in range(len(self.shards))
+            ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files:
+            f.close()
+        if self.folder is not None:
+            self.folder.cleanup()
+
+    def add_novel(self, entries: bytes, previous: bytes | None) -> None:
+        view = memoryview(entries)
+        same = previous is not None and len(previous) == len(entries)
+        block = DIGEST_SIZE * 128
+        for start in range(0, len(entries), block):
+            end = start + block
+            if same and view[start:end] == memoryview(previous)[start:end]:  # type: ignore[arg-type]
+                continue
+            for at in range(start, min(end, len(entries)), DIGEST_SIZE):
+                digest = view[at : at + DIGEST_SIZE]
+                if digest == ZERO_DIGEST:
+                    continue
+                if same and digest == memoryview(previous)[at : at + DIGEST_SIZE]:  # type: ignore[arg-type]
+                    continue
+                self._add(bytes(digest))
+
+    def _add(self, chunk_id: bytes) -> None:
+        if self.memory is not None:
+            self.memory.add(chunk_id)
+        else:
+            self.files[self.owner[chunk_id[0]]].write(chunk_id)
+
+    def load(self, number: int) -> set[bytes]:
+        """The ids marked in shard ``number``."""
+        if self.memory is not None:
+            return self.memory
+        f = self.files[number]
+        f.flush()
+        f.seek(0)
+        live: set[bytes] = set()
+        while record := f.read(DIGEST_SIZE * 4096):
+            live.update(record[i : i + DIGEST_SIZE] for i in range(0, len(record), DIGEST_SIZE))
+        f.close()
+        return live
+
+
+def _ordered_refs(catalog: Catalog, store: ChunkStore) -> list[tuple[Any, str, str, bool]]:
+    """Every committed and staging manifest as (group, backup id, disk id, staging), the
+    manifests of one server's disk together, oldest first (so that each follows its
+    parent, the one it shares most entries with)."""
+    rows = {b.id: b for b in catalog.list_backups()}
+    refs = [(b, d, False) for b, d in store.list_manifest_refs()]
+    refs += [(b, d, True) for b, d in store.list_manifest_refs(staging=True)]
+
+    def order(ref: tuple[str, str, bool]) -> tuple[str, str, str, str]:
+        row = rows.get(ref[0])
+        when = row.created_at.isoformat() if row is not None and row.created_at else ""
+        return (row.server_id if row is not None else "", ref[1], when, ref[0])
+
+    refs.sort(key=order)
+    return [((order(r)[0], r[1]), r[0], r[1], r[2]) for r in refs]
 
 
 def _read(
     catalog: Catalog, store: ChunkStore, backup_id: str, disk_id: str, staging: bool
-) -> set[bytes] | None:
-    """The chunk ids a listed manifest references; None only when nothing can need it: its
+) -> bytes | None:
+    """The entries (chunk ids) of a listed manifest; None only when nothing can need it: its
     backup is deleted or being deleted, or it is the checkpoint of a backup no longer
     being made. Anything else that cannot be read stops the sweep: a chunk is deleted
     only when nothing may need it."""
     try:
-        return store.get_manifest(backup_id, disk_id, staging).chunk_ids()
+        return bytes(store.get_manifest(backup_id, disk_id, staging).entries)
     except CsbsError as exc:
         row = catalog.find_backup(backup_id)
         if staging:

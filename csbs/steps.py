@@ -163,6 +163,10 @@ class SweepResult(Step):
     chunks: int
     chunks_deleted: int
     bytes_freed: int
+    #: How many shards of key directories it swept one after the other, and the most
+    #: chunk ids it held in memory at once.
+    shards: int = 1
+    peak_ids: int = 0
 
 
 class Reconciled(Step):

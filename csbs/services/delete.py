@@ -85,5 +85,10 @@ class DeleteService(Service):
         """Delete chunks that no manifest references (D1): one sweep per project at a time
         under a lease, never beside a backup (csbs.gc)."""
         return gc.collect_garbage(
-            self.catalog, self.store, self.settings.gc_lease_seconds, owner, heartbeat
+            self.catalog,
+            self.store,
+            self.settings.gc_lease_seconds,
+            owner,
+            heartbeat,
+            shard_chunks=self.settings.gc_shard_chunks,
         )

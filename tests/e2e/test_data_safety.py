@@ -210,6 +210,50 @@ def test_a_manifest_that_cannot_be_read_stops_the_sweep_before_it_deletes(
     assert chunks <= set(svc.store.list_chunk_ids())
 
 
+@pytest.mark.slow
+def test_a_sweep_in_shards_deletes_exactly_the_garbage_with_bounded_memory(
+    tmp_path: Path, s3: Any
+) -> None:
+    """Issue 17, GC that scales: with room for 40 chunk ids, a repository of 480 chunks
+    is swept in shards of key directories, its marked ids spilled to files; it deletes
+    exactly the chunks no manifest references, never held more than a shard's ids, and
+    every backup left verifies and restores bit-identical."""
+    svc = small_service(tmp_path, s3, gc_shard_chunks=40)
+    drv = dev(svc)
+    kept_server, disk = server_with_data(svc, 8 * MIB)  # 128 chunks of 64 KiB
+    chain = [service_backup(svc, kept_server)]
+    for round_ in range(3):  # an incremental chain: a quarter rewritten each time
+        drv.write(kept_server, disk, round_ * 2 * MIB, os.urandom(2 * MIB))
+        chain.append(service_backup(svc, kept_server))
+    expected = drv.checksum(kept_server)
+    gone_server, _ = server_with_data(svc, 16 * MIB)  # 256 chunks, all garbage soon
+    service_delete(svc, service_backup(svc, gone_server))
+    service_delete(svc, chain[1])  # its 32 own chunks go; the rest the others share
+    live: set[bytes] = set()
+    for backup_id in (chain[0], *chain[2:]):
+        live |= svc.store.get_manifest(backup_id, disk).chunk_ids()
+    before = set(svc.store.list_chunk_ids())
+    assert len(before) == 128 + 3 * 32 + 256 and live < before
+
+    result = svc.delete.collect_garbage()
+    assert set(svc.store.list_chunk_ids()) == live
+    assert result.chunks == len(before) and result.chunks_deleted == len(before - live)
+    assert result.shards >= 10, result
+    assert 0 < result.peak_ids <= 2 * 40, result  # a shard's ids (one key directory may hold more)
+    for backup_id in (chain[0], *chain[2:]):
+        assert service_verify(svc, backup_id).ok
+    drv.write(kept_server, disk, 0, os.urandom(MIB))  # damage that the restore undoes
+    svc.driver.stop(kept_server)
+    plan = svc.restore.prepare_restore(RestoreServerInput(backup_id=chain[-1]), "t-gc", "wf-gc")
+    for item in plan.items:
+        svc.restore.restore_disk(chain[-1], item)
+    svc.restore.finish_restore(chain[-1], "t-gc", ok=True, reason=None)
+    assert drv.checksum(kept_server) == expected
+    # A second sweep finds nothing more; one shard when everything fits.
+    again = Services(svc.settings.model_copy(update={"gc_shard_chunks": 10_000})).delete
+    assert again.collect_garbage().chunks_deleted == 0
+
+
 # -- 2. a backup id of another run ------------------------------------------------------------
 @pytest.mark.slow
 async def test_a_backup_id_that_belongs_to_another_run_is_refused_and_changes_nothing(

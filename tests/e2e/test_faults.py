@@ -228,11 +228,11 @@ async def test_a_sweep_that_outlives_its_heartbeat_loses_nothing(
     wake = threading.Event()
     real_list, calls = ChunkStore.list_chunks, [0]
 
-    def stalling_list(self: ChunkStore) -> Any:
+    def stalling_list(self: ChunkStore, *args: Any) -> Any:
         calls[0] += 1
         if calls[0] == 1:
             assert wake.wait(120)
-        return real_list(self)
+        return real_list(self, *args)
 
     outcomes: list[Any] = []
     real_sweep = gc.collect_garbage
