@@ -11,10 +11,12 @@ Layout (docs/format.md)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -40,7 +42,10 @@ from csbs.format import (
     decode_chunk,
     encode_chunk,
 )
+from csbs.locks import ObjectLocked, VersionedBucket
 from csbs.model import check_id
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -123,6 +128,8 @@ class ChunkStore:
         self.chunk_s3 = client or make_s3_client(settings, max_pool=pool, sign_payload=False)
         self._checked_config = False
         self._config_lock = threading.Lock()
+        #: Versions and Object Lock (issue 17, ``csbs.locks``).
+        self.versions = VersionedBucket(self.s3, self.bucket)
         master = settings.master_key()
         self.keys = ProjectKeys(master, self.project) if master else None
         self._id_key = self.keys.id_key if self.keys else None
@@ -168,15 +175,31 @@ class ChunkStore:
     def config_key(self) -> str:
         return f"{self.root}/config.json"
 
-    def _put(self, key: str, body: bytes, client: S3Client | None = None) -> None:
-        """Write an object; the first write creates or checks the repository's config."""
+    def _put(
+        self,
+        key: str,
+        body: bytes,
+        client: S3Client | None = None,
+        lock_until: datetime | None = None,
+    ) -> None:
+        """Write an object (locked in compliance mode until ``lock_until``); the first
+        write creates or checks the repository's config."""
         self.ensure_config()
-        self._raw_put(key, body, client)
+        self._raw_put(key, body, client, lock_until)
 
     def _get(self, key: str) -> bytes:
-        """Read an object; the first read checks the key against the repository's config."""
+        """Read an object; the first read checks the key against the repository's config.
+        In a versioned bucket an object hidden by a delete marker is read from its newest
+        version (``csbs.locks``)."""
         self._check_existing_config()
-        return self._raw_get(key)
+        try:
+            return self._raw_get(key)
+        except NotFound:
+            if not self.versions.enabled():
+                raise
+            for version_id in self.versions.versions(key):
+                return self.versions.get(key, version_id)
+            raise
 
     def _check_existing_config(self) -> None:
         """Check our key against the config, if the repository has one yet (reads of an
@@ -190,9 +213,18 @@ class ChunkStore:
         self._check_config(config)
 
     # -- raw object access ----------------------------------------------------------------
-    def _raw_put(self, key: str, body: bytes, client: S3Client | None = None) -> None:
+    def _raw_put(
+        self,
+        key: str,
+        body: bytes,
+        client: S3Client | None = None,
+        lock_until: datetime | None = None,
+    ) -> None:
+        lock: dict[str, Any] = {}
+        if lock_until is not None:
+            lock = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": lock_until}
         try:
-            (client or self.s3).put_object(Bucket=self.bucket, Key=key, Body=body)
+            (client or self.s3).put_object(Bucket=self.bucket, Key=key, Body=body, **lock)
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error(f"PUT {key}", exc) from exc
 
@@ -219,7 +251,17 @@ class ChunkStore:
             raise _storage_error(f"HEAD {key}", exc) from exc
 
     def _delete(self, keys: list[str]) -> None:
+        """Delete objects; in a versioned bucket every version of them (a delete marker
+        alone frees nothing), refusing with the keys that S3 Object Lock still holds."""
         self._check_existing_config()
+        if self.versions.enabled():
+            locked = self.versions.delete_all(keys)
+            if locked:
+                raise ObjectLocked(
+                    f"object store: {len(locked)} objects are still locked (S3 Object Lock), "
+                    f"e.g. {locked[0]}; they can be deleted once their lock runs out"
+                )
+            return
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             try:
@@ -331,17 +373,46 @@ class ChunkStore:
         size = self._head(self.chunk_key(chunk_id))
         return size is not None and size >= MIN_CHUNK_OBJECT
 
-    def put_chunk(self, chunk_id: bytes, data: bytes | bytearray) -> int:
-        """Store a chunk; return the bytes written to the store."""
+    def put_chunk(
+        self, chunk_id: bytes, data: bytes | bytearray, lock_until: datetime | None = None
+    ) -> int:
+        """Store a chunk (locked until ``lock_until``); return the bytes written."""
         key = self.chunk_key(chunk_id)
         blob = self._seal(key, encode_chunk(data, self.settings.zstd_level))
-        self._put(key, blob, self.chunk_s3)
+        self._put(key, blob, self.chunk_s3, lock_until)
         return len(blob)
 
     def get_chunk(self, chunk_id: bytes) -> tuple[bytes, int]:
         """Fetch and verify a chunk; return (plaintext, stored bytes)."""
-        blob = self.fetch_chunk(chunk_id)
-        return self.open_chunk(chunk_id, blob), len(blob)
+        try:
+            blob = self.fetch_chunk(chunk_id)
+            return self.open_chunk(chunk_id, blob), len(blob)
+        except CorruptData:
+            recovered = self.recover_chunk(chunk_id)
+            if recovered is None:
+                raise
+            return recovered
+
+    def recover_chunk(self, chunk_id: bytes) -> tuple[bytes, int] | None:
+        """A chunk whose current object is missing or damaged, from the newest version
+        that verifies (a versioned bucket keeps a locked chunk's version however it was
+        deleted or overwritten since); None when there is none."""
+        key = self.chunk_key(chunk_id)
+        if self.versions.enabled():
+            for version_id in self.versions.versions(key):
+                blob = self.versions.get(key, version_id)
+                with contextlib.suppress(CorruptData):
+                    return self.open_chunk(chunk_id, blob), len(blob)
+        return None
+
+    def has_version(self, chunk_id: bytes) -> bool:
+        """Whether a versioned bucket still holds a version of a chunk that a listing
+        does not show (hidden by a delete marker)."""
+        return self.versions.enabled() and bool(self.versions.versions(self.chunk_key(chunk_id)))
+
+    def extend_chunk_locks(self, chunk_ids: set[bytes], until: datetime) -> tuple[int, int]:
+        """Lock these chunks until ``until``; (extended, already locked longer)."""
+        return self.versions.extend([self.chunk_key(c) for c in sorted(chunk_ids)], until)
 
     def fetch_chunk(self, chunk_id: bytes) -> bytes:
         """The chunk's object as stored (the network half of ``get_chunk``)."""
@@ -364,6 +435,26 @@ class ChunkStore:
     def delete_chunks(self, chunk_ids: list[bytes]) -> None:
         if chunk_ids:
             self._delete([self.chunk_key(c) for c in chunk_ids])
+
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete objects by key (a sweep's batch)."""
+        if keys:
+            self._delete(keys)
+
+    def list_chunk_versions(self, firsts: range) -> Iterator[tuple[bytes, str, str, int]]:
+        """(id, key, version id, size) of every version and delete marker of the chunks
+        in the key directories ``chunks/<first:02x>/`` (a versioned bucket)."""
+        self._check_existing_config()
+        for first in firsts:
+            for key, version_id, size, _marker in self.versions.listing(
+                f"{self.root}/chunks/{first:02x}/"
+            ):
+                try:
+                    chunk_id = bytes.fromhex(key.rsplit("/", 1)[-1])
+                except ValueError:
+                    continue
+                if chunk_id:
+                    yield chunk_id, key, version_id, size
 
     def chunk_index(self, limit: int) -> set[bytes] | None:
         """Every chunk id in the repository, or None when there are more than ``limit``.
@@ -398,16 +489,18 @@ class ChunkStore:
                     yield chunk_id, size
 
     # -- manifests and descriptors ---------------------------------------------------------
-    def put_manifest(self, manifest: Manifest, staging: bool = False) -> str:
+    def put_manifest(
+        self, manifest: Manifest, staging: bool = False, lock_until: datetime | None = None
+    ) -> str:
         key = (self.staging_key if staging else self.manifest_key)(
             manifest.backup_id, manifest.disk_id
         )
-        self._put(key, self._seal(key, manifest.encode()))
+        self._put(key, self._seal(key, manifest.encode()), lock_until=lock_until)
         return key
 
     def get_manifest(self, backup_id: str, disk_id: str, staging: bool = False) -> Manifest:
         key = (self.staging_key if staging else self.manifest_key)(backup_id, disk_id)
-        manifest = Manifest.decode(self._open(key, self._get(key)))
+        manifest = self._read_verified(key, lambda blob: Manifest.decode(self._open(key, blob)))
         if manifest.backup_id != backup_id or manifest.disk_id != disk_id:
             raise CorruptData(f"manifest at {key} belongs to another backup or disk")
         if manifest.chunk_size != self.chunk_size:
@@ -417,13 +510,31 @@ class ChunkStore:
             )
         return manifest
 
-    def put_descriptor(self, descriptor: BackupDescriptor) -> None:
+    def _read_verified(self, key: str, parse: Callable[[bytes], T]) -> T:
+        """Read and parse an object; in a versioned bucket, when the current version does
+        not parse (overwritten with garbage), the newest older version that does."""
+        blob = self._get(key)
+        try:
+            return parse(blob)
+        except CorruptData:
+            if not self.versions.enabled():
+                raise
+            for version_id in self.versions.versions(key):
+                with contextlib.suppress(CorruptData):
+                    return parse(self.versions.get(key, version_id))
+            raise
+
+    def put_descriptor(
+        self, descriptor: BackupDescriptor, lock_until: datetime | None = None
+    ) -> None:
         key = self.descriptor_key(descriptor.backup_id)
-        self._put(key, self._seal(key, descriptor.encode()))
+        self._put(key, self._seal(key, descriptor.encode()), lock_until=lock_until)
 
     def get_descriptor(self, backup_id: str) -> BackupDescriptor:
         key = self.descriptor_key(backup_id)
-        descriptor = BackupDescriptor.decode(self._open(key, self._get(key)))
+        descriptor = self._read_verified(
+            key, lambda blob: BackupDescriptor.decode(self._open(key, blob))
+        )
         if descriptor.backup_id != backup_id:
             raise CorruptData(f"descriptor at {key} belongs to another backup")
         return descriptor

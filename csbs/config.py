@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     #: phase); another sweep may take it over after twice this. Worker clocks must agree
     #: to well within it (NTP).
     gc_lease_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
+    #: S3 Object Lock, compliance mode (issue 17): every object a backup needs is locked
+    #: at least this many days after the backup's creation; 0 is no lock. The bucket
+    #: must have Object Lock (and so versioning) enabled (``csbs doctor`` checks).
+    object_lock_days: int = Field(default=0, ge=0, le=36500)
+    #: Chunks are locked to generation boundaries this many days apart, so that the
+    #: backups of that many days reuse them without extending their locks (``csbs.locks``).
+    object_lock_slack_days: int = Field(default=10, ge=1, le=365)
     #: The most chunk ids a garbage-collection sweep holds in memory at once (~100 bytes
     #: each); a larger repository is swept in shards of key directories, its marked ids
     #: spilled to temporary files (32 bytes each) in ``TMPDIR``.

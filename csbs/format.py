@@ -293,6 +293,9 @@ class BackupDescriptor(BaseModel):
     snapshot_at: datetime | None = None
     server: DescriptorServer
     chunk_size: int
+    #: S3 Object Lock (issue 17): this descriptor and the backup's manifests are locked
+    #: in compliance mode until then (None: not locked).
+    locked_until: datetime | None = None
     disks: list[DescriptorDisk]
 
     def encode(self) -> bytes:

@@ -131,32 +131,55 @@ def collect_garbage(
                     previous = (group, entries)
                 lease.keep("marking", manifests=i + 1, of=len(refs))
             # 3. Sweep shard by shard: list its directories, delete what nothing marked.
-            doomed_total, freed, stored, peak = 0, 0, 0, 0
+            versioned = store.versions.enabled()
+            doomed_total, freed, stored, peak, locked = 0, 0, 0, 0, 0
             for number, (lo, hi) in enumerate(shards):
                 lease.keep("listing", force=True, shard=number + 1, of=len(shards))
                 live = marked.load(number)
                 peak = max(peak, len(live))
-                listed = (
-                    kept
-                    if kept is not None and len(shards) == 1
-                    else store.list_chunks(range(lo, hi))
-                )
-                doomed: list[bytes] = []
-                for chunk_id, size in listed:
-                    stored += size
-                    if chunk_id not in live:
-                        doomed.append(chunk_id)
-                        freed += size
-                    lease.keep("listing", shard=number + 1, of=len(shards))
+                doomed: list[tuple[str, str]] = []  # (key, version id; "" unversioned)
+                sizes: dict[tuple[str, str], int] = {}
+                keys: set[str] = set()
+                if versioned:
+                    # Every version: a delete marker hides a chunk, it does not free it.
+                    for chunk_id, key, version_id, size in store.list_chunk_versions(range(lo, hi)):
+                        stored += size
+                        if chunk_id not in live:
+                            doomed.append((key, version_id))
+                            sizes[(key, version_id)] = size
+                            keys.add(key)
+                        lease.keep("listing", shard=number + 1, of=len(shards))
+                else:
+                    listed = (
+                        kept
+                        if kept is not None and len(shards) == 1
+                        else store.list_chunks(range(lo, hi))
+                    )
+                    for chunk_id, size in listed:
+                        stored += size
+                        if chunk_id not in live:
+                            key = store.chunk_key(chunk_id)
+                            doomed.append((key, ""))
+                            sizes[(key, "")] = size
+                            keys.add(key)
+                        lease.keep("listing", shard=number + 1, of=len(shards))
                 del live
                 lease.keep("deleting", force=True, deleted=lease.deleted, shard=number + 1)
                 for start in range(0, len(doomed), DELETE_BATCH):
                     batch = doomed[start : start + DELETE_BATCH]
                     lease.renew()  # the delete that follows is issued well within the lease
-                    store.delete_chunks(batch)
-                    lease.deleted += len(batch)
+                    if versioned:
+                        refused = set(store.versions.delete_versions(batch))
+                    else:
+                        store.delete_keys([k for k, _ in batch])
+                        refused = set()
+                    gone = [t for t in batch if t[0] not in refused]
+                    freed += sum(sizes[t] for t in gone)
+                    lease.deleted += len({k for k, _ in gone})
+                    locked_now = {k for k, _ in batch if k in refused}
+                    locked += len(locked_now)
                     lease.keep("deleting", deleted=lease.deleted, shard=number + 1)
-                doomed_total += len(doomed)
+                doomed_total += len(keys)
         # The tenant's stored bytes, measured (B15): no backup runs beside a sweep.
         catalog.set_usage(stored - freed)
     finally:
@@ -164,10 +187,11 @@ def collect_garbage(
     return SweepResult(
         manifests=len(refs),
         chunks=total,
-        chunks_deleted=doomed_total,
+        chunks_deleted=doomed_total - locked,
         bytes_freed=freed,
         shards=len(shards),
         peak_ids=peak,
+        chunks_locked=locked,
     )
 
 

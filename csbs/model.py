@@ -416,3 +416,5 @@ class TransferStats(BaseModel):
     #: mean latency in milliseconds.
     concurrency: int = 0
     get_ms: float = 0.0
+    #: A locked backup's reused chunks whose Object Lock it extended (issue 17).
+    locks_extended: int = 0

@@ -61,6 +61,9 @@ class PolicySpec(BaseModel):
     timezone: str = "UTC"
     retention: RetentionKind = RetentionKind.COUNT
     retention_value: int | None = None
+    #: S3 Object Lock (issue 17): its backups are locked this many days after their
+    #: creation (or ``CSBS_OBJECT_LOCK_DAYS``, when longer); None is that setting alone.
+    lock_days: int | None = Field(default=None, ge=1, le=36500)
 
     @model_validator(mode="before")
     @classmethod

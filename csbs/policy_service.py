@@ -21,6 +21,7 @@ from csbs.catalog import (
 )
 from csbs.drivers import ComputeDriver
 from csbs.errors import Conflict, InvalidInput, InvalidState, NotFound, QuotaExceeded
+from csbs.locks import as_utc
 from csbs.model import BackupStatus, PolicyRunPlan, RetentionPlan, TaskKind, TaskStatus
 from csbs.policy import (
     MAX_POLICIES_PER_PROJECT,
@@ -244,8 +245,19 @@ class PolicyService:
                 )
             )
         )
-        args = (backups, spec.retention, spec.retention_value, now or utcnow(), covered)
-        return RetentionPlan(expired=sorted(select_expired(*args)), kept=retention_notes(*args))
+        when = now or utcnow()
+        args = (backups, spec.retention, spec.retention_value, when, covered)
+        expired, kept = select_expired(*args), retention_notes(*args)
+        # Issue 17: a backup under S3 Object Lock cannot be deleted before its lock date;
+        # retention leaves it and says so, and a later cleanup deletes it.
+        for row in rows:
+            if row.id in expired and row.locked_until and as_utc(row.locked_until) > as_utc(when):
+                expired.discard(row.id)
+                kept[row.id] = (
+                    f"expired, but locked until {as_utc(row.locked_until):%Y-%m-%d %H:%M} UTC "
+                    f"(S3 Object Lock): a later cleanup deletes it"
+                )
+        return RetentionPlan(expired=sorted(expired), kept=kept)
 
     def view(self, policy_id: str) -> dict[str, Any]:
         return policy_json(self.policies.get(policy_id), self.policies.bindings(policy_id))

@@ -167,6 +167,9 @@ class SweepResult(Step):
     #: chunk ids it held in memory at once.
     shards: int = 1
     peak_ids: int = 0
+    #: Unreferenced chunks left in place because S3 Object Lock still holds a version
+    #: of them (issue 17): a later sweep deletes them once their lock runs out.
+    chunks_locked: int = 0
 
 
 class Reconciled(Step):

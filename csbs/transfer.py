@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 from csbs.adaptive import AdaptiveLimit
 from csbs.chunkstore import ChunkStore
@@ -73,6 +74,8 @@ def backup_disk(
     chunk_index: Callable[[int], set[bytes] | None] | None = None,
     suspect: set[bytes] | None = None,
     repaired: set[bytes] | None = None,
+    lock_until: datetime | None = None,
+    uploaded: set[bytes] | None = None,
 ) -> TransferStats:
     """Fill ``manifest`` (positions ``start``..end) from ``reader``; upload new chunks.
 
@@ -88,6 +91,9 @@ def backup_disk(
     the store lost. ``suspect`` chunk ids (found missing or corrupt by a verify) are never
     trusted: an unchanged position holding one is read again, and a chunk read with that
     id is uploaded over whatever the store holds; those ids go into ``repaired``.
+
+    New chunks are locked until ``lock_until`` (S3 Object Lock); their ids go into
+    ``uploaded``.
     """
     suspect = suspect or set()
     began = time.monotonic()
@@ -119,6 +125,14 @@ def backup_disk(
     repaired_now: set[bytes] = repaired if repaired is not None else set()
     repaired_lock = threading.Lock()
 
+    new_ids: set[bytes] = uploaded if uploaded is not None else set()
+
+    def put(chunk_id: bytes, data: bytes | bytearray) -> int:
+        written = store.put_chunk(chunk_id, data, lock_until)
+        with repaired_lock:
+            new_ids.add(chunk_id)
+        return written
+
     def work(index: int, data: bytes | bytearray) -> _Result:
         try:
             if is_zero(data):
@@ -129,10 +143,10 @@ def backup_disk(
                     if chunk_id in repaired_now:  # another position of this run uploaded it
                         return _Result(index, chunk_id, 0, len(data))
                     repaired_now.add(chunk_id)
-                return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
+                return _Result(index, chunk_id, put(chunk_id, data), len(data))
             if chunk_id in known or (store_ids is None and store.has_chunk(chunk_id)):
                 return _Result(index, chunk_id, 0, len(data))
-            return _Result(index, chunk_id, store.put_chunk(chunk_id, data), len(data))
+            return _Result(index, chunk_id, put(chunk_id, data), len(data))
         finally:
             slots.release()
 
@@ -238,11 +252,18 @@ def restore_disk(
     done = start
 
     def fetch_and_write(chunk_id: bytes, offset: int, length: int) -> None:
-        with gets.slot():
-            blob = store.fetch_chunk(chunk_id)
-        stored = len(blob)
-        data = store.open_chunk(chunk_id, blob)
-        del blob
+        try:
+            with gets.slot():
+                blob = store.fetch_chunk(chunk_id)
+            stored = len(blob)
+            data = store.open_chunk(chunk_id, blob)
+            del blob
+        except CorruptData:
+            # Deleted or overwritten since: a versioned bucket may hold it still.
+            recovered = store.recover_chunk(chunk_id)
+            if recovered is None:
+                raise
+            data, stored = recovered
         if len(data) != length:
             raise CorruptData(
                 f"chunk {chunk_id.hex()} holds {len(data)} bytes where the manifest needs {length}"

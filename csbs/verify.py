@@ -107,7 +107,9 @@ def missing_chunks(
             if heartbeat is not None and n % 100 == 99:
                 heartbeat({"disk": disk_id, "checked": n + 1})
             present = chunk_id in index if index is not None else store.has_chunk(chunk_id)
-            if not present:
+            # Hidden by a delete marker in a versioned bucket: its version is still there
+            # (issue 17), and a restore reads it.
+            if not present and not store.has_version(chunk_id):
                 problems.append(
                     ChunkProblem(
                         disk_id=disk_id,

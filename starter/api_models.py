@@ -159,6 +159,7 @@ class PolicyOut(BaseModel):
     timezone: str
     retention: RetentionKind
     retention_value: int | None
+    lock_days: int | None = None
     server_ids: list[str]
     created_at: str | None
     updated_at: str | None
@@ -191,6 +192,8 @@ class PolicyCreate(BaseModel):
     #: keeps that many backups.
     retention: RetentionKind | None = None
     retention_value: Int | None = Field(default=None, ge=1, le=99999)
+    #: S3 Object Lock days of its backups (issue 17); None: CSBS_OBJECT_LOCK_DAYS alone.
+    lock_days: Int | None = Field(default=None, ge=1, le=36500)
 
 
 class PolicyPatch(BaseModel):
@@ -205,6 +208,7 @@ class PolicyPatch(BaseModel):
     timezone: str | None = None
     retention: RetentionKind | None = None
     retention_value: Int | None = Field(default=None, ge=1, le=99999)
+    lock_days: Int | None = Field(default=None, ge=1, le=36500)
 
 
 class ServerIds(BaseModel):

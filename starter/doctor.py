@@ -164,6 +164,45 @@ def check_s3(settings: Settings) -> Check:
     )
 
 
+def check_object_lock(settings: Settings) -> Check:
+    """Issue 17: with locked backups (``CSBS_OBJECT_LOCK_DAYS``, or a policy's
+    ``--lock-days``) the bucket needs Object Lock and versioning."""
+    from csbs.chunkstore import make_s3_client
+    from csbs.errors import CsbsError
+    from csbs.locks import VersionedBucket
+
+    try:
+        locked, versioning = VersionedBucket(make_s3_client(settings), settings.s3_bucket).status()
+    except CsbsError as exc:
+        return Check("object lock", False, str(exc))
+    days = settings.object_lock_days
+    state = (
+        f"bucket {settings.s3_bucket}: Object Lock {'enabled' if locked else 'not enabled'}, "
+        f"versioning {versioning.lower()}"
+    )
+    if locked and versioning == "Enabled":
+        wanted = f"backups locked {days} days (compliance mode)" if days else "no lock set"
+        return Check("object lock", True, f"{state}; {wanted}")
+    if not days:
+        return Check(
+            "object lock",
+            True,
+            f"{state}; backups are not locked (CSBS_OBJECT_LOCK_DAYS=0), so an S3 or csbs "
+            f"admin credential can delete them",
+        )
+    fix = (
+        "Object Lock can only be turned on when a bucket is created: create a new bucket "
+        "with Object Lock enabled (aws s3api create-bucket --object-lock-enabled-for-bucket) "
+        "and point CSBS_S3_BUCKET at it"
+        if not locked
+        else "enable versioning on it (aws s3api put-bucket-versioning --versioning-configuration "
+        "Status=Enabled)"
+    )
+    return Check(
+        "object lock", False, f"{state}, but CSBS_OBJECT_LOCK_DAYS={days} needs both: {fix}"
+    )
+
+
 def check_catalog(settings: Settings) -> Check:
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
@@ -253,5 +292,10 @@ def check_libvirt(settings: Settings) -> Check:
 
 async def run_checks(settings: Settings) -> list[Check]:
     checks = await check_temporal(settings)
-    checks += [check_s3(settings), check_catalog(settings), check_driver(settings)]
+    checks += [
+        check_s3(settings),
+        check_object_lock(settings),
+        check_catalog(settings),
+        check_driver(settings),
+    ]
     return checks

@@ -77,6 +77,10 @@ def policy_create(
     keep_forever: Annotated[bool, typer.Option(help="Never expire backups.")] = False,
     disabled: Annotated[bool, typer.Option(help="Create it disabled.")] = False,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the times.")] = "UTC",
+    lock_days: Annotated[
+        int | None,
+        typer.Option(help="Lock its backups N days with S3 Object Lock (compliance mode)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a policy and its schedule (P1-P3)."""
@@ -92,6 +96,7 @@ def policy_create(
             weekdays=weekdays.split(",") if weekdays else None,
             every_days=every_days,
             timezone=timezone,
+            lock_days=lock_days,
             **retention,
         )
     )
@@ -110,6 +115,9 @@ def policy_update(
     keep_days: Annotated[str | None, typer.Option()] = None,
     keep_forever: Annotated[bool, typer.Option()] = False,
     timezone: Annotated[str | None, typer.Option()] = None,
+    lock_days: Annotated[
+        int | None, typer.Option(help="Lock its next backups N days (S3 Object Lock).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a policy; its schedule is rewritten (P7)."""
@@ -125,6 +133,8 @@ def policy_update(
         changes["every_days"] = every_days
     if timezone:
         changes["timezone"] = timezone
+    if lock_days is not None:
+        changes["lock_days"] = lock_days
     view = cli.run_async(cli.guarded_async(facade.update_policy(policy_id, changes)))
     cli.emit(view, as_json, lambda: _table([view]))
 

@@ -58,6 +58,11 @@ class BackupRow(SQLModel, table=True):
     verify_error: str | None = Field(default=None, sa_type=sa.Text)
     #: The Temporal run that creates the backup: a step of any other run is refused.
     run_id: str | None = Field(default=None, max_length=64)
+    #: S3 Object Lock (issue 17): its manifests and descriptor are locked in compliance
+    #: mode until ``locked_until`` (it cannot be deleted before); every chunk it references
+    #: at least until ``chunks_locked_until``. None: not locked.
+    locked_until: datetime | None = Field(default=None, sa_column=_ts())
+    chunks_locked_until: datetime | None = Field(default=None, sa_column=_ts())
 
 
 class DiskBackupRow(SQLModel, table=True):
@@ -80,6 +85,8 @@ class DiskBackupRow(SQLModel, table=True):
     read_note: str = Field(default="", max_length=500)
     progress: int = 0
     done: bool = False
+    #: Every chunk this disk's manifest references is locked at least until then.
+    chunks_locked_until: datetime | None = Field(default=None, sa_column=_ts())
 
     def view(self) -> BackedUpDisk:
         """The disk as the domain rules see it."""

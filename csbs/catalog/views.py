@@ -93,6 +93,8 @@ class BackupView(View):
     verified_at: str | None
     verify_status: VerifyStatus | None
     verify_error: str | None
+    #: S3 Object Lock (issue 17): it cannot be deleted before then (None: not locked).
+    locked_until: str | None = None
 
     @classmethod
     def of(cls, row: BackupRow, disks: list[DiskBackupRow]) -> BackupView:

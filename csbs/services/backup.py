@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import random
+from datetime import datetime
 
-from csbs import quota
+from csbs import locks, quota
 from csbs.catalog import (
     BackupRow,
     BackupView,
     DiskBackupRow,
     utcnow,
 )
+from csbs.catalog.policies import PolicyCatalog
 from csbs.errors import (
     Conflict,
     CorruptData,
@@ -23,6 +25,7 @@ from csbs.errors import (
     NotFound,
 )
 from csbs.format import BackupDescriptor, DescriptorDisk, DescriptorServer, Manifest
+from csbs.locks import as_utc
 from csbs.model import (
     BackupServerInput,
     BackupStatus,
@@ -32,6 +35,7 @@ from csbs.model import (
     TransferStats,
 )
 from csbs.naming import default_name
+from csbs.policy import PolicySpec
 from csbs.rules import (
     BACKUP_STATES,
     backup_warnings,
@@ -116,6 +120,7 @@ class BackupService(Service):
                     parent_id=parent.id if parent else None,
                     size_bytes=server.size_bytes,
                     created_at=now,
+                    locked_until=locks.lock_until(now, self._lock_days(inp.policy_id)),
                 )
             )
             for disk in server.disks:
@@ -172,6 +177,16 @@ class BackupService(Service):
                 **fields,
             }
         )
+
+    def _lock_days(self, policy_id: str | None) -> int:
+        """How long a backup is locked (issue 17): ``CSBS_OBJECT_LOCK_DAYS``, or its
+        policy's ``--lock-days`` when longer."""
+        days = self.settings.object_lock_days
+        if policy_id is not None:
+            with contextlib.suppress(NotFound):
+                row = PolicyCatalog(self.catalog).get(policy_id)
+                days = max(days, PolicySpec.model_validate_json(row.spec).lock_days or 0)
+        return days
 
     def _check_quota(self, server: Server) -> None:
         """B15: refuse before anything is written when the backup's disks would pass the
@@ -323,6 +338,11 @@ class BackupService(Service):
             throttle, beat = _Throttle(1.0), _Throttle(1.0)
             suspect = self.catalog.suspect_chunks()
             repaired: set[bytes] = set()
+            uploaded: set[bytes] = set()
+            need = as_utc(backup.locked_until) if backup.locked_until else None
+            generation = (
+                locks.generation(need, self.settings.object_lock_slack_days) if need else None
+            )
 
             last_staged = [staged]
 
@@ -351,13 +371,21 @@ class BackupService(Service):
                 chunk_index=self._chunk_index,
                 suspect=suspect,
                 repaired=repaired,
+                lock_until=generation,
+                uploaded=uploaded,
             )
         finally:
             reader.close()
         if self.catalog.get_backup(backup_id).status != BackupStatus.CREATING:
             # A stale attempt that outlived its workflow must not overwrite anything.
             raise InvalidState(f"backup {backup_id} is no longer being created")
-        self.store.put_manifest(manifest)
+        chunks_until = None
+        if need is not None and generation is not None:
+            chunks_until = self._lock_chunks(
+                backup, disk_id, manifest, parent, uploaded, need, generation
+            )
+            stats.locks_extended = chunks_until[1]
+        self.store.put_manifest(manifest, lock_until=need)
         # Uploaded anew from data whose digest is their id: whole again in the store.
         self.catalog.clear_suspect_chunks(sorted(repaired))
         stats.data_bytes = manifest.data_bytes()
@@ -376,8 +404,38 @@ class BackupService(Service):
             read_note=note or "",
             progress=100,
             done=True,
+            chunks_locked_until=chunks_until[0] if chunks_until else None,
         )
         return stats
+
+    def _lock_chunks(
+        self,
+        backup: BackupRow,
+        disk_id: str,
+        manifest: Manifest,
+        parent: Manifest | None,
+        uploaded: set[bytes],
+        need: datetime,
+        generation: datetime,
+    ) -> tuple[datetime, int]:
+        """Make every chunk of a disk backup locked at least until ``need`` (issue 17):
+        the ones it uploaded are locked to ``generation`` already; the reused ones are
+        extended to it in one parallel pass, unless the parent's generation still covers
+        them. Returns the date every chunk of the disk is locked until, and how many
+        locks were extended."""
+        parent_until = None
+        if parent is not None and backup.parent_id is not None:
+            rows = {d.disk_id: d for d in self.catalog.disk_backups(backup.parent_id)}
+            row = rows.get(disk_id)
+            parent_until = row.chunks_locked_until if row is not None else None
+        parent_ids = parent.chunk_ids() if parent is not None else None
+        todo = locks.chunks_to_extend(
+            manifest.chunk_ids(), uploaded, parent_ids, parent_until, need
+        )
+        extended, _longer = self.store.extend_chunk_locks(todo, generation)
+        if parent_ids is not None and parent_until is not None and as_utc(parent_until) >= need:
+            return min(as_utc(parent_until), generation), extended
+        return generation, extended
 
     def _parent_manifest(self, parent_id: str | None, disk_id: str) -> Manifest | None:
         if parent_id is None:
@@ -417,6 +475,7 @@ class BackupService(Service):
                 id=backup.server_id, name=backup.server_name, type=backup.server_type
             ),
             chunk_size=self.settings.chunk_size,
+            locked_until=as_utc(backup.locked_until) if backup.locked_until else None,
             disks=[
                 DescriptorDisk(
                     disk_id=d.disk_id,
@@ -429,7 +488,7 @@ class BackupService(Service):
                 for d in disks
             ],
         )
-        self.store.put_descriptor(descriptor)
+        self.store.put_descriptor(descriptor, lock_until=descriptor.locked_until)
         self.store.delete_staging(backup_id)
         with self.catalog.unit_of_work():
             row = self._commit_rows(backup_id, task_id, disks)
@@ -445,6 +504,10 @@ class BackupService(Service):
             stored_bytes=sum(d.stored_bytes for d in disks),
             size_bytes=sum(d.size_bytes for d in disks),
             error=None,
+            chunks_locked_until=min(
+                (as_utc(d.chunks_locked_until) for d in disks if d.chunks_locked_until),
+                default=None,
+            ),
         )
         self.catalog.finish_task(task_id, ok=True)
         self.catalog.release_server(row.server_id, backup_id)

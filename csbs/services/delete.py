@@ -4,9 +4,11 @@ remove their manifests and rows, sweep unreferenced chunks under the lease."""
 from __future__ import annotations
 
 from csbs import gc
+from csbs.catalog.rows import utcnow
 from csbs.errors import (
     InvalidState,
 )
+from csbs.locks import ObjectLocked, as_utc
 from csbs.model import (
     BackupStatus,
     DeleteBackupsInput,
@@ -39,6 +41,17 @@ class DeleteService(Service):
                 listing = ", ".join(f"{r.id} ({r.status})" for r in refused)
                 raise InvalidState(
                     f"only available, error or delete_failed backups can be deleted: {listing}"
+                )
+            now = utcnow()
+            locked = [r for r in rows if r.locked_until and as_utc(r.locked_until) > now]
+            if locked:
+                listing = ", ".join(
+                    f"{r.id} until {as_utc(r.locked_until):%Y-%m-%d %H:%M} UTC"  # type: ignore[arg-type]
+                    for r in locked
+                )
+                raise ObjectLocked(
+                    f"backups locked by S3 Object Lock (compliance mode) cannot be deleted "
+                    f"before their lock date: {listing}"
                 )
             tasks = [
                 self._running_task(

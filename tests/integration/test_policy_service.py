@@ -98,3 +98,36 @@ def test_back_up_now_needs_a_bound_server(svc: PolicyService) -> None:
     server = drv.create_server("s", [MIB])
     svc.bind(policy.id, [server.id])
     assert svc.plan_run(policy.id, "manual").server_ids == [server.id]
+
+
+def test_retention_leaves_a_locked_backup_and_says_until_when(svc: PolicyService) -> None:
+    """Issue 17: an expired backup still under S3 Object Lock is not deleted by retention
+    (its objects could not be); the plan keeps it with the date, and once the lock has
+    run out the same cleanup deletes it."""
+    from datetime import UTC, datetime, timedelta
+
+    from csbs.catalog.rows import BackupRow
+
+    assert isinstance(svc.driver, LocalDriver)
+    server = svc.driver.create_server("web", [MIB])
+    policy = svc.create(weekly(retention_value=1))
+    svc.bind(policy.id, [server.id])
+    now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    for i, lock in enumerate([now + timedelta(days=3), None]):
+        svc.policies.catalog.add_backup(
+            BackupRow(
+                id=f"bk-{i:016x}",
+                project=svc.policies.project,
+                name=f"autobk_{i}",
+                server_id=server.id,
+                status="available",
+                kind="scheduled",
+                policy_id=policy.id,
+                created_at=now - timedelta(days=10 - i),
+                locked_until=lock,
+            )
+        )
+    plan = svc.retention(policy.id, now)
+    assert plan.expired == []  # bk-0 is the older one, past the count, but locked
+    assert "locked until 2026-12-01 12:00 UTC (S3 Object Lock)" in plan.kept["bk-0000000000000000"]
+    assert svc.retention(policy.id, now + timedelta(days=4)).expired == ["bk-0000000000000000"]
