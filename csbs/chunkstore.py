@@ -28,6 +28,7 @@ from csbs.errors import (
     CorruptData,
     CsbsError,
     InvalidInput,
+    InvalidState,
     NotFound,
     StorageError,
     StorageUnavailable,
@@ -130,6 +131,7 @@ class ChunkStore:
         self._config_lock = threading.Lock()
         #: Versions and Object Lock (issue 17, ``csbs.locks``).
         self.versions = VersionedBucket(self.s3, self.bucket)
+        self._object_lock: tuple[bool, str] | None = None
         master = settings.master_key()
         self.keys = ProjectKeys(master, self.project) if master else None
         self._id_key = self.keys.id_key if self.keys else None
@@ -409,6 +411,20 @@ class ChunkStore:
         """Whether a versioned bucket still holds a version of a chunk that a listing
         does not show (hidden by a delete marker)."""
         return self.versions.enabled() and bool(self.versions.versions(self.chunk_key(chunk_id)))
+
+    def require_object_lock(self, days: int) -> None:
+        """Refuse a locked backup (``days`` of S3 Object Lock) into a bucket without
+        Object Lock, before anything is written (asked once per store)."""
+        if self._object_lock is None:
+            self._object_lock = self.versions.status()
+        locked, versioning = self._object_lock
+        if not (locked and versioning == "Enabled"):
+            raise InvalidState(
+                f"backups are to be locked {days} days (S3 Object Lock), but bucket "
+                f"{self.bucket} has Object Lock {'enabled' if locked else 'not enabled'} and "
+                f"versioning {versioning.lower()}: use a bucket created with Object Lock, or "
+                f"set CSBS_OBJECT_LOCK_DAYS=0 and no policy --lock-days (csbs doctor says more)"
+            )
 
     def extend_chunk_locks(self, chunk_ids: set[bytes], until: datetime) -> tuple[int, int]:
         """Lock these chunks until ``until``; (extended, already locked longer)."""

@@ -84,6 +84,9 @@ class BackupService(Service):
             server = self.driver.get_server(inp.server_id)
             self._check_backup_allowed(server)
             self._check_quota(server)
+            lock_days = self._lock_days(inp.policy_id)
+            if lock_days:
+                self.store.require_object_lock(lock_days)
             self._claim_server(server.id, backup_id, "backup")
             if self.catalog.gc_running(self.settings.gc_lease_seconds):
                 self.catalog.release_server(server.id, backup_id)
@@ -120,7 +123,7 @@ class BackupService(Service):
                     parent_id=parent.id if parent else None,
                     size_bytes=server.size_bytes,
                     created_at=now,
-                    locked_until=locks.lock_until(now, self._lock_days(inp.policy_id)),
+                    locked_until=locks.lock_until(now, lock_days),
                 )
             )
             for disk in server.disks:

@@ -55,6 +55,7 @@ async def locked(
             raise
     settings = make_settings(tmp_path, s3, s3_bucket=LOCKED_BUCKET, object_lock_days=1)
     async with running_stack(temporal, settings) as st:
+        st.env["CSBS_OBJECT_LOCK_DAYS"] = "1"  # the CLI's too
         yield st
 
 
@@ -214,3 +215,23 @@ async def test_a_sweep_leaves_locked_garbage_and_deletes_the_rest_for_good(
     assert not versions.get("Versions") and not versions.get("DeleteMarkers")  # gone for good
     head = attacker.head_object(Bucket=LOCKED_BUCKET, Key=store.chunk_key(locked_id))
     assert head["ObjectLockMode"] == "COMPLIANCE"  # left in place, still readable
+
+
+async def test_a_locked_backup_into_a_bucket_without_object_lock_is_refused(
+    tmp_path: Path, s3: SeaweedS3, temporal: WorkflowEnvironment
+) -> None:
+    """Nothing is written unlocked when a lock was asked for: the backup is refused before
+    it starts, saying what to do, and the refusal is on record (a failed task)."""
+    settings = make_settings(tmp_path, s3, object_lock_days=7)  # the plain test bucket
+    async with running_stack(temporal, settings) as st:
+        st.env["CSBS_OBJECT_LOCK_DAYS"] = "7"
+        server = st.compute.create_server("plain", [4 * MIB])
+        out = await st.cli("backup", "create", server.id, "--wait", "--json", check=False)
+        said = out.stdout + out.stderr
+        assert out.code != 0
+        assert "Object Lock not enabled" in said and "CSBS_OBJECT_LOCK_DAYS=0" in said, said
+        tasks = [t for t in st.catalog.list_tasks(kind="backup") if t.server_id == server.id]
+        assert [t.status for t in tasks] == ["failed"]
+        doctor = (await st.cli("doctor", "--json", check=False)).json()
+        check = next(c for c in doctor if c["check"] == "object lock")
+        assert not check["ok"] and "create a new bucket" in check["detail"]
