@@ -7,8 +7,9 @@ How the repository is made: the chunk objects are synthetic and tiny. Each is a 
 32-byte id stored at its real key (``<prefix>/chunks/<2 hex>/<64 hex>``) with a
 ``MIN_CHUNK_OBJECT``-byte body, PUT by 32 threads (a sweep never reads a chunk's body,
 only lists keys). The manifests are real (``Manifest``, as backups write them): 10 disks of
-75,000 chunks (300 GiB each at 4 MiB), each with a chain of 5 backups that rewrites 5 % of
-the positions each time, so 900,000 of the chunks are live and the rest garbage. The
+``chunks / 15`` chunks (at most 75,000: 300 GiB at 4 MiB), each with a chain of 5 backups
+that rewrites 5 % of the positions each time, so about 80 % of the chunks are live and the
+rest garbage (for a million: 799,980 live, 200,020 garbage). The
 catalog is a fresh SQLite database (it holds no rows for these backups: the sweep orders
 them by disk alone).
 
