@@ -160,6 +160,7 @@ def test_two_sweeps_never_overlap_so_a_backup_between_them_keeps_its_chunks(
     assert service_verify(other, made).ok
 
 
+@pytest.mark.slow
 def test_a_sweep_that_lost_its_lease_stops_before_it_deletes_anything(
     tmp_path: Path, s3: Any
 ) -> None:

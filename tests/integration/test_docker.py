@@ -144,6 +144,7 @@ def test_the_host_agent_serves_its_hosts_libvirt_vms(resolved: dict[str, Any]) -
         assert path in mounts, path
 
 
+@pytest.mark.slow
 def test_the_commands_compose_runs_exist_in_this_installation() -> None:
     bin_dir = Path(sys.executable).parent
     for args in (
@@ -159,6 +160,7 @@ def test_the_commands_compose_runs_exist_in_this_installation() -> None:
         assert out.returncode in (0, 2) and "Error" not in out.stderr[:200], (args, out.stderr)
 
 
+@pytest.mark.slow
 def test_the_wheel_the_image_installs_carries_the_migrations(tmp_path: Path) -> None:
     # Build from a copy of what the Dockerfile copies, as the image's build stage does.
     src = tmp_path / "src"

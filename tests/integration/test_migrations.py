@@ -128,6 +128,7 @@ def test_a_catalog_made_by_create_all_after_issue_5_is_stamped_and_upgraded(url:
     assert diff == []
 
 
+@pytest.mark.slow
 def test_processes_opening_one_new_catalog_at_once_all_succeed(url: str) -> None:
     code = "import sys; from csbs.catalog import Catalog; Catalog(sys.argv[1]).dispose()"
     procs = [
@@ -139,6 +140,7 @@ def test_processes_opening_one_new_catalog_at_once_all_succeed(url: str) -> None
     assert revision(url) == SCHEMA_HEAD
 
 
+@pytest.mark.slow
 def test_db_status_and_upgrade_commands(tmp_path: Path) -> None:
     import json
     import os

@@ -64,6 +64,7 @@ def store(tmp_path: Path, s3: SeaweedS3) -> ChunkStore:
     return ChunkStore(make_settings(tmp_path, s3, chunk_size=MIB))
 
 
+@pytest.mark.slow
 def test_backup_memory_is_bounded_and_restore_is_exact(tmp_path: Path, store: ChunkStore) -> None:
     drv = LocalDriver(tmp_path / "servers")
     server = drv.create_server("big", [96 * MIB, 8 * MIB])
