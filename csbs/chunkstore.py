@@ -199,9 +199,10 @@ class ChunkStore:
         except NotFound:
             if not self.versions.enabled():
                 raise
-            for version_id in self.versions.versions(key):
-                return self.versions.get(key, version_id)
-            raise
+            versions = self.versions.versions(key)
+            if not versions:
+                raise
+            return self.versions.get(key, versions[0])
 
     def _check_existing_config(self) -> None:
         """Check our key against the config, if the repository has one yet (reads of an

@@ -176,8 +176,7 @@ def collect_garbage(
                     gone = [t for t in batch if t[0] not in refused]
                     freed += sum(sizes[t] for t in gone)
                     lease.deleted += len({k for k, _ in gone})
-                    locked_now = {k for k, _ in batch if k in refused}
-                    locked += len(locked_now)
+                    locked += len(refused)
                     lease.keep("deleting", deleted=lease.deleted, shard=number + 1)
                 doomed_total += len(keys)
         # The tenant's stored bytes, measured (B15): no backup runs beside a sweep.
@@ -249,16 +248,17 @@ class SpilledRefs:
     def add_novel(self, entries: bytes, previous: bytes | None) -> None:
         view = memoryview(entries)
         same = previous is not None and len(previous) == len(entries)
+        before = memoryview(previous if same and previous is not None else b"")
         block = DIGEST_SIZE * 128
         for start in range(0, len(entries), block):
             end = start + block
-            if same and view[start:end] == memoryview(previous)[start:end]:  # type: ignore[arg-type]
+            if same and view[start:end] == before[start:end]:
                 continue
             for at in range(start, min(end, len(entries)), DIGEST_SIZE):
                 digest = view[at : at + DIGEST_SIZE]
                 if digest == ZERO_DIGEST:
                     continue
-                if same and digest == memoryview(previous)[at : at + DIGEST_SIZE]:  # type: ignore[arg-type]
+                if same and digest == before[at : at + DIGEST_SIZE]:
                     continue
                 self._add(bytes(digest))
 
