@@ -41,6 +41,7 @@ from csbs.steps import (
     CheckRestore,
     DeletePlan,
     FailTask,
+    FinishReplicate,
     FinishRestore,
     FinishVerify,
     InstantRestore,
@@ -60,6 +61,8 @@ from csbs.steps import (
     RefuseBackup,
     RefuseRestore,
     ReleaseSnapshot,
+    ReplicatePlan,
+    ReplicateResult,
     RestoreDisk,
     SnapshotTaken,
     SweepResult,
@@ -234,6 +237,9 @@ class CsbsActivities:
             self.verify_disk,
             self.finish_verify,
             self.backups_to_verify,
+            self.prepare_replicate,
+            self.replicate_backup,
+            self.finish_replicate,
         ]
 
     def data_plane(self) -> list[Callable[..., Any]]:
@@ -453,3 +459,28 @@ class CsbsActivities:
     @_step("backups_to_verify")
     def backups_to_verify(self, inp: BackupsToVerify) -> BackupIds:
         return BackupIds(backup_ids=self.services.verify.backups_to_verify(inp.max_age_days))
+
+    # -- replicate ---------------------------------------------------------------------------
+    @_step("prepare_replicate")
+    def prepare_replicate(self, inp: OfTask) -> ReplicatePlan:
+        return self.services.replicate.prepare_replicate(
+            inp.backup_id, inp.task_id, activity.info().workflow_id or "", _run_id()
+        )
+
+    @_step("replicate_backup")
+    def replicate_backup(self, inp: ReplicatePlan) -> ReplicateResult:
+        with step_span("csbs.replicate", backup_id=inp.backup_id) as span:
+            result = self.services.replicate.replicate_backup(
+                inp.backup_id, inp.parent_id, heartbeat=_heartbeat
+            )
+            set_attributes(
+                span,
+                chunks_copied=result.chunks_copied,
+                bytes_copied=result.bytes_copied,
+                chunks_checked=result.chunks_checked,
+            )
+        return result
+
+    @_step("finish_replicate")
+    def finish_replicate(self, inp: FinishReplicate) -> None:
+        self.services.replicate.finish_replicate(inp.backup_id, inp.task_id, inp.result, inp.error)

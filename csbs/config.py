@@ -111,6 +111,21 @@ class Settings(BaseSettings):
     #: each); a larger repository is swept in shards of key directories, its marked ids
     #: spilled to temporary files (32 bytes each) in ``TMPDIR``.
     gc_shard_chunks: int = Field(default=2_000_000, ge=1)
+    #: Replication to a second site (issue 17): another S3 endpoint and bucket, with its
+    #: own credentials (boto3's chain when unset). No endpoint: no replica.
+    replica_endpoint: str = ""
+    replica_bucket: str = "csbs-replica"
+    replica_region: str = "us-east-1"
+    #: The replica's key prefix; empty: the primary's ``s3_prefix``.
+    replica_prefix: str = ""
+    replica_access_key_id: SecretStr | None = None
+    replica_secret_access_key: SecretStr | None = None
+    #: The replica keeps a copy at least this many days after the backup was made, even
+    #: once the primary deleted it; 0 keeps it as long as the primary keeps the backup.
+    replica_retention_days: int = Field(default=0, ge=0, le=36500)
+    #: Which site the ``s3_*`` settings name: ``replica()`` sets "replica", so that its
+    #: client signs with the replica's credentials. Not meant to be set by hand.
+    s3_site: Literal["primary", "replica"] = "primary"
     #: How long a data transfer may stay silent before Temporal gives it up and retries it,
     #: resuming from its last checkpoint, on any worker (seconds). Lower it where workers
     #: die often and must be replaced fast; the fault suite sets 3.
@@ -151,6 +166,41 @@ class Settings(BaseSettings):
 
         names = [p.strip() for p in self.projects.split(",") if p.strip()] or [self.project]
         return [check_id(p, "projects") for p in dict.fromkeys(names)]
+
+    @property
+    def has_replica(self) -> bool:
+        return bool(self.replica_endpoint)
+
+    def replica(self) -> Settings:
+        """These settings pointed at the replica: its endpoint, bucket, region and prefix
+        in place of the primary's (``ChunkStore(settings.replica())`` is the replica)."""
+        from csbs.errors import InvalidState
+
+        if not self.has_replica:
+            raise InvalidState(
+                "no replica is configured: set CSBS_REPLICA_ENDPOINT and CSBS_REPLICA_BUCKET "
+                "(and CSBS_REPLICA_ACCESS_KEY_ID, CSBS_REPLICA_SECRET_ACCESS_KEY)"
+            )
+        return self.model_copy(
+            update={
+                "s3_endpoint": self.replica_endpoint,
+                "s3_bucket": self.replica_bucket,
+                "s3_region": self.replica_region,
+                "s3_prefix": self.replica_prefix or self.s3_prefix,
+                "s3_site": "replica",
+            }
+        )
+
+    def s3_credentials(self) -> dict[str, str]:
+        """Explicit credentials for this site's S3 client (the replica's own, when set);
+        empty: boto3's chain."""
+        if self.s3_site != "replica" or self.replica_access_key_id is None:
+            return {}
+        secret = self.replica_secret_access_key
+        return {
+            "aws_access_key_id": self.replica_access_key_id.get_secret_value(),
+            "aws_secret_access_key": secret.get_secret_value() if secret else "",
+        }
 
     def for_project(self, project: str) -> Settings:
         return self.model_copy(update={"project": project})

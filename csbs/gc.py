@@ -51,10 +51,12 @@ class Lease:
         seconds: float,
         owner: str | None,
         heartbeat: Callable[[dict[str, Any]], None] | None,
+        site: str = "primary",
     ) -> None:
         self.catalog = catalog
         self.seconds = seconds
-        self.token = catalog.claim_gc(owner, seconds)
+        self.site = site
+        self.token = catalog.claim_gc(owner, seconds, site)
         self.heartbeat = heartbeat
         self.renewed = time.monotonic()
         self.beat = 0.0
@@ -70,7 +72,7 @@ class Lease:
             self.renew()
 
     def renew(self) -> None:
-        if not self.catalog.renew_gc(self.token, self.seconds):
+        if not self.catalog.renew_gc(self.token, self.seconds, self.site):
             done = (
                 f"after deleting {self.deleted} chunks"
                 if self.deleted
@@ -83,7 +85,7 @@ class Lease:
         self.renewed = time.monotonic()
 
     def release(self) -> None:
-        self.catalog.release_gc(self.token)
+        self.catalog.release_gc(self.token, self.site)
 
 
 def collect_garbage(
@@ -94,14 +96,16 @@ def collect_garbage(
     heartbeat: Callable[[dict[str, Any]], None] | None = None,
     shard_chunks: int = SHARD_CHUNKS,
     temp_dir: str | None = None,
+    site: str = "primary",
 ) -> SweepResult:
     """One sweep of the project's chunks; returns counts of manifests, chunks, chunks
     deleted and bytes freed. Raises GarbageCollectionRunning (another sweep holds the
     lease), GarbageCollectionDeferred (backups run), LeaseLost or UnreadableManifest.
 
     Memory stays bounded by ``shard_chunks`` chunk ids whatever the repository's size
-    (issue 17): see ``plan_shards`` and ``SpilledRefs``."""
-    lease = Lease(catalog, lease_seconds, owner, heartbeat)
+    (issue 17): see ``plan_shards`` and ``SpilledRefs``. ``site="replica"``: ``store`` is
+    the replica, swept under its own lease, beside no replication."""
+    lease = Lease(catalog, lease_seconds, owner, heartbeat, site)
     try:
         # 1. Count the chunk objects per key directory; keep their ids only while they
         #    fit in one shard (then the sweep needs no second listing).
@@ -180,7 +184,8 @@ def collect_garbage(
                     lease.keep("deleting", deleted=lease.deleted, shard=number + 1)
                 doomed_total += len(keys)
         # The tenant's stored bytes, measured (B15): no backup runs beside a sweep.
-        catalog.set_usage(stored - freed)
+        if site == "primary":
+            catalog.set_usage(stored - freed)
     finally:
         lease.release()
     return SweepResult(

@@ -66,6 +66,7 @@ class TaskKind(StrEnum):
     RESTORE = "restore"
     DELETE = "delete"
     VERIFY = "verify"
+    REPLICATE = "replicate"
 
 
 class TaskStatus(StrEnum):
@@ -230,6 +231,18 @@ class RunPolicyInput(_Input):
 
 class VerifyBackupInput(_Input):
     """Input of the ``VerifyBackup`` workflow: read every chunk, check every digest."""
+
+    backup_id: str
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, v: str) -> str:
+        return check_id(v, "backup_id")
+
+
+class ReplicateBackupInput(_Input):
+    """Input of the ``ReplicateBackup`` workflow: copy a backup to the second site (the
+    chunks the replica lacks, then its manifests and descriptor)."""
 
     backup_id: str
 

@@ -237,3 +237,34 @@ class BackupsToVerify(Step):
 
 class BackupIds(Step):
     backup_ids: list[str]
+
+
+# -- replicate ----------------------------------------------------------------------------------
+class ReplicatePlan(Step):
+    """A replication under way: its task, and the parent already on the replica."""
+
+    backup_id: str
+    task_id: str
+    server_id: str
+    parent_id: str | None = None
+
+
+class ReplicateResult(Step):
+    """What one replication looked up and copied."""
+
+    backup_id: str
+    chunks_referenced: int
+    chunks_checked: int
+    chunks_copied: int
+    bytes_copied: int
+    manifests: int
+    seconds: float
+
+
+class FinishReplicate(Step):
+    """Record a replication's outcome (or the error that stopped it)."""
+
+    backup_id: str
+    task_id: str
+    result: ReplicateResult | None = None
+    error: str | None = None

@@ -518,6 +518,39 @@ def backup_files(
     )
 
 
+@backup_app.command("replicate")
+def backup_replicate(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+    """Copy a backup to the second site (CSBS_REPLICA_*): the chunks the replica lacks,
+    then its manifests and descriptor. Resumes after a crash; copies nothing twice."""
+    f = facade(settings())
+
+    async def replicate() -> dict[str, Any]:
+        handle, task_id = await guarded_async(f.replicate(backup_id))
+        if not wait:
+            return {"workflow_id": handle.id, "task_id": task_id, "status": "replicating"}
+        try:
+            result = cast(dict[str, Any], await handle.result())
+        except WorkflowFailureError as exc:
+            fail(workflow_error(exc))
+        return {"workflow_id": handle.id, "task_id": task_id, "status": "replicated", **result}
+
+    result = run_async(replicate())
+    emit(
+        result,
+        as_json,
+        lambda: console.print(
+            f"backup {backup_id}: "
+            + (
+                f"replicated, {result['chunks_copied']} of {result['chunks_referenced']} chunks "
+                f"copied ({format_size(result['bytes_copied'])}) in {result['seconds']:.1f} s"
+                if result["status"] == "replicated"
+                else f"replicating (task {result['task_id']})"
+            ),
+            highlight=False,
+        ),
+    )
+
+
 @backup_app.command("verify")
 def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Read every chunk of a backup from S3 and check its digest; problems are reported by

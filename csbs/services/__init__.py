@@ -17,6 +17,7 @@ from csbs.drivers import ComputeDriver, make_fleet
 from csbs.services.backup import BackupService
 from csbs.services.base import Context, Heartbeat, Service
 from csbs.services.delete import DeleteService
+from csbs.services.replicate import ReplicateService
 from csbs.services.restore import RestoreService
 from csbs.services.verify import VerifyService
 
@@ -25,6 +26,7 @@ __all__ = [
     "Context",
     "DeleteService",
     "Heartbeat",
+    "ReplicateService",
     "RestoreService",
     "Service",
     "Services",
@@ -53,6 +55,7 @@ class Services:
         self.restore = RestoreService(self.ctx)
         self.verify = VerifyService(self.ctx)
         self.delete = DeleteService(self.ctx)
+        self.replicate = ReplicateService(self.ctx)
         #: What every service shares (read-only here: build a new ``Services`` to change).
         self.settings, self.catalog = self.ctx.settings, self.ctx.catalog
         self.store, self.driver = self.ctx.store, self.ctx.driver

@@ -77,6 +77,14 @@ class Context:
     #: terminated"), or None while it runs or cannot be told. The worker sets it (it asks
     #: Temporal); without it nothing is reconciled.
     closed_run: Callable[[str, str | None], str | None] | None = None
+    #: The second site's repository (issue 17), built on first use.
+    replica: ChunkStore | None = None
+
+    def replica_store(self) -> ChunkStore:
+        """The replica's repository of this project (InvalidState when none is set)."""
+        if self.replica is None:
+            self.replica = ChunkStore(self.settings.replica())
+        return self.replica
 
 
 class Service:

@@ -27,6 +27,7 @@ from csbs.model import (
     DeleteBackupsInput,
     PolicyRunPlan,
     PreparedBackup,
+    ReplicateBackupInput,
     RestoreItem,
     RestorePlan,
     RestoreServerInput,
@@ -233,7 +234,27 @@ class Fakes:
         async def backups_to_verify(inp: st.BackupsToVerify) -> st.BackupIds:
             return await f._run("backups_to_verify", inp, st.BackupIds(backup_ids=[]))  # type: ignore[no-any-return]
 
+        @activity.defn(name="prepare_replicate")
+        async def prepare_replicate(inp: st.OfTask) -> st.ReplicatePlan:
+            plan = st.ReplicatePlan(backup_id=inp.backup_id, task_id=inp.task_id, server_id="s")
+            return await f._run("prepare_replicate", inp, plan)  # type: ignore[no-any-return]
+
+        @activity.defn(name="replicate_backup")
+        async def replicate_backup(inp: st.ReplicatePlan) -> st.ReplicateResult:
+            done = st.ReplicateResult(
+                backup_id=inp.backup_id, chunks_referenced=2, chunks_checked=2,
+                chunks_copied=2, bytes_copied=2, manifests=1, seconds=0.1,
+            )  # fmt: skip
+            return await f._run("replicate_backup", inp, done)  # type: ignore[no-any-return]
+
+        @activity.defn(name="finish_replicate")
+        async def finish_replicate(inp: st.FinishReplicate) -> None:
+            await f._run("finish_replicate", inp, None)
+
         return [
+            prepare_replicate,
+            replicate_backup,
+            finish_replicate,
             prepare_backup,
             take_snapshot,
             backup_disk,
@@ -589,6 +610,38 @@ async def test_verify_fails_with_corrupt_data_naming_the_problems(
     assert fakes.inputs("finish_verify")[0].results[0].problems[0].problem == "missing"
 
 
+# -- ReplicateBackup -----------------------------------------------------------------------------
+async def test_a_replication_copies_then_records_its_result(env: WorkflowEnvironment) -> None:
+    fakes = Fakes()
+    result, error = await outcome(
+        env, fakes, "ReplicateBackup", ReplicateBackupInput(backup_id="bk-1")
+    )
+    assert error is None and result["chunks_copied"] == 2
+    assert fakes.names() == ["prepare_replicate", "replicate_backup", "finish_replicate"]
+    assert fakes.inputs("finish_replicate")[0].result.chunks_copied == 2
+
+
+async def test_a_failed_replication_records_the_reason_and_fails(env: WorkflowEnvironment) -> None:
+    def broken(inp: st.ReplicatePlan) -> None:
+        raise ApplicationError("chunk ab: digest mismatch", type="CorruptData", non_retryable=True)
+
+    fakes = Fakes(replicate_backup=broken)
+    _, error = await outcome(env, fakes, "ReplicateBackup", ReplicateBackupInput(backup_id="bk-1"))
+    assert error is not None and "digest mismatch" in str(error)
+    (finished,) = fakes.inputs("finish_replicate")
+    assert finished.result is None and "digest mismatch" in (finished.error or "")
+
+
+async def test_a_refused_replication_copies_nothing(env: WorkflowEnvironment) -> None:
+    def refused(inp: st.OfTask) -> None:
+        raise ApplicationError("no replica is configured", type="InvalidState", non_retryable=True)
+
+    fakes = Fakes(prepare_replicate=refused)
+    _, error = await outcome(env, fakes, "ReplicateBackup", ReplicateBackupInput(backup_id="bk-1"))
+    assert error is not None and "no replica is configured" in str(error)
+    assert fakes.names() == ["prepare_replicate"]
+
+
 async def test_verify_backups_reports_each_failure_and_goes_on(env: WorkflowEnvironment) -> None:
     def two(_: Any) -> st.BackupIds:
         return st.BackupIds(backup_ids=["bk-good", "bk-bad"])
@@ -699,7 +752,7 @@ def test_no_activity_is_cancelled_by_an_exception_raised_into_its_thread() -> No
         for name in dir(CsbsActivities)
         if _Definition.from_callable(getattr(CsbsActivities, name)) is not None
     ]
-    assert len(methods) == 29
+    assert len(methods) == 32
     for method in methods:
         definition = _Definition.from_callable(method)
         assert definition is not None and definition.no_thread_cancel_exception, method
