@@ -331,7 +331,9 @@ class CsbsActivities:
 
     @_step("check_restore")
     def check_restore(self, inp: CheckRestore) -> None:
-        self.services.restore.check_restore(inp.backup_id, inp.disk_ids, heartbeat=_heartbeat)
+        self.services.restore.check_restore(
+            inp.backup_id, inp.disk_ids, heartbeat=_heartbeat, from_replica=inp.from_replica
+        )
 
     @_step("restore_disk")
     def restore_disk(self, inp: RestoreDisk) -> TransferStats:
@@ -345,7 +347,7 @@ class CsbsActivities:
             resumed_at_chunk=done or None,
         ) as span:
             stats = self.services.restore.restore_disk(
-                inp.backup_id, item, done=done, heartbeat=_heartbeat
+                inp.backup_id, item, done=done, heartbeat=_heartbeat, from_replica=inp.from_replica
             )
             _stats_attributes(span, stats)
         metrics.transfer("restore", stats)
@@ -433,14 +435,14 @@ class CsbsActivities:
     @_step("prepare_verify")
     def prepare_verify(self, inp: OfTask) -> VerifyPlan:
         return self.services.verify.prepare_verify(
-            inp.backup_id, inp.task_id, activity.info().workflow_id or ""
+            inp.backup_id, inp.task_id, activity.info().workflow_id or "", replica=inp.replica
         )
 
     @_step("verify_disk")
     def verify_disk(self, inp: OfDisk) -> VerifyDiskResult:
         with step_span("csbs.verify", backup_id=inp.backup_id, disk_id=inp.disk_id) as span:
             result = self.services.verify.verify_disk(
-                inp.backup_id, inp.disk_id, heartbeat=_heartbeat
+                inp.backup_id, inp.disk_id, heartbeat=_heartbeat, replica=inp.replica
             )
             set_attributes(
                 span,
@@ -453,7 +455,7 @@ class CsbsActivities:
     @_step("finish_verify")
     def finish_verify(self, inp: FinishVerify) -> VerifySummary:
         return self.services.verify.finish_verify(
-            inp.backup_id, inp.task_id, inp.results, inp.error
+            inp.backup_id, inp.task_id, inp.results, inp.error, replica=inp.replica
         )
 
     @_step("backups_to_verify")

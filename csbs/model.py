@@ -184,6 +184,8 @@ class RestoreServerInput(_Input):
     #: Run the server from the backup at once and copy its disks in the background
     #: (the guide's instant restore; qemu driver).
     instant: bool = False
+    #: Read the backup from the second site (issue 17): while the primary is down.
+    from_replica: bool = False
 
     @field_validator("disk_ids")
     @classmethod
@@ -230,9 +232,11 @@ class RunPolicyInput(_Input):
 
 
 class VerifyBackupInput(_Input):
-    """Input of the ``VerifyBackup`` workflow: read every chunk, check every digest."""
+    """Input of the ``VerifyBackup`` workflow: read every chunk, check every digest
+    (``replica``: of the copy on the second site, issue 17)."""
 
     backup_id: str
+    replica: bool = False
 
     @field_validator("backup_id")
     @classmethod
@@ -266,6 +270,8 @@ class PolicyRunPlan(BaseModel):
     policy_id: str
     server_ids: list[str]
     skipped: dict[str, str] = {}
+    #: Replicate each backup made to the second site (the policy's ``replicate``).
+    replicate: bool = False
 
 
 class CollectGarbageInput(_Input):
@@ -357,6 +363,8 @@ class RestorePlan(BaseModel):
     items: list[RestoreItem]
     warnings: list[str] = []
     route: HostRoute = HostRoute()
+    #: Read from the second site (issue 17).
+    from_replica: bool = False
 
 
 class VerifyPlan(BaseModel):

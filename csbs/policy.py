@@ -64,6 +64,8 @@ class PolicySpec(BaseModel):
     #: S3 Object Lock (issue 17): its backups are locked this many days after their
     #: creation (or ``CSBS_OBJECT_LOCK_DAYS``, when longer); None is that setting alone.
     lock_days: int | None = Field(default=None, ge=1, le=36500)
+    #: Replicate every backup it makes to the second site (issue 17, ``ReplicateBackup``).
+    replicate: bool = False
 
     @model_validator(mode="before")
     @classmethod

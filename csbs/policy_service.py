@@ -145,7 +145,7 @@ class PolicyService:
         """P8: run now is refused while a bound server has a backup running, and (P7) when
         no server is bound; a scheduled run skips busy servers (the caller records the
         skips) and does nothing without servers."""
-        self.policies.get(policy_id)
+        policy = self.policies.get(policy_id)
         server_ids = [b.server_id for b in self.policies.bindings(policy_id)]
         if not server_ids and trigger == "manual":
             # P7, guide 3.2.4: back up now needs at least one bound server.
@@ -165,6 +165,7 @@ class PolicyService:
             raise Conflict(f"policy {policy_id} cannot run now: backups are running on {listing}")
         return PolicyRunPlan(
             policy_id=policy_id,
+            replicate=PolicySpec.model_validate_json(policy.spec).replicate,
             server_ids=[s for s in server_ids if s not in busy],
             skipped={
                 s: f"skipped: server {s} had backup {b.name} ({b.id}) running"

@@ -64,17 +64,21 @@ class SnapshotTaken(Step):
 
 
 class OfDisk(Step):
-    """A step on one disk of a backup (upload it, verify it)."""
+    """A step on one disk of a backup (upload it, verify it: on the replica with
+    ``replica``)."""
 
     backup_id: str
     disk_id: str
+    replica: bool = False
 
 
 class OfTask(Step):
-    """A step that finishes a backup's or verification's task (commit, delete)."""
+    """A step that finishes a backup's or verification's task (commit, delete);
+    ``replica``: a verification of the copy on the second site."""
 
     backup_id: str
     task_id: str
+    replica: bool = False
 
 
 class FailTask(Step):
@@ -113,6 +117,8 @@ class CheckRestore(Step):
 
     backup_id: str
     disk_ids: list[str]
+    #: Read from the second site (issue 17).
+    from_replica: bool = False
 
 
 class RestoreDisk(Step):
@@ -120,6 +126,7 @@ class RestoreDisk(Step):
 
     backup_id: str
     item: RestoreItem
+    from_replica: bool = False
 
 
 class InstantRestore(Step):
@@ -218,6 +225,7 @@ class FinishVerify(Step):
     task_id: str
     results: list[VerifyDiskResult]
     error: str | None = None
+    replica: bool = False
 
 
 class VerifySummary(Step):

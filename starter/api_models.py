@@ -127,6 +127,8 @@ class RestoreRequest(BaseModel):
     #: Run the server from the backup at once and copy its disks in the background (qemu
     #: driver); the task runs until the copy has finished.
     instant: Flag = False
+    #: Read the backup from the second site (issue 17), e.g. while the primary is down.
+    from_replica: Flag = False
 
     @model_validator(mode="after")
     def _instant_runs(self) -> RestoreRequest:
@@ -160,6 +162,7 @@ class PolicyOut(BaseModel):
     retention: RetentionKind
     retention_value: int | None
     lock_days: int | None = None
+    replicate: bool = False
     server_ids: list[str]
     created_at: str | None
     updated_at: str | None
@@ -194,6 +197,8 @@ class PolicyCreate(BaseModel):
     retention_value: Int | None = Field(default=None, ge=1, le=99999)
     #: S3 Object Lock days of its backups (issue 17); None: CSBS_OBJECT_LOCK_DAYS alone.
     lock_days: Int | None = Field(default=None, ge=1, le=36500)
+    #: Replicate each backup it makes to the second site (issue 17).
+    replicate: Flag = False
 
 
 class PolicyPatch(BaseModel):
@@ -209,6 +214,7 @@ class PolicyPatch(BaseModel):
     retention: RetentionKind | None = None
     retention_value: Int | None = Field(default=None, ge=1, le=99999)
     lock_days: Int | None = Field(default=None, ge=1, le=36500)
+    replicate: Flag | None = None
 
 
 class ServerIds(BaseModel):

@@ -283,6 +283,14 @@ def backup_restore(
             "(qemu and libvirt drivers).",
         ),
     ] = False,
+    from_replica: Annotated[
+        bool,
+        typer.Option(
+            "--from-replica",
+            help="Read the backup from the second site (CSBS_REPLICA_*), e.g. while the "
+            "primary is down.",
+        ),
+    ] = False,
     yes: YesOpt = False,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
@@ -301,6 +309,7 @@ def backup_restore(
             verify=verify,
             full=full,
             instant=instant,
+            from_replica=from_replica,
         )
     )
     f = facade(s)
@@ -552,13 +561,21 @@ def backup_replicate(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = F
 
 
 @backup_app.command("verify")
-def backup_verify(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+def backup_verify(
+    backup_id: str,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+    replica: Annotated[
+        bool,
+        typer.Option("--replica", help="Verify the copy on the second site (CSBS_REPLICA_*)."),
+    ] = False,
+) -> None:
     """Read every chunk of a backup from S3 and check its digest; problems are reported by
     disk and chunk, and a backup that fails is never restored."""
     f = facade(settings())
 
     async def verify() -> dict[str, Any]:
-        handle, task_id = await guarded_async(f.verify(backup_id))
+        handle, task_id = await guarded_async(f.verify(backup_id, replica))
         if not wait:
             return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
         try:

@@ -250,10 +250,20 @@ class Facade:
         handle = await (await self.csbs()).start_restore(inp)
         return handle, await self._task_recorded(handle, TaskKind.RESTORE, inp.backup_id)
 
-    async def verify(self, backup_id: str) -> tuple[WorkflowHandle[Any, Any], str]:
+    async def verify(
+        self, backup_id: str, replica: bool = False
+    ) -> tuple[WorkflowHandle[Any, Any], str]:
         """Start ``VerifyBackup``; return its handle and task id once it is recorded."""
-        inp = VerifyBackupInput(backup_id=backup_id)
-        self.catalog.get_backup(backup_id)
+        inp = VerifyBackupInput(backup_id=backup_id, replica=replica)
+        backup = self.catalog.get_backup(backup_id)
+        if replica:
+            self.settings.replica()
+            if backup.replica_status != "replicated":
+                raise InvalidState(
+                    f"backup {backup_id} is not on the replica (replication: "
+                    f"{backup.replica_status or 'never'}): run csbs backup replicate "
+                    f"{backup_id} first"
+                )
         handle = await (await self.csbs()).start_verify(inp)
         return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
 
@@ -434,12 +444,16 @@ class Facade:
 
     async def create_policy(self, spec: PolicySpec) -> dict[str, Any]:
         """Create a policy (P1-P3), then its Temporal Schedule."""
+        if spec.replicate:
+            self._replica_for("replicate")
         row = self.policies.create(spec)
         await self.sync_policy(row.id)
         return self.policies.view(row.id)
 
     async def update_policy(self, policy_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Change a policy, then rewrite its schedule (P7)."""
+        if changes.get("replicate"):
+            self._replica_for("replicate")
         self.policies.update(policy_id, changes)
         await self.sync_policy(policy_id)
         return self.policies.view(policy_id)
@@ -449,6 +463,14 @@ class Facade:
         self.policies.set_enabled(policy_id, enabled)
         await self.sync_policy(policy_id)
         return self.policies.view(policy_id)
+
+    def _replica_for(self, field: str) -> None:
+        """Refuse a policy that replicates while no replica is configured."""
+        if not self.settings.has_replica:
+            raise InvalidInput(
+                f"{field}: no replica is configured (set CSBS_REPLICA_ENDPOINT and "
+                f"CSBS_REPLICA_BUCKET on the workers and here)"
+            )
 
     def check_policy(self, policy_id: str) -> None:
         """Raise NotFound unless the policy exists."""

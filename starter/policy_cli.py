@@ -81,6 +81,9 @@ def policy_create(
         int | None,
         typer.Option(help="Lock its backups N days with S3 Object Lock (compliance mode)."),
     ] = None,
+    replicate: Annotated[
+        bool, typer.Option(help="Replicate each backup it makes to the second site.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a policy and its schedule (P1-P3)."""
@@ -97,6 +100,7 @@ def policy_create(
             every_days=every_days,
             timezone=timezone,
             lock_days=lock_days,
+            replicate=replicate,
             **retention,
         )
     )
@@ -118,6 +122,12 @@ def policy_update(
     lock_days: Annotated[
         int | None, typer.Option(help="Lock its next backups N days (S3 Object Lock).")
     ] = None,
+    replicate: Annotated[
+        bool | None,
+        typer.Option(
+            "--replicate/--no-replicate", help="Replicate its next backups to the second site."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a policy; its schedule is rewritten (P7)."""
@@ -135,6 +145,8 @@ def policy_update(
         changes["timezone"] = timezone
     if lock_days is not None:
         changes["lock_days"] = lock_days
+    if replicate is not None:
+        changes["replicate"] = replicate
     view = cli.run_async(cli.guarded_async(facade.update_policy(policy_id, changes)))
     cli.emit(view, as_json, lambda: _table([view]))
 

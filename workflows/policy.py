@@ -12,11 +12,18 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from activities import CsbsActivities as A
-    from csbs.model import BackupKind, BackupServerInput, RunPolicyInput, new_id
+    from csbs.model import (
+        BackupKind,
+        BackupServerInput,
+        ReplicateBackupInput,
+        RunPolicyInput,
+        new_id,
+    )
     from csbs.steps import PlanPolicyRun, PolicyRefusal, PolicySkips
 
 from workflows.backup import BackupServer
 from workflows.common import SA_OPERATION, SA_POLICY_ID, queued_step, reason_of, run_failure, tag
+from workflows.replicate import ReplicateBackup
 from workflows.retention import apply_retention
 
 
@@ -61,6 +68,7 @@ class RunPolicy:
         workflow.set_current_details(f"backing up {len(ids)} server(s)")
         limit = asyncio.Semaphore(inp.concurrency)
         outcomes: dict[str, str] = {}
+        replicas: dict[str, str] = {}
 
         async def one(server_id: str) -> None:
             async with limit:
@@ -81,6 +89,19 @@ class RunPolicy:
                     outcomes[server_id] = "available"
                 except ChildWorkflowError as err:
                     outcomes[server_id] = reason_of(f"backup of {server_id}", err).reason
+                if plan.replicate and outcomes[server_id] == "available":
+                    # Issue 17: the policy replicates each backup it makes; a failed copy
+                    # leaves the backup as it is, with the reason on its own task.
+                    try:
+                        await workflow.execute_child_workflow(
+                            ReplicateBackup.run,
+                            ReplicateBackupInput(backup_id=backup_id),
+                            id=f"replicate-{backup_id}",
+                            static_summary=f"replication of backup {backup_id}",
+                        )
+                        replicas[server_id] = "replicated"
+                    except ChildWorkflowError as err:
+                        replicas[server_id] = reason_of("replicate", err).reason
                 self._progress["done"] += 1
                 workflow.set_current_details(
                     f"backing up: {self._progress['done']}/{len(ids)} done"
@@ -95,7 +116,11 @@ class RunPolicy:
         return {
             "policy_id": inp.policy_id,
             "trigger": inp.trigger,
-            "backups": {s: {"backup_id": ids[s], "outcome": outcomes[s]} for s in ids},
+            "backups": {
+                s: {"backup_id": ids[s], "outcome": outcomes[s]}
+                | ({"replica": replicas[s]} if s in replicas else {})
+                for s in ids
+            },
             "skipped": plan.skipped,
             "retention": retention,
         }

@@ -72,7 +72,9 @@ class RestoreServer(wf.DiskProgress):
         try:
             self._at("checking the backup")
             check = CheckRestore(
-                backup_id=plan.backup_id, disk_ids=[i.source_disk_id for i in plan.items]
+                backup_id=plan.backup_id,
+                disk_ids=[i.source_disk_id for i in plan.items],
+                from_replica=plan.from_replica,
             )
             await wf.step(
                 "check backup",
@@ -102,7 +104,7 @@ class RestoreServer(wf.DiskProgress):
                 extra = {"instant": True, "bytes_fetched": fetched.bytes_fetched}
             else:
                 self._at("restoring")
-                await wf.all_or_cancel([self._disk(plan.backup_id, i) for i in plan.items])
+                await wf.all_or_cancel([self._disk(plan, i) for i in plan.items])
                 if inp.power_on:
                     self._at("starting server")
                     await wf.step(
@@ -162,7 +164,10 @@ class RestoreServer(wf.DiskProgress):
         server is stopped or a disk written."""
         self._at("verifying")
         results = await wf.all_or_cancel(
-            [verify_disk(plan.backup_id, item.source_disk_id) for item in plan.items]
+            [
+                verify_disk(plan.backup_id, item.source_disk_id, plan.from_replica)
+                for item in plan.items
+            ]
         )
         problems = [p for r in results for p in r.problems]
         if problems:
@@ -171,10 +176,10 @@ class RestoreServer(wf.DiskProgress):
                 "CorruptData",
             )
 
-    async def _disk(self, backup_id: str, item: RestoreItem) -> TransferStats:
+    async def _disk(self, plan: RestorePlan, item: RestoreItem) -> TransferStats:
         write = wf.transfer(
             A.restore_disk,
-            RestoreDisk(backup_id=backup_id, item=item),
+            RestoreDisk(backup_id=plan.backup_id, item=item, from_replica=plan.from_replica),
             summary=f"disk {item.source_disk_id} -> {item.target_disk_id}",
             route=self._route,
         )

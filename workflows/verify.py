@@ -30,12 +30,13 @@ from workflows.common import (
 )
 
 
-async def verify_disk(backup_id: str, disk_id: str) -> VerifyDiskResult:
-    """The ``verify_disk`` activity of one disk (also run by restores asked to verify)."""
+async def verify_disk(backup_id: str, disk_id: str, replica: bool = False) -> VerifyDiskResult:
+    """The ``verify_disk`` activity of one disk (also run by restores asked to verify);
+    ``replica``: the copy on the second site."""
     return await transfer(
         A.verify_disk,
-        OfDisk(backup_id=backup_id, disk_id=disk_id),
-        summary=f"verify disk {disk_id}",
+        OfDisk(backup_id=backup_id, disk_id=disk_id, replica=replica),
+        summary=f"verify disk {disk_id}" + (" on the replica" if replica else ""),
     )
 
 
@@ -49,23 +50,35 @@ class VerifyBackup:
         tag(SA_BACKUP_ID.value_set(inp.backup_id), SA_OPERATION.value_set("verify"))
         workflow.set_current_details("validating")
         plan = await validated(
-            local_step(A.prepare_verify, OfTask(backup_id=inp.backup_id, task_id=task_id))
+            local_step(
+                A.prepare_verify,
+                OfTask(backup_id=inp.backup_id, task_id=task_id, replica=inp.replica),
+            )
         )
         tag(SA_SERVER_ID.value_set(plan.server_id))
         workflow.set_current_details(f"verifying {len(plan.disk_ids)} disk(s)")
         try:
-            results = await all_or_cancel([verify_disk(inp.backup_id, d) for d in plan.disk_ids])
+            results = await all_or_cancel(
+                [verify_disk(inp.backup_id, d, inp.replica) for d in plan.disk_ids]
+            )
         except BaseException as err:
             failed = reason_of("verify", err)
             stopped = FinishVerify(
-                backup_id=inp.backup_id, task_id=task_id, results=[], error=failed.reason
+                backup_id=inp.backup_id,
+                task_id=task_id,
+                results=[],
+                error=failed.reason,
+                replica=inp.replica,
             )
             await local_step(A.finish_verify, stopped, cleanup=True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise run_failure(failed) from err
         summary = await local_step(
-            A.finish_verify, FinishVerify(backup_id=inp.backup_id, task_id=task_id, results=results)
+            A.finish_verify,
+            FinishVerify(
+                backup_id=inp.backup_id, task_id=task_id, results=results, replica=inp.replica
+            ),
         )
         workflow.set_current_details("done" if summary.ok else "found problems")
         if not summary.ok:

@@ -222,13 +222,13 @@ class Service:
     def start_server(self, server_id: str) -> None:
         self.driver.start(server_id)
 
-    def _chunk_index(self, to_read: int) -> set[bytes] | None:
+    def _chunk_index(self, to_read: int, store: ChunkStore | None = None) -> set[bytes] | None:
         """Every chunk id of the store when listing them is cheaper than a HEAD for each
         chunk to read: with at least a LIST page's worth of chunks to read, and at most
         4 ids listed per chunk to read. Otherwise None (HEAD each new chunk)."""
         if to_read < 100:
             return None
-        return self.store.chunk_index(4 * to_read)
+        return (store or self.store).chunk_index(4 * to_read)
 
     def _suspect(self, backup_id: str, problems: list[ChunkProblem]) -> None:
         """Chunks found missing or corrupt are never reused by a backup again: the next

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from csbs import verify
 from csbs.catalog import BackupRow
+from csbs.chunkstore import ChunkStore
 from csbs.delta import DeltaPlan, plan_delta
 from csbs.drivers.base import InstantSource
 from csbs.errors import (
@@ -92,7 +93,12 @@ class RestoreService(Service):
             items=items,
             warnings=warnings,
             route=self.route(server),
+            from_replica=inp.from_replica,
         )
+
+    def source(self, from_replica: bool) -> ChunkStore:
+        """Where a restore reads: the primary, or the second site (issue 17)."""
+        return self.ctx.replica_store() if from_replica else self.store
 
     def _plan(
         self, inp: RestoreServerInput, check_status: bool = True
@@ -103,6 +109,14 @@ class RestoreService(Service):
             raise InvalidState(
                 f"backup {backup.id} is {backup.status}; only available backups can be restored"
             )
+        if inp.from_replica:
+            self.settings.replica()  # refuses when no replica is configured
+            if check_status and backup.replica_status != "replicated":
+                raise InvalidState(
+                    f"backup {backup.id} is not on the replica (replication: "
+                    f"{backup.replica_status or 'never'}); restore it from the primary, or "
+                    f"run csbs backup replicate {backup.id} first"
+                )
         server = self.driver.get_server(backup.server_id)
         unsupported = self.driver.instant_support() if inp.instant else None
         if unsupported is not None:
@@ -159,11 +173,16 @@ class RestoreService(Service):
         )
 
     def check_restore(
-        self, backup_id: str, disk_ids: list[str], heartbeat: Heartbeat | None = None
+        self,
+        backup_id: str,
+        disk_ids: list[str],
+        heartbeat: Heartbeat | None = None,
+        from_replica: bool = False,
     ) -> None:
         """Refuse, before any disk is touched, a backup that failed its last verification
         or whose chunks are not all in the object store (and a wrong or missing key)."""
-        self.store.ensure_config()
+        store = self.source(from_replica)
+        store.ensure_config()
         backup = self.catalog.get_backup(backup_id)
         if backup.verify_status == "failed":
             raise CorruptData(
@@ -171,13 +190,14 @@ class RestoreService(Service):
                 f"({backup.verify_error}); restore refused before any disk was touched"
             )
         beat = heartbeat or (lambda _details: None)
-        manifests = [self.store.get_manifest(backup.id, d) for d in disk_ids]
+        manifests = [store.get_manifest(backup.id, d) for d in disk_ids]
         distinct = len(set().union(*(m.chunk_ids() for m in manifests))) if manifests else 0
         beat({"step": "listing"})
-        index = self._chunk_index(distinct)
+        index = self._chunk_index(distinct, store)
         beat({"step": "checking", "chunks": distinct})
-        missing = verify.missing_chunks(self.store, backup.id, disk_ids, index, beat)
-        self._suspect(backup.id, missing)
+        missing = verify.missing_chunks(store, backup.id, disk_ids, index, beat)
+        if not from_replica:  # the replica's damage says nothing of the primary's chunks
+            self._suspect(backup.id, missing)
         if missing:
             raise CorruptData(
                 f"backup {backup.id} cannot be restored: {verify.describe(missing)}; restore "
@@ -190,10 +210,12 @@ class RestoreService(Service):
         item: RestoreItem,
         done: int = 0,
         heartbeat: Heartbeat | None = None,
+        from_replica: bool = False,
     ) -> TransferStats:
         """Write one backed-up disk onto its target disk (the server is stopped)."""
+        store = self.source(from_replica)
         backup = self.catalog.get_backup(backup_id)
-        manifest = self._checked_manifest(backup_id, item.source_disk_id)
+        manifest = self._checked_manifest(backup_id, item.source_disk_id, store)
         target = self._target_disk(backup.server_id, item)
         # Restoring onto the original disk returns it to its size at backup time (R5);
         # onto another (larger) disk, the data goes to its start and the size stays.
@@ -206,7 +228,7 @@ class RestoreService(Service):
         )
         task = running[0] if running else None
         # Asked before the writer opens: opening may resize the disk and drop its tracking.
-        delta = self._delta_plan(backup.server_id, item, manifest, target.size_bytes)
+        delta = self._delta_plan(backup.server_id, item, manifest, target.size_bytes, store)
         if task is not None and done == 0:
             self.catalog.add_task_note(task.id, f"disk {item.source_disk_id}: {delta.note}")
         writer = self.driver.open_disk_writer(backup.server_id, item.target_disk_id, size)
@@ -229,7 +251,7 @@ class RestoreService(Service):
             if size > manifest.size_bytes and done == 0:
                 writer.zero(manifest.size_bytes, size - manifest.size_bytes)
             return restore_disk(
-                self.store,
+                store,
                 manifest,
                 writer,
                 start=done,
@@ -256,6 +278,7 @@ class RestoreService(Service):
         the same sockets (QEMU reconnects) and resumes the copy; the disks are never put
         back in place twice, so the guest's writes since it started are kept."""
         backup = self.catalog.get_backup(plan.backup_id)
+        store = self.source(plan.from_replica)
         server_id = plan.server_id
         served: list[tuple[NbdServer, threading.Thread]] = []
         readers: list[BackupDiskReader] = []
@@ -263,7 +286,7 @@ class RestoreService(Service):
         try:
             sources = []
             for item in plan.items:
-                manifest = self._checked_manifest(backup.id, item.source_disk_id)
+                manifest = self._checked_manifest(backup.id, item.source_disk_id, store)
                 target = self._target_disk(backup.server_id, item)
                 size = (
                     manifest.size_bytes
@@ -273,7 +296,7 @@ class RestoreService(Service):
                 socket_path = self.driver.instant_socket(server_id, item.target_disk_id)
                 export = f"{backup.id}/{item.source_disk_id}"
                 # A small cache per disk (12 chunks): a server may have many disks.
-                reader = BackupDiskReader(self.store, manifest, cache_chunks=12, readahead=4)
+                reader = BackupDiskReader(store, manifest, cache_chunks=12, readahead=4)
                 readers.append(reader)
                 nbd = NbdServer(reader, export, Path(socket_path))
                 thread = threading.Thread(target=nbd.serve_forever, daemon=True)
@@ -341,11 +364,11 @@ class RestoreService(Service):
                 )
             time.sleep(poll_seconds)
 
-    def _checked_manifest(self, backup_id: str, disk_id: str) -> Manifest:
+    def _checked_manifest(self, backup_id: str, disk_id: str, store: ChunkStore) -> Manifest:
         """The disk's manifest, refused when its size disagrees with the catalog's record:
         the manifest decides how far the target disk is cut or grown, never on the word of
         an object the catalog does not vouch for."""
-        manifest = self.store.get_manifest(backup_id, disk_id)
+        manifest = store.get_manifest(backup_id, disk_id)
         recorded = {d.disk_id: d.size_bytes for d in self.catalog.disk_backups(backup_id)}
         if manifest.size_bytes != recorded.get(disk_id):
             raise CorruptData(
@@ -368,7 +391,12 @@ class RestoreService(Service):
         return server.disk(item.target_disk_id)
 
     def _delta_plan(
-        self, server_id: str, item: RestoreItem, manifest: Manifest, disk_size: int
+        self,
+        server_id: str,
+        item: RestoreItem,
+        manifest: Manifest,
+        disk_size: int,
+        store: ChunkStore,
     ) -> DeltaPlan:
         """Which chunks this disk needs (issue 18: delta restore), or all with the reason.
         The baseline backup must still be in the catalog with a readable manifest."""
@@ -383,7 +411,7 @@ class RestoreService(Service):
                 why = f"backup {baseline.backup_id}, where the disk's tracking starts, is gone"
             else:
                 try:
-                    base_manifest = self.store.get_manifest(baseline.backup_id, item.source_disk_id)
+                    base_manifest = store.get_manifest(baseline.backup_id, item.source_disk_id)
                 except (NotFound, CorruptData) as exc:
                     why = f"the manifest of backup {baseline.backup_id} cannot be read ({exc})"
         return plan_delta(

@@ -10,6 +10,7 @@ from csbs.catalog import (
     BackupFilter,
     utcnow,
 )
+from csbs.chunkstore import ChunkStore
 from csbs.errors import (
     CorruptData,
     InvalidState,
@@ -32,14 +33,23 @@ from csbs.steps import VerifySummary
 class VerifyService(Service):
     """Every step of a verification."""
 
-    def prepare_verify(self, backup_id: str, task_id: str, workflow_id: str) -> VerifyPlan:
-        """Open a verify task for an available (or restoring) backup."""
-        self.store.ensure_config()
+    def prepare_verify(
+        self, backup_id: str, task_id: str, workflow_id: str, replica: bool = False
+    ) -> VerifyPlan:
+        """Open a verify task for an available (or restoring) backup (``replica``: one
+        replicated to the second site, whose copy is verified)."""
+        self._source(replica).ensure_config()
         backup = self.catalog.get_backup(backup_id)
         if self._find_task(task_id) is None:
             if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
                 raise InvalidState(
                     f"backup {backup.id} is {backup.status}; only available backups are verified"
+                )
+            if replica and backup.replica_status != "replicated":
+                raise InvalidState(
+                    f"backup {backup.id} is not on the replica (replication: "
+                    f"{backup.replica_status or 'never'}): run csbs backup replicate "
+                    f"{backup.id} first"
                 )
             self.catalog.add_task(
                 self._running_task(
@@ -50,6 +60,7 @@ class VerifyService(Service):
                     backup.name,
                     backup.server_id,
                     backup.server_name,
+                    detail="the copy on the replica" if replica else None,
                 )
             )
         return VerifyPlan(
@@ -60,23 +71,40 @@ class VerifyService(Service):
             disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup.id)],
         )
 
+    def _source(self, replica: bool) -> ChunkStore:
+        return self.ctx.replica_store() if replica else self.store
+
     def verify_disk(
-        self, backup_id: str, disk_id: str, heartbeat: Heartbeat | None = None
+        self,
+        backup_id: str,
+        disk_id: str,
+        heartbeat: Heartbeat | None = None,
+        replica: bool = False,
     ) -> VerifyDiskResult:
         """Read every chunk of one disk of a backup and check its digest."""
         return verify.verify_disk(
-            self.store, backup_id, disk_id, self.settings.transfer_concurrency, heartbeat
+            self._source(replica),
+            backup_id,
+            disk_id,
+            self.settings.transfer_concurrency,
+            heartbeat,
         )
 
     def finish_verify(
-        self, backup_id: str, task_id: str, results: list[VerifyDiskResult], error: str | None
+        self,
+        backup_id: str,
+        task_id: str,
+        results: list[VerifyDiskResult],
+        error: str | None,
+        replica: bool = False,
     ) -> VerifySummary:
         """Record the outcome on the backup and its task; a backup whose descriptor is gone
-        fails too (restore needs it)."""
+        fails too (restore needs it). A verification of the replica records its failure
+        as the backup's ``replica_error`` and leaves the primary's record alone."""
         problems = [p for r in results for p in r.problems]
         if error is None:
             try:
-                self.store.get_descriptor(backup_id)
+                self._source(replica).get_descriptor(backup_id)
             except (NotFound, CorruptData, ValueError) as exc:
                 problems.insert(
                     0,
@@ -87,8 +115,13 @@ class VerifyService(Service):
         ok = error is None and not problems
         reason = None if ok else (error or f"verify found {verify.describe(problems)}")
         with self.catalog.unit_of_work():
-            self._suspect(backup_id, problems)
-            if error is None:
+            if replica:
+                if reason is not None:
+                    reason = f"replica: {reason}"
+                if error is None:
+                    self.catalog.update_backup(backup_id, replica_error=reason)
+            elif error is None:
+                self._suspect(backup_id, problems)
                 self.catalog.update_backup(
                     backup_id,
                     verified_at=utcnow(),

@@ -100,8 +100,17 @@ async def restore_backup(backup_id: Id, body: RestoreRequest, facade: FacadeDep)
 
 
 @router.post("/v1/backups/{backup_id}/verify", **STARTS)
-async def verify_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
+async def verify_backup(backup_id: Id, facade: FacadeDep, replica: bool = False) -> dict[str, Any]:
     """Read every chunk of the backup and check its digest. The task (and the backup's
-    ``verify_status`` and ``verify_error``) say what was found."""
-    handle, task_id = await facade.verify(backup_id)
+    ``verify_status`` and ``verify_error``) say what was found. ``?replica=true``: the
+    copy on the second site (a failure goes to ``replica_error``)."""
+    handle, task_id = await facade.verify(backup_id, replica)
     return {"workflow_id": handle.id, "task_id": task_id, "status": "verifying"}
+
+
+@router.post("/v1/backups/{backup_id}/replicate", **STARTS)
+async def replicate_backup(backup_id: Id, facade: FacadeDep) -> dict[str, Any]:
+    """Copy the backup to the second site (``CSBS_REPLICA_*``): the chunks the replica
+    lacks, then its manifests and descriptor. The backup's ``replica_status`` follows."""
+    handle, task_id = await facade.replicate(backup_id)
+    return {"workflow_id": handle.id, "task_id": task_id, "status": "replicating"}

@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.chunkstore import ChunkStore
 from csbs.errors import StorageError
 from csbs.replicate import replicate_backup
-from starter.stack import SeaweedS3
+from starter.stack import SeaweedS3, start_seaweed
 from tests.conftest import MIB, ReplicaSite, Stack, make_settings, running_stack
 from tests.e2e.test_cli_e2e import temporal_cli
 
@@ -153,3 +153,98 @@ async def test_the_temporal_cli_starts_a_replication_and_a_refusal_leaves_a_task
     (task,) = plain.catalog.list_tasks(kind="replicate", status="failed")
     assert task.backup_id == made["id"] and task.server_name == "no-rep"
     assert "CSBS_REPLICA_ENDPOINT" in (task.reason or "")
+
+
+async def test_restore_from_the_replica_while_the_primary_is_down(
+    tmp_path: Path, s3: SeaweedS3, replica_site: ReplicaSite, temporal: WorkflowEnvironment
+) -> None:
+    """The primary's own SeaweedFS is stopped: ``csbs backup restore --from-replica
+    --verify`` checks and restores from the second site, bit-identical. ``csbs backup
+    verify --replica`` then finds a chunk damaged on the replica: the backup's
+    ``replica_error`` says so, its own verification record is untouched."""
+    primary = start_seaweed(
+        tmp_path / "primary",
+        "csbs-primary",
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+    )
+    try:
+        settings = make_settings(
+            tmp_path, primary, s3_bucket="csbs-primary", **replica_site.settings()
+        )
+        ready(ChunkStore(settings))
+        async with running_stack(temporal, settings) as st:
+            drv = st.driver
+            server = drv.create_server("dr", [8 * MIB, 4 * MIB])
+            for disk in server.disks:
+                drv.write(server.id, disk.id, 0, os.urandom(3 * MIB))
+            made = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+            expected = drv.checksum(server.id)
+            await st.cli("backup", "replicate", made["id"], "--wait")
+            for disk in server.disks:
+                drv.write(server.id, disk.id, 0, os.urandom(4 * MIB))
+
+            primary.stop()  # the primary site is down
+            out = await st.cli(
+                "backup", "restore", made["id"], "--from-replica", "--verify", "--yes",
+                "--wait", "--json",
+            )  # fmt: skip
+            assert out.json()["backup_id"] == made["id"]
+            assert drv.checksum(server.id) == expected
+
+            replica = replica_of(st)
+            chunk_id = sorted(replica.get_manifest(made["id"], server.disks[0].id).chunk_ids())[0]
+            replica.s3.put_object(
+                Bucket=replica.bucket, Key=replica.chunk_key(chunk_id), Body=b"x" * 100
+            )
+            bad = await st.cli("backup", "verify", made["id"], "--replica", "--wait", check=False)
+            assert bad.code != 0
+            row = st.catalog.get_backup(made["id"])
+            assert (row.replica_error or "").startswith("replica: verify found")
+            assert row.verify_status == ""  # the primary's record is its own
+            (task,) = st.catalog.list_tasks(kind="verify")
+            assert task.status == "failed" and task.detail == "the copy on the replica"
+    finally:
+        primary.stop()
+
+
+def ready(store: ChunkStore) -> None:
+    """Wait for a fresh SeaweedFS to take a bucket."""
+    import time
+
+    for _ in range(100):
+        try:
+            store.ensure_bucket()
+            store.s3.put_object(Bucket=store.bucket, Key="ready", Body=b"")
+            return
+        except Exception:
+            time.sleep(0.3)
+
+
+async def test_a_policy_replicates_every_backup_it_makes(site2: Stack, stack: Stack) -> None:
+    """``csbs policy create --replicate``: each run's backups are replicated as child
+    ``ReplicateBackup`` runs, and the run's result says so per server. Without a replica
+    configured, such a policy is refused in one line, naming the field."""
+    st = site2
+    server = st.driver.create_server("pol-rep", [4 * MIB])
+    st.driver.write(server.id, server.disks[0].id, 0, os.urandom(3 * MIB))
+    pid = (
+        await st.cli("policy", "create", "--name", "rep", "--keep-count", "3", "--replicate",
+                     "--json")
+    ).json()["id"]  # fmt: skip
+    assert (await st.cli("policy", "show", pid, "--json")).json()["replicate"] is True
+    await st.cli("policy", "bind", pid, server.id)
+    run = (await st.cli("policy", "run", pid, "--wait", "--json")).json()
+    made = run["backups"][server.id]
+    assert made["outcome"] == "available" and made["replica"] == "replicated"
+    row = st.catalog.get_backup(made["backup_id"])
+    assert row.replica_status == "replicated"
+    assert replica_of(st).get_descriptor(row.id).backup_id == row.id
+
+    refused = await stack.cli(
+        "policy", "create", "--name", "norep", "--replicate", "--json", check=False
+    )
+    assert refused.code != 0
+    assert "replicate: no replica is configured" in refused.stderr + refused.stdout
+    names = [p["name"] for p in (await stack.cli("policy", "list", "--json")).json()]
+    assert "norep" not in names
