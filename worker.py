@@ -90,15 +90,18 @@ def build_workers(
 async def reconcile(client: object, settings: Settings) -> None:
     """Bring policy schedules in line with the catalog before taking work (issue 4)."""
     from csbs.catalog import Catalog
+    from csbs.chunkstore import ChunkStore
     from csbs.drivers import make_fleet
     from csbs.policy_service import PolicyService
     from runtime.schedules import reconcile_schedules
 
     catalog = Catalog(settings.effective_database_url, settings.project)
     try:
-        svc = PolicyService(catalog, make_fleet(settings, catalog))
+        svc = PolicyService(catalog, make_fleet(settings, catalog), ChunkStore(settings))
         result = await reconcile_schedules(client, svc, settings)  # type: ignore[arg-type]
         logging.info("schedules reconciled: %s", result)
+        # The copies ``csbs catalog rebuild`` reads (issue 17), in case one was missed.
+        logging.info("policy copies written: %d", await asyncio.to_thread(svc.publish))
     except Exception:
         logging.exception("could not reconcile policy schedules; will retry at next start")
     finally:

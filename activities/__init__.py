@@ -178,7 +178,7 @@ class CsbsActivities:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.services = services
-        self.policies = PolicyService(services.catalog, services.driver)
+        self.policies = PolicyService(services.catalog, services.driver, services.store)
         self.client, self.loop = client, loop
         if client is not None and loop is not None:
             services.closed_run = self._closed_run

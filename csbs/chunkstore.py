@@ -39,6 +39,7 @@ from csbs.format import (
     MIN_CHUNK_OBJECT,
     BackupDescriptor,
     Manifest,
+    PolicyCopy,
     chunk_digest,
     decode_chunk,
     encode_chunk,
@@ -565,6 +566,68 @@ class ChunkStore:
         if descriptor.backup_id != backup_id:
             raise CorruptData(f"descriptor at {key} belongs to another backup")
         return descriptor
+
+    # -- the projects beside this one ------------------------------------------------------
+    def sibling_projects(self) -> list[str]:
+        """Names of the folders under the prefix (each project's repository is one)."""
+        parent = self.root.rsplit("/", 1)[0] + "/" if "/" in self.root else ""
+        names: list[str] = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=parent, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    names.append(common["Prefix"][len(parent) :].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"LIST {parent}", exc) from exc
+        return sorted(n for n in names if n)
+
+    def has_config(self, project: str) -> bool:
+        """Whether the project beside this one has a repository config."""
+        parent = self.root.rsplit("/", 1)[0] + "/" if "/" in self.root else ""
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=f"{parent}{project}/config.json")
+            return True
+        except ClientError as exc:
+            if _not_found(exc):
+                return False
+            raise _storage_error(f"HEAD {parent}{project}/config.json", exc) from exc
+        except BotoCoreError as exc:
+            raise _storage_error(f"HEAD {parent}{project}/config.json", exc) from exc
+
+    # -- policy copies ----------------------------------------------------------------------
+    def policy_key(self, policy_id: str) -> str:
+        return f"{self.root}/policies/{check_id(policy_id)}.json"
+
+    def put_policy(self, copy: PolicyCopy) -> None:
+        key = self.policy_key(copy.id)
+        self._put(key, self._seal(key, copy.encode()))
+
+    def get_policy(self, policy_id: str) -> PolicyCopy:
+        key = self.policy_key(policy_id)
+        copy = self._read_verified(key, lambda blob: PolicyCopy.decode(self._open(key, blob)))
+        if copy.id != policy_id:
+            raise CorruptData(f"policy copy at {key} belongs to another policy")
+        return copy
+
+    def policy_ids(self) -> list[str]:
+        """Ids of the policies with a copy in the repository."""
+        return sorted(
+            key.rsplit("/", 1)[-1].removesuffix(".json")
+            for key in self.list_keys("policies/")
+            if key.endswith(".json")
+        )
+
+    def delete_policies(self, policy_ids: list[str]) -> None:
+        if policy_ids:
+            self._delete([self.policy_key(p) for p in policy_ids])
+
+    def backup_ids(self) -> list[str]:
+        """Ids of the backups with a descriptor (committed) in the repository."""
+        return sorted(
+            key.rsplit("/", 1)[-1].removesuffix(".json")
+            for key in self.list_keys("backups/")
+            if key.endswith(".json")
+        )
 
     def delete_staging(self, backup_id: str) -> None:
         self._delete(list(self.list_keys(f"staging/{check_id(backup_id)}/")))

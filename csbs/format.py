@@ -275,6 +275,39 @@ class DescriptorDisk(BaseModel):
     size_bytes: int
     data_bytes: int
     manifest: str
+    #: Bytes of chunk objects this disk's backup uploaded anew (absent before issue 17).
+    stored_bytes: int | None = None
+
+
+class PolicyCopy(BaseModel):
+    """``policies/<policy_id>.json`` (docs/format.md, "Policy copy"): a copy of a policy
+    and the servers bound to it, rewritten on every change, so that ``csbs catalog
+    rebuild`` brings policies back with the backups."""
+
+    format_version: int = FORMAT_VERSION
+    id: str
+    project: str
+    name: str
+    enabled: bool
+    #: The policy's rules as ``csbs policy show --json`` prints them (times, period,
+    #: time zone, retention, lock days, replicate).
+    spec: dict[str, Any]
+    server_ids: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> PolicyCopy:
+        try:
+            copy = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise CorruptData(f"policy copy is malformed ({exc.error_count()} errors)") from exc
+        if copy.format_version != FORMAT_VERSION:
+            raise CorruptData(f"policy copy has unsupported format version {copy.format_version}")
+        return copy
 
 
 class BackupDescriptor(BaseModel):
@@ -291,6 +324,8 @@ class BackupDescriptor(BaseModel):
     parent_id: str | None = None
     created_at: datetime
     snapshot_at: datetime | None = None
+    #: When the backup was committed (absent in descriptors written before issue 17).
+    finished_at: datetime | None = None
     server: DescriptorServer
     chunk_size: int
     #: S3 Object Lock (issue 17): this descriptor and the backup's manifests are locked

@@ -19,8 +19,10 @@ from csbs.catalog import (
     TaskRow,
     utcnow,
 )
+from csbs.chunkstore import ChunkStore
 from csbs.drivers import ComputeDriver
 from csbs.errors import Conflict, InvalidInput, InvalidState, NotFound, QuotaExceeded
+from csbs.format import PolicyCopy
 from csbs.locks import as_utc
 from csbs.model import BackupStatus, PolicyRunPlan, RetentionPlan, TaskKind, TaskStatus
 from csbs.policy import (
@@ -51,9 +53,41 @@ def policy_json(row: PolicyRow, bindings: list[BindingRow]) -> dict[str, Any]:
 class PolicyService:
     """Create, change, delete, bind and unbind policies of one project."""
 
-    def __init__(self, catalog: Catalog, driver: ComputeDriver) -> None:
+    def __init__(
+        self, catalog: Catalog, driver: ComputeDriver, store: ChunkStore | None = None
+    ) -> None:
         self.policies = PolicyCatalog(catalog)
         self.driver = driver
+        #: Where a copy of every policy is kept for ``csbs catalog rebuild`` (issue 17);
+        #: None: nowhere (tests of the rules alone).
+        self.store = store
+
+    def publish(self) -> int:
+        """Write a copy of every policy of the project, with its servers, to the
+        repository and remove the copies of deleted policies; returns how many there are.
+        Called after every change (a bind may move servers from other policies)."""
+        if self.store is None:
+            return 0
+        rows = self.policies.all()
+        bound: dict[str, list[str]] = {}
+        for b in self.policies.bindings():
+            bound.setdefault(b.policy_id, []).append(b.server_id)
+        for row in rows:
+            self.store.put_policy(
+                PolicyCopy(
+                    id=row.id,
+                    project=row.project,
+                    name=row.name,
+                    enabled=row.enabled,
+                    spec=PolicySpec.model_validate_json(row.spec).model_dump(mode="json"),
+                    server_ids=bound.get(row.id, []),
+                    created_at=as_utc(row.created_at),
+                    updated_at=as_utc(row.updated_at),
+                )
+            )
+        live = {r.id for r in rows}
+        self.store.delete_policies([p for p in self.store.policy_ids() if p not in live])
+        return len(rows)
 
     def create(self, spec: PolicySpec) -> PolicyRow:
         if len(self.policies.all()) >= MAX_POLICIES_PER_PROJECT:
@@ -61,7 +95,7 @@ class PolicyService:
                 f"a project has at most {MAX_POLICIES_PER_PROJECT} policies; delete one first"
             )
         now = utcnow()
-        return self.policies.add(
+        row = self.policies.add(
             PolicyRow(
                 id=f"pol-{uuid.uuid4().hex[:12]}",
                 project=self.policies.project,
@@ -72,6 +106,8 @@ class PolicyService:
                 updated_at=now,
             )
         )
+        self.publish()
+        return row
 
     def spec(self, policy_id: str) -> PolicySpec:
         return PolicySpec.model_validate_json(self.policies.get(policy_id).spec)
@@ -86,9 +122,11 @@ class PolicyService:
             changes["weekdays"] = None
         merged = {**self.spec(policy_id).model_dump(), **changes}
         spec = PolicySpec.model_validate(merged)
-        return self.policies.update(
+        row = self.policies.update(
             policy_id, name=spec.name, enabled=spec.enabled, spec=spec.model_dump_json()
         )
+        self.publish()
+        return row
 
     def set_enabled(self, policy_id: str, enabled: bool) -> PolicyRow:
         return self.update(policy_id, {"enabled": enabled})
@@ -97,6 +135,7 @@ class PolicyService:
         """Delete a policy and its bindings; its backups stay (P7)."""
         self.policies.get(policy_id)
         self.policies.delete(policy_id)
+        self.publish()
 
     def bind(self, policy_id: str, server_ids: list[str]) -> list[str]:
         """Bind servers (P6): running or stopped, no shared disks, at most 64 per policy.
@@ -129,6 +168,7 @@ class PolicyService:
                 f"({len(bound)} bound, {len(after - bound)} more asked)"
             )
         self.policies.bind(policy_id, server_ids)
+        self.publish()
         return [b.server_id for b in self.policies.bindings(policy_id)]
 
     def unbind(self, policy_id: str, server_ids: list[str]) -> list[str]:
@@ -139,6 +179,7 @@ class PolicyService:
         if missing:
             raise InvalidInput(f"server(s) {', '.join(missing)} are not bound to {policy_id}")
         self.policies.unbind(policy_id, server_ids)
+        self.publish()
         return [b.server_id for b in self.policies.bindings(policy_id)]
 
     def plan_run(self, policy_id: str, trigger: str) -> PolicyRunPlan:

@@ -58,6 +58,16 @@ def _bounded(
         yield item, fut.result()
 
 
+def replicate_policies(primary: ChunkStore, replica: ChunkStore) -> int:
+    """Make the replica's policy copies those of the primary (``csbs catalog rebuild
+    --from-replica`` brings them back); returns how many there are."""
+    ids = primary.policy_ids()
+    for policy_id in ids:
+        replica.put_policy(primary.get_policy(policy_id))
+    replica.delete_policies([p for p in replica.policy_ids() if p not in set(ids)])
+    return len(ids)
+
+
 def replicate_backup(
     primary: ChunkStore,
     replica: ChunkStore,
@@ -126,7 +136,9 @@ def replicate_backup(
     for manifest in manifests:
         replica.put_manifest(manifest)
     replica.put_descriptor(descriptor)
+    policies = replicate_policies(primary, replica)
     return ReplicateResult(
+        policies=policies,
         backup_id=backup_id,
         chunks_referenced=len(referenced),
         chunks_checked=len(looked_up),

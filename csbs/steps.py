@@ -267,6 +267,8 @@ class ReplicateResult(Step):
     bytes_copied: int
     manifests: int
     seconds: float
+    #: Policy copies on the replica afterwards (they follow the primary's).
+    policies: int = 0
 
 
 class FinishReplicate(Step):

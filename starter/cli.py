@@ -16,6 +16,7 @@ from csbs.model import (
 )
 from starter import cli_common as ui
 from starter.cli_backup import backup_app
+from starter.cli_catalog import catalog_app
 from starter.cli_common import JsonOpt, YesOpt
 from starter.cli_dev import dev_server_app
 from starter.policy_cli import policy_app
@@ -45,6 +46,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(api_app, name="api")
 app.add_typer(policy_app, name="policy")
 app.add_typer(quota_app, name="quota")
+app.add_typer(catalog_app, name="catalog")
 dev_app.add_typer(dev_server_app, name="server")
 
 

@@ -130,9 +130,9 @@ class Facade:
         self.serve_metrics = serve_metrics
         self.catalog = catalog or Catalog(settings.effective_database_url, settings.project)
         self.driver = driver or make_fleet(settings, self.catalog)
-        self.policies = PolicyService(self.catalog, self.driver)
         self._client = client
         self._services: Services | None = None
+        self.policies = PolicyService(self.catalog, self.driver, self.services.store)
 
     @property
     def services(self) -> Services:

@@ -464,6 +464,7 @@ class BackupService(Service):
         missing = [d.disk_id for d in disks if not d.done]
         if missing:
             raise InvalidState(f"backup {backup_id}: disks {missing} were not backed up")
+        finished = utcnow()
         descriptor = BackupDescriptor(
             backup_id=backup.id,
             project=backup.project,
@@ -474,6 +475,7 @@ class BackupService(Service):
             parent_id=backup.parent_id,
             created_at=backup.created_at,
             snapshot_at=backup.snapshot_at,
+            finished_at=finished,
             server=DescriptorServer(
                 id=backup.server_id, name=backup.server_name, type=backup.server_type
             ),
@@ -486,6 +488,7 @@ class BackupService(Service):
                     role=d.role,
                     size_bytes=d.size_bytes,
                     data_bytes=d.data_bytes,
+                    stored_bytes=d.stored_bytes,
                     manifest=self.store.manifest_key(backup_id, d.disk_id),
                 )
                 for d in disks
@@ -494,15 +497,17 @@ class BackupService(Service):
         self.store.put_descriptor(descriptor, lock_until=descriptor.locked_until)
         self.store.delete_staging(backup_id)
         with self.catalog.unit_of_work():
-            row = self._commit_rows(backup_id, task_id, disks)
+            row = self._commit_rows(backup_id, task_id, disks, finished)
         return BackupView.of(row, disks)
 
-    def _commit_rows(self, backup_id: str, task_id: str, disks: list[DiskBackupRow]) -> BackupRow:
+    def _commit_rows(
+        self, backup_id: str, task_id: str, disks: list[DiskBackupRow], finished: datetime
+    ) -> BackupRow:
         row = self.catalog.update_backup(
             backup_id,
             status=BackupStatus.AVAILABLE.value,
             progress=100,
-            finished_at=utcnow(),
+            finished_at=finished,
             data_bytes=sum(d.data_bytes for d in disks),
             stored_bytes=sum(d.stored_bytes for d in disks),
             size_bytes=sum(d.size_bytes for d in disks),
