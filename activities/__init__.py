@@ -66,6 +66,7 @@ from csbs.steps import (
     RestoreDisk,
     SnapshotTaken,
     SweepResult,
+    SweepSite,
     VerifySummary,
 )
 from csbs.telemetry import set_attributes, step_span
@@ -397,13 +398,15 @@ class CsbsActivities:
         self.services.delete.fail_delete(inp.backup_id, inp.task_id, inp.reason)
 
     @_step("collect_garbage")
-    def collect_garbage(self) -> SweepResult:
+    def collect_garbage(self, inp: SweepSite | None = None) -> SweepResult:
         # Every attempt of this activity is one owner: a retry that Temporal started
         # because the previous attempt went silent takes its lease over at once.
         info = activity.info()
         owner = hashlib.sha256(f"{info.workflow_run_id}/{info.activity_id}".encode())
         return self.services.delete.collect_garbage(
-            heartbeat=_heartbeat, owner=owner.hexdigest()[:16]
+            heartbeat=_heartbeat,
+            owner=owner.hexdigest()[:16],
+            site=inp.site if inp is not None else "primary",
         )
 
     @_step("reconcile_operations")

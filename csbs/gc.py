@@ -97,6 +97,7 @@ def collect_garbage(
     shard_chunks: int = SHARD_CHUNKS,
     temp_dir: str | None = None,
     site: str = "primary",
+    before_marking: Callable[[], None] | None = None,
 ) -> SweepResult:
     """One sweep of the project's chunks; returns counts of manifests, chunks, chunks
     deleted and bytes freed. Raises GarbageCollectionRunning (another sweep holds the
@@ -107,6 +108,9 @@ def collect_garbage(
     the replica, swept under its own lease, beside no replication."""
     lease = Lease(catalog, lease_seconds, owner, heartbeat, site)
     try:
+        if before_marking is not None:  # under the lease: the replica's retention
+            lease.keep("pruning", force=True)
+            before_marking()
         # 1. Count the chunk objects per key directory; keep their ids only while they
         #    fit in one shard (then the sweep needs no second listing).
         lease.keep("counting", force=True, chunks=0)

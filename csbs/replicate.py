@@ -18,11 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.errors import CsbsError
 from csbs.format import DIGEST_SIZE, Manifest
+from csbs.locks import ObjectLocked, as_utc
 from csbs.steps import ReplicateResult
 
 ZERO = bytes(DIGEST_SIZE)
@@ -56,6 +59,28 @@ def _bounded(
             yield first, fut.result()
     for item, fut in pending:
         yield item, fut.result()
+
+
+def prune_replica(
+    catalog: Catalog, replica: ChunkStore, retention_days: int, now: datetime | None = None
+) -> tuple[int, list[str]]:
+    """The replica's retention: delete the copies of backups the primary deleted (their
+    tombstones) once they are ``retention_days`` old; returns how many, and why any was
+    kept (S3 Object Lock still holds it). Copies the catalog knows nothing of are left
+    alone: after a lost catalog, ``csbs catalog rebuild`` must run first."""
+    now = now or datetime.now(UTC)
+    pruned, kept = 0, []
+    for tomb in catalog.replica_tombstones():
+        if as_utc(tomb.created_at) + timedelta(days=retention_days) > now:
+            continue
+        try:
+            replica.delete_backup_objects(tomb.backup_id)
+        except ObjectLocked as exc:
+            kept.append(f"replica copy of {tomb.backup_id} kept: {exc}")
+            continue
+        catalog.drop_tombstone(tomb.backup_id)
+        pruned += 1
+    return pruned, kept
 
 
 def replicate_policies(primary: ChunkStore, replica: ChunkStore) -> int:

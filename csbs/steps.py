@@ -177,6 +177,18 @@ class SweepResult(Step):
     #: Unreferenced chunks left in place because S3 Object Lock still holds a version
     #: of them (issue 17): a later sweep deletes them once their lock runs out.
     chunks_locked: int = 0
+    #: Which repository: the primary, or the replica (issue 17), where the sweep first
+    #: deletes the copies of backups the primary deleted whose retention ran out.
+    site: str = "primary"
+    replicas_pruned: int = 0
+    #: Why nothing was swept, or what was left in place and why.
+    note: str = ""
+
+
+class SweepSite(Step):
+    """Which repository a sweep works on: "primary" or "replica"."""
+
+    site: str = "primary"
 
 
 class Reconciled(Step):

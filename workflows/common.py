@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from activities import CsbsActivities
     from csbs import tuning
     from csbs.model import HostRoute
-    from csbs.steps import SweepResult
+    from csbs.steps import SweepResult, SweepSite
 
 SA_SERVER_ID = SearchAttributeKey.for_keyword("CsbsServerId")
 SA_BACKUP_ID = SearchAttributeKey.for_keyword("CsbsBackupId")
@@ -186,14 +186,16 @@ def transfer(
 SWEEP_TIMEOUT = timedelta(hours=6)
 
 
-def sweep() -> Awaitable[SweepResult]:
-    """Run one garbage-collection sweep (``collect_garbage``) of the worker's project."""
+def sweep(site: str = "primary") -> Awaitable[SweepResult]:
+    """Run one garbage-collection sweep (``collect_garbage``) of the worker's project (of
+    its replica, with ``site="replica"``)."""
     return _queued(
         CsbsActivities.collect_garbage,
+        SweepSite(site=site),
         start_to_close_timeout=SWEEP_TIMEOUT,
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         retry_policy=RETRY,
-        summary="sweep unreferenced chunks",
+        summary="sweep unreferenced chunks" + (" of the replica" if site == "replica" else ""),
     )
 
 

@@ -49,4 +49,28 @@ class CollectGarbage:
                 await workflow.sleep(inp.retry_seconds)
                 waited += inp.retry_seconds
         workflow.set_current_details(f"deleted {result.chunks_deleted} chunks")
-        return {**result.model_dump(), "reconciled": reconciled, "waited_seconds": waited}
+        replica = await self._replica(inp)
+        return {
+            **result.model_dump(),
+            "reconciled": reconciled,
+            "waited_seconds": waited,
+            "replica": replica.model_dump() if replica is not None else None,
+        }
+
+    async def _replica(self, inp: CollectGarbageInput) -> SweepResult | None:
+        """The replica's retention and sweep (issue 17): waits while replications run,
+        like the primary's for backups; None when there is no replica."""
+        waited = 0
+        while True:
+            workflow.set_current_details("sweeping the replica")
+            try:
+                result = await sweep("replica")
+                break
+            except ActivityError as err:
+                failed = reason_of("sweep of the replica", err)
+                if failed.error_type not in WAIT_TYPES or waited >= inp.max_wait_seconds:
+                    raise run_failure(failed) from err
+                workflow.set_current_details(f"replica: waiting {inp.retry_seconds} s")
+                await workflow.sleep(inp.retry_seconds)
+                waited += inp.retry_seconds
+        return None if result.note == "no replica is configured" else result

@@ -20,6 +20,7 @@ from csbs.catalog.rows import (
     BackupFilter,
     BackupRow,
     DiskBackupRow,
+    ReplicaTombstoneRow,
     ServerLockRow,
     SuspectChunkRow,
     TaskRow,
@@ -122,6 +123,30 @@ class Catalog(SweepLease, Inventory, Quotas):
                 s.delete(disk)
             s.flush()
             row = s.get(BackupRow, backup_id)
+            if row is not None:
+                if row.replica_status:  # the replica may hold a copy: its retention decides
+                    s.merge(
+                        ReplicaTombstoneRow(
+                            project=self.project,
+                            backup_id=backup_id,
+                            created_at=_aware(row.created_at) or utcnow(),
+                            deleted_at=utcnow(),
+                        )
+                    )
+                s.delete(row)
+
+    def replica_tombstones(self) -> list[ReplicaTombstoneRow]:
+        """Backups deleted from the primary whose replica copies may remain."""
+        q = select(ReplicaTombstoneRow).where(ReplicaTombstoneRow.project == self.project)
+        with self.session() as s:
+            rows = list(s.exec(q.order_by(col(ReplicaTombstoneRow.created_at))).all())
+        for r in rows:
+            r.created_at = _aware(r.created_at) or r.created_at
+        return rows
+
+    def drop_tombstone(self, backup_id: str) -> None:
+        with self.session() as s:
+            row = s.get(ReplicaTombstoneRow, (self.project, backup_id))
             if row is not None:
                 s.delete(row)
 

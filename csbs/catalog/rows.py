@@ -214,6 +214,20 @@ class UsageRow(SQLModel, table=True):
     measured_at: datetime | None = Field(default=None, sa_column=_ts())
 
 
+class ReplicaTombstoneRow(SQLModel, table=True):
+    """A backup deleted from the primary that the replica may still hold (issue 17): the
+    replica's sweep deletes its copy once ``created_at`` is ``CSBS_REPLICA_RETENTION_DAYS``
+    old, then the row. A copy with neither a backup row nor a tombstone is left alone
+    (after a lost catalog, nothing on the replica is deleted before a rebuild)."""
+
+    __tablename__ = "replica_tombstones"
+
+    project: str = Field(primary_key=True, max_length=64)
+    backup_id: str = Field(primary_key=True, max_length=64)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    deleted_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+
+
 class PolicyRow(SQLModel, table=True):
     """A backup policy; ``spec`` is the JSON of :class:`csbs.policy.PolicySpec`."""
 

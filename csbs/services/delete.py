@@ -3,7 +3,7 @@ remove their manifests and rows, sweep unreferenced chunks under the lease."""
 
 from __future__ import annotations
 
-from csbs import gc
+from csbs import gc, replicate
 from csbs.catalog.rows import utcnow
 from csbs.errors import (
     InvalidState,
@@ -93,10 +93,46 @@ class DeleteService(Service):
             self.catalog.finish_task(task_id, ok=False, reason=reason)
 
     def collect_garbage(
-        self, heartbeat: Heartbeat | None = None, owner: str | None = None
+        self, heartbeat: Heartbeat | None = None, owner: str | None = None, site: str = "primary"
     ) -> SweepResult:
         """Delete chunks that no manifest references (D1): one sweep per project at a time
-        under a lease, never beside a backup (csbs.gc)."""
+        under a lease, never beside a backup (csbs.gc). On the replica (issue 17), first
+        delete the copies of backups the primary deleted once the replica's retention
+        lets them go, never beside a replication."""
+        if site == "replica":
+            if not self.settings.has_replica:
+                return SweepResult(
+                    manifests=0, chunks=0, chunks_deleted=0, bytes_freed=0, site=site,
+                    note="no replica is configured",
+                )  # fmt: skip
+            replica = self.ctx.replica_store()
+            pruned: list[int] = []
+            notes: list[str] = []
+
+            def prune() -> None:
+                done, kept = replicate.prune_replica(
+                    self.catalog, replica, self.settings.replica_retention_days
+                )
+                pruned.append(done)
+                notes.extend(kept)
+
+            result = gc.collect_garbage(
+                self.catalog,
+                replica,
+                self.settings.gc_lease_seconds,
+                owner,
+                heartbeat,
+                shard_chunks=self.settings.gc_shard_chunks,
+                site="replica",
+                before_marking=prune,
+            )
+            return result.model_copy(
+                update={
+                    "site": "replica",
+                    "replicas_pruned": sum(pruned),
+                    "note": "; ".join(notes),
+                }
+            )
         return gc.collect_garbage(
             self.catalog,
             self.store,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -248,3 +250,59 @@ async def test_a_policy_replicates_every_backup_it_makes(site2: Stack, stack: St
     assert "replicate: no replica is configured" in refused.stderr + refused.stdout
     names = [p["name"] for p in (await stack.cli("policy", "list", "--json")).json()]
     assert "norep" not in names
+
+
+async def collect_garbage(st: Stack) -> dict[str, Any]:
+    """One run of the daily ``CollectGarbage`` workflow."""
+    result: dict[str, Any] = await st.client.execute_workflow(
+        "CollectGarbage", {}, id=f"gc-{uuid.uuid4().hex[:8]}", task_queue=st.settings.queue
+    )
+    return result
+
+
+async def test_the_replica_keeps_deleted_backups_for_its_own_retention(
+    tmp_path: Path, s3: SeaweedS3, replica_site: ReplicaSite, temporal: WorkflowEnvironment
+) -> None:
+    """A backup deleted from the primary stays on the replica while
+    ``CSBS_REPLICA_RETENTION_DAYS`` has not passed since it was made; with 0 the daily
+    sweep deletes its copy, and the replica's chunks that only it referenced, and the
+    backup made after it still restores from the replica bit-identical."""
+    keep = make_settings(
+        tmp_path / "keep", s3, **replica_site.settings(), replica_retention_days=30
+    )
+    same = make_settings(tmp_path / "same", s3, **replica_site.settings())
+    for settings, kept in ((keep, True), (same, False)):
+        async with running_stack(temporal, settings) as st:
+            drv = st.driver
+            server = drv.create_server("ret", [4 * MIB])
+            disk = server.disks[0].id
+            drv.write(server.id, disk, 0, os.urandom(4 * MIB))
+            first = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+            await st.cli("backup", "replicate", first["id"], "--wait")
+            drv.write(server.id, disk, 0, os.urandom(2 * MIB))
+            second = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+            await st.cli("backup", "replicate", second["id"], "--wait")
+            expected = drv.checksum(server.id)
+            replica = replica_of(st)
+            only_first = replica.get_manifest(first["id"], disk).chunk_ids() - (
+                replica.get_manifest(second["id"], disk).chunk_ids()
+            )
+            assert len(only_first) == 2
+
+            await st.cli("backup", "delete", first["id"], "--yes", "--wait")
+            swept = await collect_garbage(st)
+            assert swept["replica"]["site"] == "replica"
+            if kept:
+                assert swept["replica"]["replicas_pruned"] == 0
+                assert replica.get_descriptor(first["id"]).backup_id == first["id"]
+                assert all(replica.has_chunk(c) for c in only_first)
+                assert [t.backup_id for t in st.catalog.replica_tombstones()] == [first["id"]]
+            else:
+                assert swept["replica"]["replicas_pruned"] == 1
+                assert swept["replica"]["chunks_deleted"] == 2
+                assert replica.backup_ids() == [second["id"]]
+                assert not any(replica.has_chunk(c) for c in only_first)
+                assert st.catalog.replica_tombstones() == []
+            drv.write(server.id, disk, 0, os.urandom(4 * MIB))
+            await st.cli("backup", "restore", second["id"], "--from-replica", "--yes", "--wait")
+            assert drv.checksum(server.id) == expected

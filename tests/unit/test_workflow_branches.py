@@ -172,9 +172,9 @@ class Fakes:
             await f._run("fail_delete", inp, None)
 
         @activity.defn(name="collect_garbage")
-        async def collect_garbage() -> st.SweepResult:
+        async def collect_garbage(inp: st.SweepSite | None = None) -> st.SweepResult:
             swept = st.SweepResult(manifests=1, chunks=4, chunks_deleted=2, bytes_freed=20)
-            return await f._run("collect_garbage", None, swept)  # type: ignore[no-any-return]
+            return await f._run("collect_garbage", inp, swept)  # type: ignore[no-any-return]
 
         @activity.defn(name="reconcile_operations")
         async def reconcile_operations() -> st.Reconciled:

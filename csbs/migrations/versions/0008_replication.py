@@ -3,6 +3,8 @@
 - ``backups.replica_status``: "" (never replicated), replicating, replicated or failed.
 - ``backups.replicated_at``: when its last replication completed.
 - ``backups.replica_error``: why its last replication (or replica verify) failed.
+- ``replica_tombstones``: backups deleted from the primary whose replica copies are kept
+  until the replica's retention lets them go.
 
 Revision ID: 0008
 Revises: 0007
@@ -27,9 +29,18 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("replicated_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("replica_error", sa.Text(), nullable=True))
+    op.create_table(
+        "replica_tombstones",
+        sa.Column("project", sa.String(length=64), nullable=False),
+        sa.Column("backup_id", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("project", "backup_id"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("replica_tombstones")
     with op.batch_alter_table("backups") as batch:
         batch.drop_column("replica_error")
         batch.drop_column("replicated_at")
