@@ -15,12 +15,14 @@ still missing, so what was copied is never copied twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from csbs import locks
 from csbs.catalog import Catalog
 from csbs.chunkstore import ChunkStore
 from csbs.errors import CsbsError
@@ -100,9 +102,16 @@ def replicate_backup(
     parent_id: str | None,
     concurrency: int,
     heartbeat: Callable[[dict[str, Any]], None] | None = None,
+    slack_days: int = 10,
 ) -> ReplicateResult:
     """Copy one committed backup to the replica; ``parent_id``: a backup of the same
-    server already on the replica (its manifests narrow what is looked up)."""
+    server already on the replica (its manifests narrow what is looked up).
+
+    A locked backup (S3 Object Lock) is locked on the replica too when its bucket has
+    Object Lock: manifests and descriptor until the backup's lock date, chunks to its
+    generation (``csbs.locks``), the reused ones extended unless the parent's copy
+    covers them; into a bucket without Object Lock it is copied unlocked, and the result
+    says so."""
     started = time.monotonic()
     last_beat = 0.0
 
@@ -115,6 +124,17 @@ def replicate_backup(
 
     descriptor = primary.get_descriptor(backup_id)
     replica.ensure_config()
+    need, gen, note = None, None, ""
+    if descriptor.locked_until is not None:
+        if replica.versions.status() == (True, "Enabled"):
+            need = as_utc(descriptor.locked_until)
+            gen = locks.generation(need, slack_days)
+        else:
+            note = (
+                f"the backup is locked until {descriptor.locked_until:%Y-%m-%d}, but the "
+                f"replica's bucket {replica.bucket} has no Object Lock: its copy is not locked"
+            )
+    parents: dict[str, Manifest] = {}
     manifests: list[Manifest] = []
     wanted: set[bytes] = set()
     referenced: set[bytes] = set()
@@ -128,6 +148,8 @@ def replicate_backup(
                 parent = None  # not there (a new disk, or pruned): look every chunk up
             if parent is not None and parent.size_bytes != manifest.size_bytes:
                 parent = None
+        if parent is not None:
+            parents[disk.disk_id] = parent
         manifests.append(manifest)
         referenced.update(
             bytes(manifest.entries[a : a + DIGEST_SIZE])
@@ -138,6 +160,7 @@ def replicate_backup(
     looked_up = sorted(wanted)
     missing: list[bytes] = []
     copied = copied_bytes = 0
+    new: set[bytes] = set()
     window = 4 * concurrency
     with ThreadPoolExecutor(concurrency, thread_name_prefix="replicate") as pool:
         for done, (chunk_id, present) in enumerate(
@@ -150,20 +173,40 @@ def replicate_backup(
         def copy(chunk_id: bytes) -> int:
             blob = primary.fetch_chunk(chunk_id)
             primary.open_chunk(chunk_id, blob)  # CorruptData: never copy damage
-            replica.put_chunk_blob(chunk_id, blob)
+            replica.put_chunk_blob(chunk_id, blob, lock_until=gen)
             return len(blob)
 
         for chunk_id, size in _bounded(pool, copy, missing, window):
-            del chunk_id
+            new.add(chunk_id)
             copied += 1
             copied_bytes += size
             beat("copying", copied=copied, of=len(missing), bytes=copied_bytes)
+    extended = 0
+    if need is not None and gen is not None:
+        parent_until = None
+        if parent_id is not None:
+            with contextlib.suppress(CsbsError):
+                locked = replica.get_descriptor(parent_id).locked_until
+                parent_until = locks.generation(as_utc(locked), slack_days) if locked else None
+        todo: set[bytes] = set()
+        for manifest in manifests:
+            parent = parents.get(manifest.disk_id)
+            todo |= locks.chunks_to_extend(
+                manifest.chunk_ids(),
+                new,
+                parent.chunk_ids() if parent is not None else None,
+                parent_until,
+                need,
+            )
+        extended, _longer = replica.extend_chunk_locks(todo, gen)
     for manifest in manifests:
-        replica.put_manifest(manifest)
-    replica.put_descriptor(descriptor)
+        replica.put_manifest(manifest, lock_until=need)
+    replica.put_descriptor(descriptor, lock_until=need)
     policies = replicate_policies(primary, replica)
     return ReplicateResult(
         policies=policies,
+        locks_extended=extended,
+        note=note,
         backup_id=backup_id,
         chunks_referenced=len(referenced),
         chunks_checked=len(looked_up),

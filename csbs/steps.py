@@ -281,6 +281,11 @@ class ReplicateResult(Step):
     seconds: float
     #: Policy copies on the replica afterwards (they follow the primary's).
     policies: int = 0
+    #: Reused chunks whose lock on the replica was extended (a locked backup).
+    locks_extended: int = 0
+    #: What the replica could not do as asked (a locked backup into a bucket without
+    #: Object Lock is copied unlocked).
+    note: str = ""
 
 
 class FinishReplicate(Step):

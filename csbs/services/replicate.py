@@ -96,6 +96,7 @@ class ReplicateService(Service):
             parent_id,
             self.settings.transfer_concurrency,
             heartbeat,
+            slack_days=self.settings.object_lock_slack_days,
         )
 
     def finish_replicate(
@@ -131,6 +132,7 @@ class ReplicateService(Service):
                             f"{result.chunks_copied} of {result.chunks_referenced} chunks "
                             f"copied ({result.bytes_copied} bytes), {result.chunks_checked} "
                             f"looked up, in {result.seconds:.1f} s"
+                            + (f"; {result.note}" if result.note else "")
                         ),
                     )
                 self.catalog.finish_task(task_id, ok=error is None, reason=error)

@@ -306,3 +306,63 @@ async def test_the_replica_keeps_deleted_backups_for_its_own_retention(
             drv.write(server.id, disk, 0, os.urandom(4 * MIB))
             await st.cli("backup", "restore", second["id"], "--from-replica", "--yes", "--wait")
             assert drv.checksum(server.id) == expected
+
+
+async def test_a_locked_backup_is_locked_on_the_replica_too(
+    tmp_path: Path, s3: SeaweedS3, replica_site: ReplicaSite, temporal: WorkflowEnvironment
+) -> None:
+    """A backup locked on the primary (S3 Object Lock, compliance mode) is locked on a
+    replica bucket with Object Lock: every object it needs there refuses deletion with the
+    replica's own credentials. The next backup reuses chunks the parent's copy already
+    holds locked long enough: none of them is extended. Into a replica bucket without
+    Object Lock it is copied unlocked, and the task says so."""
+    from tests.e2e.test_object_lock_e2e import LOCKED_BUCKET, s3_client
+
+    try:
+        s3_client(s3).create_bucket(Bucket=LOCKED_BUCKET, ObjectLockEnabledForBucket=True)
+    except ClientError as exc:
+        if "BucketAlready" not in str(exc):
+            raise
+    plain = ChunkStore(make_settings(tmp_path, s3, **replica_site.settings()).replica())
+    try:
+        plain.s3.create_bucket(Bucket="csbs-replica-locked", ObjectLockEnabledForBucket=True)
+    except ClientError as exc:
+        if "BucketAlready" not in str(exc):
+            raise
+    for bucket, locked in (("csbs-replica-locked", True), ("csbs-replica", False)):
+        settings = make_settings(
+            tmp_path / bucket, s3, s3_bucket=LOCKED_BUCKET, object_lock_days=1,
+            **{**replica_site.settings(), "replica_bucket": bucket},
+        )  # fmt: skip
+        async with running_stack(temporal, settings) as st:
+            st.env["CSBS_OBJECT_LOCK_DAYS"] = "1"
+            drv = st.driver
+            server = drv.create_server("locked-rep", [4 * MIB])
+            disk = server.disks[0].id
+            drv.write(server.id, disk, 0, os.urandom(4 * MIB))
+            made = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+            out = (await st.cli("backup", "replicate", made["id"], "--wait", "--json")).json()
+            replica = replica_of(st)
+            keys = [
+                replica.descriptor_key(made["id"]),
+                replica.manifest_key(made["id"], disk),
+                *(replica.chunk_key(c) for c in replica.get_manifest(made["id"], disk).chunk_ids()),
+            ]
+            for key in keys:
+                head = replica.s3.head_object(Bucket=bucket, Key=key)
+                if not locked:
+                    assert "ObjectLockMode" not in head, key
+                    continue
+                assert head["ObjectLockMode"] == "COMPLIANCE", key
+                with pytest.raises(ClientError):
+                    replica.s3.delete_object(Bucket=bucket, Key=key, VersionId=head["VersionId"])
+            if not locked:
+                assert "its copy is not locked" in out["note"]
+                (task,) = st.catalog.list_tasks(kind="replicate")
+                assert "its copy is not locked" in (task.detail or "")
+                continue
+            assert out["note"] == ""
+            drv.write(server.id, disk, 0, os.urandom(MIB))
+            second = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
+            out = (await st.cli("backup", "replicate", second["id"], "--wait", "--json")).json()
+            assert (out["chunks_copied"], out["locks_extended"]) == (1, 0)
