@@ -117,7 +117,7 @@ def _hosts(settings: Settings) -> list[tuple[str, str]]:
         catalog.dispose()
 
 
-def check_s3(settings: Settings) -> Check:
+def check_s3(settings: Settings, name: str = "s3") -> Check:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from csbs.chunkstore import make_s3_client
@@ -131,20 +131,25 @@ def check_s3(settings: Settings) -> Check:
         hint = {
             "404": "the bucket does not exist: create it",
             "NoSuchBucket": "the bucket does not exist: create it",
-            "403": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+            "403": "access denied: check "
+            + (
+                "CSBS_REPLICA_ACCESS_KEY_ID / CSBS_REPLICA_SECRET_ACCESS_KEY"
+                if settings.s3_site == "replica"
+                else "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            ),
         }.get(str(code), str(exc))
-        return Check("s3", False, f"{where}: {hint}")
+        return Check(name, False, f"{where}: {hint}")
     except BotoCoreError as exc:
-        return Check("s3", False, f"cannot reach {where}: {exc}")
+        return Check(name, False, f"cannot reach {where}: {exc}")
     root = f"{settings.s3_prefix.strip('/')}/{settings.project}".lstrip("/")
     try:
         body = s3.get_object(Bucket=settings.s3_bucket, Key=f"{root}/config.json")["Body"].read()
     except ClientError:
-        return Check("s3", True, f"{where} reachable; repository {root} not created yet")
+        return Check(name, True, f"{where} reachable; repository {root} not created yet")
     config = json.loads(body)
     if config.get("chunk_size") != settings.chunk_size:
         return Check(
-            "s3",
+            name,
             False,
             f"repository {root} uses chunk_size={config.get('chunk_size')}, the settings "
             f"ask for {settings.chunk_size}: set CSBS_CHUNK_SIZE to match",
@@ -155,13 +160,30 @@ def check_s3(settings: Settings) -> Check:
     try:
         ChunkStore(settings, client=s3).check_key(config)
     except CsbsError as exc:
-        return Check("s3", False, str(exc))
+        return Check(name, False, str(exc))
     encrypted = f", encrypted ({config['encryption']})" if config.get("encryption") else ""
     return Check(
-        "s3",
+        name,
         True,
         f"{where} reachable; repository {root} format {config.get('format_version')}{encrypted}",
     )
+
+
+def check_replica(settings: Settings) -> Check:
+    """Issue 17: the second site (``CSBS_REPLICA_*``) is reachable with its own
+    credentials, and its repository matches this one."""
+    if not settings.has_replica:
+        return Check(
+            "replica",
+            True,
+            "no replica configured (CSBS_REPLICA_ENDPOINT): backups are kept at one site only",
+        )
+    check = check_s3(settings.replica(), "replica")
+    if check.ok:
+        days = settings.replica_retention_days
+        keep = f"keeps deleted backups {days} days" if days else "keeps what the primary keeps"
+        return Check("replica", True, f"{check.detail}; {keep}")
+    return check
 
 
 def check_object_lock(settings: Settings) -> Check:
@@ -295,6 +317,7 @@ async def run_checks(settings: Settings) -> list[Check]:
     checks += [
         check_s3(settings),
         check_object_lock(settings),
+        check_replica(settings),
         check_catalog(settings),
         check_driver(settings),
     ]

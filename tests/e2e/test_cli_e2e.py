@@ -465,12 +465,14 @@ async def test_doctor_says_what_is_wrong(stack: Stack) -> None:
     good = await stack.cli("doctor", "--json")
     checks = {c["check"]: c for c in good.json()}
     assert set(checks) == {
-        "temporal", "search attributes", "worker", "s3", "object lock", "catalog", "hypervisor",
+        "temporal", "search attributes", "worker", "s3", "object lock", "replica", "catalog",
+        "hypervisor",
     }  # fmt: skip
     assert all(c["ok"] for c in checks.values()), checks
     assert "worker(s) polling" in checks["worker"]["detail"]
     # Issue 17: backups are not locked here, and it says what that means.
     assert "backups are not locked (CSBS_OBJECT_LOCK_DAYS=0)" in checks["object lock"]["detail"]
+    assert "no replica configured" in checks["replica"]["detail"]
 
     broken = {"CSBS_S3_BUCKET": "no-such-bucket", "CSBS_TASK_QUEUE": "nobody-polls"}
     result = await stack.cli("doctor", "--json", check=False, env=broken)

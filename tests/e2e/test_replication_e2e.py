@@ -78,6 +78,15 @@ async def test_replication_copies_only_what_the_replica_lacks(
     with pytest.raises(ClientError):
         ChunkStore(primary_creds).s3.list_objects_v2(Bucket="csbs-replica", MaxKeys=1)
 
+    doctor = {c["check"]: c for c in (await st.cli("doctor", "--json")).json()}
+    assert doctor["replica"]["ok"] and "keeps what the primary keeps" in doctor["replica"]["detail"]
+    wrong = {"CSBS_REPLICA_SECRET_ACCESS_KEY": "not-the-secret"}
+    doctor = {
+        c["check"]: c for c in (await st.cli("doctor", "--json", env=wrong, check=False)).json()
+    }
+    assert not doctor["replica"]["ok"]
+    assert "CSBS_REPLICA_ACCESS_KEY_ID" in doctor["replica"]["detail"], doctor["replica"]
+
     drv.write(server.id, d0, 2 * MIB, os.urandom(MIB))
     second = (await st.cli("backup", "create", server.id, "--wait", "--json")).json()
     assert second["parent_id"] == first["id"]
