@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from csbs.chunkstore import ChunkStore
 from csbs.config import Settings
-from starter.stack import SeaweedS3, start_seaweed, tool
+from starter.stack import SeaweedS3, start_seaweed, tool, wait_for_bucket
 from workflows.common import SEARCH_ATTRIBUTES
 
 
@@ -40,13 +39,9 @@ async def bench_stack(bucket: str) -> AsyncIterator[BenchStack]:
         work = Path(tmp)
         weed = start_seaweed(work / "weed", bucket, "bench", os.environ["AWS_SECRET_ACCESS_KEY"])
         try:
-            probe = ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=bucket))
-            for _ in range(100):
-                try:
-                    probe.ensure_bucket()
-                    break
-                except Exception:
-                    time.sleep(0.3)
+            wait_for_bucket(
+                ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=bucket)), marker=False
+            )
             env = await WorkflowEnvironment.start_local(
                 dev_server_existing_path=tool("temporal"),
                 search_attributes=SEARCH_ATTRIBUTES,

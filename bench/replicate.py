@@ -43,7 +43,7 @@ from csbs.config import Settings
 from csbs.drivers.local import LocalDriver
 from csbs.model import BackupServerInput, ReplicateBackupInput
 from starter.client import CsbsClient
-from starter.stack import start_seaweed
+from starter.stack import start_seaweed, wait_for_bucket
 from worker import build_worker
 
 MIB = 1024 * 1024
@@ -135,20 +135,13 @@ async def main() -> None:
         os.environ["BENCH_REPLICA_SECRET"] = secret
         weed = start_seaweed(stack.work / "replica", "replica", "replica", secret)
         try:
-            probe = ChunkStore(
-                Settings(
-                    replica_endpoint=weed.endpoint,
-                    replica_bucket="replica",
-                    replica_access_key_id=SecretStr("replica"),
-                    replica_secret_access_key=SecretStr(secret),
-                ).replica()
+            probe = Settings(
+                replica_endpoint=weed.endpoint,
+                replica_bucket="replica",
+                replica_access_key_id=SecretStr("replica"),
+                replica_secret_access_key=SecretStr(secret),
             )
-            for _ in range(100):
-                try:
-                    probe.ensure_bucket()
-                    break
-                except Exception:
-                    time.sleep(0.3)
+            wait_for_bucket(ChunkStore(probe.replica()), marker=False)
             rounds = [await one_round(args, stack, weed.endpoint) for _ in range(args.repeat)]
         finally:
             weed.stop()

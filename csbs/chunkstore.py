@@ -248,6 +248,9 @@ class ChunkStore:
     def _head(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
         self._check_existing_config()
+        return self._raw_head(key)
+
+    def _raw_head(self, key: str) -> int | None:
         try:
             return int(self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except ClientError as exc:
@@ -584,15 +587,7 @@ class ChunkStore:
     def has_config(self, project: str) -> bool:
         """Whether the project beside this one has a repository config."""
         parent = self.root.rsplit("/", 1)[0] + "/" if "/" in self.root else ""
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=f"{parent}{project}/config.json")
-            return True
-        except ClientError as exc:
-            if _not_found(exc):
-                return False
-            raise _storage_error(f"HEAD {parent}{project}/config.json", exc) from exc
-        except BotoCoreError as exc:
-            raise _storage_error(f"HEAD {parent}{project}/config.json", exc) from exc
+        return self._raw_head(f"{parent}{project}/config.json") is not None
 
     # -- policy copies ----------------------------------------------------------------------
     def policy_key(self, policy_id: str) -> str:

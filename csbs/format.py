@@ -9,7 +9,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import blake3
 import zstandard
@@ -279,12 +279,34 @@ class DescriptorDisk(BaseModel):
     stored_bytes: int | None = None
 
 
-class PolicyCopy(BaseModel):
+class JsonDocument(BaseModel):
+    """A versioned JSON object of the repository (descriptor, policy copy)."""
+
+    #: How a parse error names the document.
+    _what: ClassVar[str] = "document"
+    format_version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse one; CorruptData unless it is one of this format version."""
+        try:
+            doc = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise CorruptData(f"{cls._what} is malformed ({exc.error_count()} errors)") from exc
+        if doc.format_version != FORMAT_VERSION:
+            raise CorruptData(f"{cls._what} has unsupported format version {doc.format_version}")
+        return doc
+
+
+class PolicyCopy(JsonDocument):
     """``policies/<policy_id>.json`` (docs/format.md, "Policy copy"): a copy of a policy
     and the servers bound to it, rewritten on every change, so that ``csbs catalog
     rebuild`` brings policies back with the backups."""
 
-    format_version: int = FORMAT_VERSION
+    _what: ClassVar[str] = "policy copy"
     id: str
     project: str
     name: str
@@ -296,25 +318,12 @@ class PolicyCopy(BaseModel):
     created_at: datetime
     updated_at: datetime
 
-    def encode(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()
 
-    @classmethod
-    def decode(cls, data: bytes) -> PolicyCopy:
-        try:
-            copy = cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise CorruptData(f"policy copy is malformed ({exc.error_count()} errors)") from exc
-        if copy.format_version != FORMAT_VERSION:
-            raise CorruptData(f"policy copy has unsupported format version {copy.format_version}")
-        return copy
-
-
-class BackupDescriptor(BaseModel):
+class BackupDescriptor(JsonDocument):
     """``backups/<backup_id>.json`` (docs/format.md, "Backup descriptor"): written last,
     its presence commits the backup; with the manifests it is all a restore needs."""
 
-    format_version: int = FORMAT_VERSION
+    _what: ClassVar[str] = "backup descriptor"
     backup_id: str
     project: str
     name: str
@@ -332,21 +341,3 @@ class BackupDescriptor(BaseModel):
     #: in compliance mode until then (None: not locked).
     locked_until: datetime | None = None
     disks: list[DescriptorDisk]
-
-    def encode(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> BackupDescriptor:
-        """Parse a descriptor; CorruptData unless it is one of this format version."""
-        try:
-            descriptor = cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise CorruptData(
-                f"backup descriptor is malformed ({exc.error_count()} errors)"
-            ) from exc
-        if descriptor.format_version != FORMAT_VERSION:
-            raise CorruptData(
-                f"backup descriptor has unsupported format version {descriptor.format_version}"
-            )
-        return descriptor

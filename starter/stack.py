@@ -15,6 +15,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from csbs.chunkstore import ChunkStore
 
 #: Search attributes of the public contract, registered on the dev server at start.
 SEARCH_ATTRIBUTES = ["CsbsServerId", "CsbsBackupId", "CsbsPolicyId", "CsbsOperation"]
@@ -118,6 +122,19 @@ def start_seaweed(
     s3_port = ports.get("s3.port", 8333)
     wait_port(s3_port, timeout=90, proc=proc)
     return SeaweedS3(proc=proc, s3_port=s3_port, data_dir=data_dir, ports=ports)
+
+
+def wait_for_bucket(store: ChunkStore, marker: bool = True, tries: int = 100) -> None:
+    """Create the store's bucket as soon as a fresh SeaweedFS takes it (it opens its port
+    before its S3 layer answers), and write a ``ready`` object (``marker``)."""
+    for _ in range(tries):
+        try:
+            store.ensure_bucket()
+            if marker:
+                store.s3.put_object(Bucket=store.bucket, Key="ready", Body=b"")
+            return
+        except Exception:
+            time.sleep(0.3)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

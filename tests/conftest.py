@@ -37,7 +37,7 @@ from csbs.errors import CsbsError, GarbageCollectionRunning
 from csbs.model import BackupServerInput, RestoreServerInput
 from csbs.services import Services
 from starter.client import CsbsClient
-from starter.stack import SeaweedS3, start_seaweed, tool
+from starter.stack import SeaweedS3, start_seaweed, tool, wait_for_bucket
 from tests.libvirt_support import Lab, libvirtd, need_libvirt
 from tests.qemu_support import QEMU_AVAILABLE, SKIP_REASON, qemu_version
 from worker import build_worker
@@ -60,16 +60,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         access_key=os.environ["AWS_ACCESS_KEY_ID"],
         secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
     )
-    store = ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=BUCKET))
-    for _ in range(100):
-        try:
-            store.ensure_bucket()
-            store.s3.put_object(Bucket=BUCKET, Key="ready", Body=b"")
-            break
-        except Exception:
-            import time
-
-            time.sleep(0.3)
+    wait_for_bucket(ChunkStore(Settings(s3_endpoint=weed.endpoint, s3_bucket=BUCKET)))
     yield weed
     weed.stop()
 
@@ -109,16 +100,13 @@ def replica_site(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedS3) -> Ite
         secret_key=secret,
     )
     site = ReplicaSite(weed, access, secret)
-    store = ChunkStore(
-        Settings(s3_endpoint=weed.endpoint, s3_bucket=REPLICA_BUCKET, **site.settings()).replica()
+    wait_for_bucket(
+        ChunkStore(
+            Settings(
+                s3_endpoint=weed.endpoint, s3_bucket=REPLICA_BUCKET, **site.settings()
+            ).replica()
+        )
     )
-    for _ in range(100):
-        try:
-            store.ensure_bucket()
-            store.s3.put_object(Bucket=REPLICA_BUCKET, Key="ready", Body=b"")
-            break
-        except Exception:
-            time.sleep(0.3)
     yield site
     weed.stop()
 

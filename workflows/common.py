@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar, cast, overload
+from typing import Any, NoReturn, TypeVar, cast, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
@@ -244,6 +244,18 @@ async def step(name: str, awaitable: Awaitable[T]) -> T:
 def run_failure(failed: StepFailed) -> ApplicationError:
     """The run's own failure: the step's reason, typed, never retried."""
     return ApplicationError(failed.reason, type=failed.error_type, non_retryable=True)
+
+
+async def fail_run(
+    what: str, err: BaseException, record: Callable[[str], Awaitable[Any]]
+) -> NoReturn:
+    """A run's step failed with ``err``: ``record`` the reason (its clean-up step), then
+    end the run: cancelled when it was cancelled, else failed with the reason."""
+    failed = reason_of(what, err)
+    await record(failed.reason)
+    if isinstance(err, asyncio.CancelledError):
+        raise err
+    raise run_failure(failed) from err
 
 
 async def validated(awaitable: Awaitable[T], what: str = "validate") -> T:

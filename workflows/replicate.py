@@ -3,7 +3,7 @@ replica lacks first, then its manifests and descriptor; a retry resumes."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable
 
 from temporalio import workflow
 
@@ -18,9 +18,8 @@ from workflows.common import (
     SA_BACKUP_ID,
     SA_OPERATION,
     SA_SERVER_ID,
+    fail_run,
     local_step,
-    reason_of,
-    run_failure,
     tag,
     transfer,
     validated,
@@ -46,12 +45,12 @@ class ReplicateBackup:
                 A.replicate_backup, plan, summary=f"replicate backup {inp.backup_id}"
             )
         except BaseException as err:
-            failed = reason_of("replicate", err)
-            stopped = FinishReplicate(backup_id=inp.backup_id, task_id=task_id, error=failed.reason)
-            await local_step(A.finish_replicate, stopped, cleanup=True)
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            raise run_failure(failed) from err
+
+            def record(reason: str) -> Awaitable[None]:
+                stopped = FinishReplicate(backup_id=inp.backup_id, task_id=task_id, error=reason)
+                return local_step(A.finish_replicate, stopped, cleanup=True)
+
+            await fail_run("replicate", err, record)
         await local_step(
             A.finish_replicate,
             FinishReplicate(backup_id=inp.backup_id, task_id=task_id, result=result),

@@ -4,6 +4,7 @@ verify every backup not verified lately (the verify schedule)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from temporalio import workflow
@@ -21,9 +22,9 @@ from workflows.common import (
     SA_OPERATION,
     SA_SERVER_ID,
     all_or_cancel,
+    fail_run,
     local_step,
     reason_of,
-    run_failure,
     tag,
     transfer,
     validated,
@@ -62,18 +63,18 @@ class VerifyBackup:
                 [verify_disk(inp.backup_id, d, inp.replica) for d in plan.disk_ids]
             )
         except BaseException as err:
-            failed = reason_of("verify", err)
-            stopped = FinishVerify(
-                backup_id=inp.backup_id,
-                task_id=task_id,
-                results=[],
-                error=failed.reason,
-                replica=inp.replica,
-            )
-            await local_step(A.finish_verify, stopped, cleanup=True)
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            raise run_failure(failed) from err
+
+            def record(reason: str) -> Awaitable[VerifySummary]:
+                stopped = FinishVerify(
+                    backup_id=inp.backup_id,
+                    task_id=task_id,
+                    results=[],
+                    error=reason,
+                    replica=inp.replica,
+                )
+                return local_step(A.finish_verify, stopped, cleanup=True)
+
+            await fail_run("verify", err, record)
         summary = await local_step(
             A.finish_verify,
             FinishVerify(

@@ -21,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from csbs.chunkstore import ChunkStore
 from csbs.errors import StorageError
 from csbs.replicate import replicate_backup
-from starter.stack import SeaweedS3, start_seaweed
+from starter.stack import SeaweedS3, start_seaweed, wait_for_bucket
 from tests.conftest import MIB, ReplicaSite, Stack, make_settings, running_stack
 from tests.e2e.test_cli_e2e import temporal_cli
 
@@ -183,7 +183,7 @@ async def test_restore_from_the_replica_while_the_primary_is_down(
         settings = make_settings(
             tmp_path, primary, s3_bucket="csbs-primary", **replica_site.settings()
         )
-        ready(ChunkStore(settings))
+        wait_for_bucket(ChunkStore(settings))
         async with running_stack(temporal, settings) as st:
             drv = st.driver
             server = drv.create_server("dr", [8 * MIB, 4 * MIB])
@@ -217,19 +217,6 @@ async def test_restore_from_the_replica_while_the_primary_is_down(
             assert task.status == "failed" and task.detail == "the copy on the replica"
     finally:
         primary.stop()
-
-
-def ready(store: ChunkStore) -> None:
-    """Wait for a fresh SeaweedFS to take a bucket."""
-    import time
-
-    for _ in range(100):
-        try:
-            store.ensure_bucket()
-            store.s3.put_object(Bucket=store.bucket, Key="ready", Body=b"")
-            return
-        except Exception:
-            time.sleep(0.3)
 
 
 async def test_a_policy_replicates_every_backup_it_makes(site2: Stack, stack: Stack) -> None:

@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from csbs.steps import Reconciled, SweepResult
+from csbs.steps import Reconciled, SweepResult, SweepSite
 from workflows import CollectGarbage
 
 
@@ -34,7 +34,12 @@ def sweeps(outcomes: list[str]) -> tuple[list[Callable[..., Any]], list[str]]:
         return Reconciled(count=1)
 
     @activity.defn(name="collect_garbage")
-    async def sweep() -> SweepResult:
+    async def sweep(site: SweepSite | None = None) -> SweepResult:
+        if site is not None and site.site == "replica":
+            return SweepResult(
+                manifests=0, chunks=0, chunks_deleted=0, bytes_freed=0, site="replica",
+                note="no replica is configured",
+            )  # fmt: skip
         outcome = outcomes[min(len(calls) - 1, len(outcomes) - 1)]
         calls.append(outcome)
         if outcome != "ok":
@@ -61,7 +66,7 @@ async def test_a_deferred_sweep_waits_durably_and_then_sweeps(env: WorkflowEnvir
     result, calls = await run_gc(env, outcomes, {"retry_seconds": 600})
     assert calls == ["reconcile", *outcomes]
     assert result["waited_seconds"] == 1200 and result["chunks_deleted"] == 3
-    assert result["reconciled"] == 1
+    assert result["reconciled"] == 1 and result["replica"] is None
 
 
 async def test_a_sweep_gives_up_after_its_longest_wait_with_the_reason(
