@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     #: Which site the ``s3_*`` settings name: ``replica()`` sets "replica", so that its
     #: client signs with the replica's credentials. Not meant to be set by hand.
     s3_site: Literal["primary", "replica"] = "primary"
+    #: Failed token attempts one client may make per minute before the API refuses it
+    #: (429) for the rest of that minute (issue 16).
+    api_failed_logins_per_minute: int = Field(default=10, ge=1, le=1_000_000)
     #: How long a data transfer may stay silent before Temporal gives it up and retries it,
     #: resuming from its last checkpoint, on any worker (seconds). Lower it where workers
     #: die often and must be replaced fast; the fault suite sets 3.

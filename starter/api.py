@@ -3,14 +3,16 @@
 The same operations as the CLI, on the same core: workflows are started through Temporal
 with the same ids, search attributes and summaries, and records come from the catalog.
 Errors are RFC 9457 problem documents (``application/problem+json``) whose ``detail`` is
-the one line the CLI would print. Run it with ``csbs api serve``; it has no
-authentication of its own, so bind it to loopback or put it behind a proxy that has.
+the one line the CLI would print. Run it with ``csbs api serve``. Every ``/v1`` route
+but ``/v1/health`` needs ``Authorization: Bearer <token>`` (``csbs token create``): the
+token decides the project and the role (``csbs.auth``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from csbs.auth import LoginLimiter, Tokens, TooManyAttempts, Unauthorized
 from csbs.config import Settings
 from csbs.errors import CsbsError
 from starter.api_models import (
@@ -46,7 +49,8 @@ def create_app(settings: Settings | None = None, facade: Facade | None = None) -
         except RuntimeError as exc:
             log.warning("Temporal is not reachable yet: %s", exc)
         yield
-        state.catalog.dispose()
+        for each in facades.values():
+            each.catalog.dispose()
 
     app = FastAPI(
         title="csbs",
@@ -56,11 +60,31 @@ def create_app(settings: Settings | None = None, facade: Facade | None = None) -
     )
     state = facade or Facade(settings or Settings(), serve_metrics=True)
     app.state.facade = state
+    app.state.tokens = Tokens(state.catalog)
+    app.state.limiter = LoginLimiter(state.settings.api_failed_logins_per_minute)
+    facades: dict[str, Facade] = {state.settings.project: state}
+    facades_lock = threading.Lock()
+
+    def facade_for(project: str) -> Facade:
+        """One façade per project, made on its first request; they share one client."""
+        with facades_lock:
+            found = facades.get(project)
+            if found is None:
+                found = Facade(state.settings.for_project(project), client=state._client)
+                facades[project] = found
+            return found
+
+    app.state.facade_for = facade_for
 
     @app.exception_handler(CsbsError)
     async def _csbs_error(_: Request, exc: CsbsError) -> JSONResponse:
         name = getattr(exc, "cause_type", None) or exc.type_name
-        return problem(STATUS.get(name, 409), name, str(exc))
+        response = problem(STATUS.get(name, 409), name, str(exc))
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="csbs"'
+        if isinstance(exc, TooManyAttempts):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(ValidationError)
     async def _model_error(_: Request, exc: ValidationError) -> JSONResponse:

@@ -44,6 +44,9 @@ STATUS = {
     "DiskUnavailable": 409,
     "CorruptData": 409,
     "Unavailable": 503,
+    "Unauthorized": 401,
+    "Forbidden": 403,
+    "TooManyAttempts": 429,
 }
 
 
@@ -271,6 +274,17 @@ class Health(BaseModel):
 
 
 # -- errors ---------------------------------------------------------------------------------
+class AuditOut(BaseModel):
+    """One entry of the operation log."""
+
+    at: str
+    actor: str
+    action: str
+    target: str
+    result: str
+    reason: str | None = None
+
+
 def problem(status: int, type_name: str, detail: str, errors: Any = None) -> JSONResponse:
     body = Problem(
         type=f"urn:csbs:problem:{type_name}",
@@ -320,6 +334,16 @@ def _problem_media_type(app: FastAPI) -> None:
         for path in schema.get("paths", {}).values():
             for op in path.values():
                 responses = op.get("responses", {})
+                if op.get("security"):
+                    for code, why in (
+                        ("401", "No valid API token."),
+                        ("403", "The token's role may not do this."),
+                        ("429", "Too many failed attempts from this client."),
+                    ):
+                        responses.setdefault(
+                            code,
+                            {"description": why, "content": {PROBLEM: {"schema": PROBLEM_REF}}},
+                        )
                 if "requestBody" in op and "400" not in responses:
                     responses["400"] = {
                         "description": "The body is not JSON.",

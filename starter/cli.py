@@ -15,12 +15,14 @@ from csbs.model import (
     TaskStatus,
 )
 from starter import cli_common as ui
+from starter.audit_cli import audit_app
 from starter.cli_backup import backup_app
 from starter.cli_catalog import catalog_app
 from starter.cli_common import JsonOpt, YesOpt
 from starter.cli_dev import dev_server_app
 from starter.policy_cli import policy_app
 from starter.quota_cli import quota_app
+from starter.token_cli import token_app
 
 app = typer.Typer(no_args_is_help=True, help="Cloud Server Backup Service")
 
@@ -47,6 +49,8 @@ app.add_typer(api_app, name="api")
 app.add_typer(policy_app, name="policy")
 app.add_typer(quota_app, name="quota")
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 dev_app.add_typer(dev_server_app, name="server")
 
 
@@ -88,7 +92,7 @@ def task_list(
 
 
 @task_app.command("show")
-def task_show(task_id: str, as_json: JsonOpt = False) -> None:
+def task_show(task_id: ui.TaskId, as_json: JsonOpt = False) -> None:
     """Show one task, with its failure reason."""
     f = ui.facade(ui.settings())
     row = ui.guarded(lambda: f.task(task_id))
@@ -97,7 +101,10 @@ def task_show(task_id: str, as_json: JsonOpt = False) -> None:
 
 @task_app.command("delete")
 def task_delete(
-    task_ids: Annotated[list[str] | None, typer.Argument(help="Failed tasks to delete.")] = None,
+    task_ids: Annotated[
+        list[str] | None,
+        typer.Argument(callback=ui._resolver("task"), help="Failed tasks (ids or prefixes)."),
+    ] = None,
     all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed task.")] = False,
     yes: YesOpt = False,
     as_json: JsonOpt = False,

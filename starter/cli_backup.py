@@ -24,7 +24,10 @@ from csbs.model import (
 from csbs.rules import BackupQuery
 from csbs.units import format_size
 from starter.cli_common import (
+    BackupId,
+    BackupIds,
     JsonOpt,
+    ServerIds,
     WaitOpt,
     YesOpt,
     _progress_bar,
@@ -36,6 +39,8 @@ from starter.cli_common import (
     fail,
     guarded,
     guarded_async,
+    keep_whole,
+    local_time,
     run_async,
     say,
     settings,
@@ -56,14 +61,17 @@ def _status(b: dict[str, Any]) -> str:
 
 def _backup_table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "name", "server", "status", "kind", "created", "size", "stored")
+    f = facade(settings())
+    short, servers = f.short_ids("backup"), f.short_ids("server")
+    keep_whole(table, 0, [short.get(b["id"], b["id"]) for b in rows])
     for b in rows:
         table.add_row(
-            b["id"],
+            short.get(b["id"], b["id"]),
             b["name"],
-            f"{b['server_name']} ({b['server_id']})",
+            f"{b['server_name']} ({servers.get(b['server_id'], b['server_id'])})",
             _status(b),
             b["kind"],
-            (b["created_at"] or "")[:19],
+            local_time(b["created_at"]) or "",
             format_size(b["size_bytes"]),
             format_size(b["stored_bytes"]),
         )
@@ -72,7 +80,7 @@ def _backup_table(rows: list[dict[str, Any]]) -> None:
 
 @backup_app.command("create")
 def backup_create(
-    server_ids: Annotated[list[str], typer.Argument(help="Servers to back up.")],
+    server_ids: ServerIds,
     name: Annotated[str | None, typer.Option(help="Backup name (default manualbk_xxxx).")] = None,
     description: Annotated[str | None, typer.Option(help="At most 255 characters.")] = None,
     offline: Annotated[bool, typer.Option(help="Stop the server for the snapshot.")] = False,
@@ -173,7 +181,7 @@ def _disk_backup_table(rows: list[dict[str, Any]]) -> None:
 
 
 @backup_app.command("show")
-def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
+def backup_show(backup_id: BackupId, as_json: JsonOpt = False) -> None:
     """Show one backup: disks, sizes, parent, times, tasks."""
     f = facade(settings())
     view = guarded(lambda: f.backup_detail(backup_id))
@@ -222,7 +230,7 @@ def backup_show(backup_id: str, as_json: JsonOpt = False) -> None:
 
 @backup_app.command("delete")
 def backup_delete(
-    backup_ids: list[str], yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
+    backup_ids: BackupIds, yes: YesOpt = False, wait: WaitOpt = False, as_json: JsonOpt = False
 ) -> None:
     """Delete backups (available, error or delete_failed)."""
     f = facade(settings())
@@ -257,7 +265,7 @@ def _parse_map(pairs: list[str]) -> dict[str, str]:
 
 @backup_app.command("restore")
 def backup_restore(
-    backup_id: str,
+    backup_id: BackupId,
     map_: Annotated[list[str] | None, typer.Option("--map", help="SRC_DISK=DST_DISK")] = None,
     disk: Annotated[
         list[str] | None, typer.Option("--disk", help="Restore only this backed-up disk (R7).")
@@ -358,7 +366,30 @@ def backup_restore(
             ),
         )
         return
-    emit(result, as_json, lambda: console.print(result))
+    emit(result, as_json, lambda: _restore_summary(result, backup["name"]))
+
+
+def _restore_summary(result: dict[str, Any], backup_name: str) -> None:
+    """What a restore did, in words (``--json`` has every field)."""
+    if result.get("status") == "restoring":
+        console.print(
+            f"restoring from backup {backup_name} (task {result['task_id']}: csbs task show "
+            f"{result['task_id']})",
+            highlight=False,
+        )
+        return
+    disks = result.get("disks", [])
+    console.print(
+        f"server {result.get('server_id')} restored from backup {backup_name}: "
+        f"{len(disks)} disk(s)"
+        + ("" if result.get("powered_on", True) else "; left powered off")
+        + (", running from the backup" if result.get("instant") else ""),
+        highlight=False,
+    )
+    for d in disks:
+        onto = d.get("target_disk_id")
+        how = "full" if not d.get("delta") else "only what differs"
+        console.print(f"  {d.get('source_disk_id')} -> {onto} ({how})", highlight=False)
 
 
 async def _instant_running(handle: Any, task_id: str, backup_id: str) -> dict[str, Any]:
@@ -388,7 +419,7 @@ async def _instant_running(handle: Any, task_id: str, backup_id: str) -> dict[st
 
 @backup_app.command("export")
 def backup_export(
-    backup_id: str,
+    backup_id: BackupId,
     output: Annotated[Path, typer.Option("--output", "-o", help="The image file to write.")],
     disk: Annotated[
         str | None, typer.Option("--disk", help="The backed-up disk (needed with several).")
@@ -413,7 +444,7 @@ def backup_export(
 
 @backup_app.command("mount")
 def backup_mount(
-    backup_id: str,
+    backup_id: BackupId,
     disk: Annotated[
         str | None, typer.Option("--disk", help="The backed-up disk (needed with several).")
     ] = None,
@@ -456,7 +487,7 @@ def backup_mount(
 
 @backup_app.command("files")
 def backup_files(
-    backup_id: str,
+    backup_id: BackupId,
     action: Annotated[str, typer.Argument(help="ls (list a folder) or get (extract).")],
     path: Annotated[str, typer.Argument(help="Absolute path inside the filesystem.")] = "/",
     disk: Annotated[
@@ -528,7 +559,7 @@ def backup_files(
 
 
 @backup_app.command("replicate")
-def backup_replicate(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+def backup_replicate(backup_id: BackupId, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Copy a backup to the second site (CSBS_REPLICA_*): the chunks the replica lacks,
     then its manifests and descriptor. Resumes after a crash; copies nothing twice."""
     f = facade(settings())
@@ -562,7 +593,7 @@ def backup_replicate(backup_id: str, wait: WaitOpt = False, as_json: JsonOpt = F
 
 @backup_app.command("verify")
 def backup_verify(
-    backup_id: str,
+    backup_id: BackupId,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
     replica: Annotated[

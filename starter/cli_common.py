@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from csbs import ids as id_prefix
 from csbs.config import Settings
 from csbs.drivers import DevServers, make_dev_servers
 from csbs.errors import CsbsError
@@ -87,8 +88,49 @@ def dev_servers(s: Settings) -> DevServers:
     return guarded(lambda: make_dev_servers(s))
 
 
+_facades: dict[str, Facade] = {}
+
+
 def facade(s: Settings) -> Facade:
-    return Facade(s)
+    """The façade of the settings' project (one per command: the id resolvers and the
+    command share it)."""
+    if s.project not in _facades:
+        _facades[s.project] = Facade(s)
+    return _facades[s.project]
+
+
+def _resolver(kind: str) -> Callable[[Any], Any]:
+    """A typer callback that turns a typed id, or a unique prefix of one (at least the
+    shown 8 characters, as in the tables), into the whole id (issue 16)."""
+
+    def resolve(value: Any) -> Any:
+        if value is None or (isinstance(value, list) and not value):
+            return value
+        f = facade(settings())
+        if isinstance(value, list):
+            return [guarded(lambda v=v: f.resolve(kind, v)) for v in value]  # type: ignore[misc]
+        return guarded(lambda: f.resolve(kind, value))
+
+    return resolve
+
+
+BackupId = Annotated[
+    str, typer.Argument(callback=_resolver("backup"), help="A backup id, or a unique prefix.")
+]
+BackupIds = Annotated[
+    list[str],
+    typer.Argument(callback=_resolver("backup"), help="Backup ids, or unique prefixes."),
+]
+PolicyId = Annotated[
+    str, typer.Argument(callback=_resolver("policy"), help="A policy id, or a unique prefix.")
+]
+ServerIds = Annotated[
+    list[str],
+    typer.Argument(callback=_resolver("server"), help="Server ids, or unique prefixes."),
+]
+TaskId = Annotated[
+    str, typer.Argument(callback=_resolver("task"), help="A task id, or a unique prefix.")
+]
 
 
 async def guarded_async(coro: Awaitable[T]) -> T:
@@ -99,6 +141,25 @@ async def guarded_async(coro: Awaitable[T]) -> T:
         fail(str(exc))
     except ValidationError as exc:
         fail(_validation_message(exc))
+
+
+def keep_whole(table: Table, column: int, values: Any) -> None:
+    """Never cut the cells of a column (ids): narrow terminals squeeze the others."""
+    col = table.columns[column]
+    col.no_wrap = True
+    col.min_width = max((len(str(v)) for v in values), default=0) or None
+
+
+def local_time(value: str | None) -> str | None:
+    """An ISO time as tables show it: in the local time zone, to the minute."""
+    if not value:
+        return None
+    from datetime import UTC, datetime
+
+    when = datetime.fromisoformat(value)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:
@@ -163,13 +224,15 @@ def _progress_bar(label: str, get: Callable[[], tuple[int, bool]], interval: flo
 # -- servers --------------------------------------------------------------------------------
 def _server_table(servers: list[Server]) -> None:
     table = Table("id", "name", "host", "type", "state", "disks")
+    short = id_prefix.short_ids(s.id for s in servers)
+    keep_whole(table, 0, short.values())
     for s in servers:
         disks = ", ".join(
             f"{d.id} ({d.role.value}{', shared' if d.shared else ''}, {format_size(d.size_bytes)}"
             f"{', not backed up: ' + d.unsupported if d.unsupported else ''})"
             for d in s.disks
         )
-        table.add_row(s.id, s.name, s.host, s.type, s.state.value, disks)
+        table.add_row(short[s.id], s.name, s.host, s.type, s.state.value, disks)
     console.print(table)
 
 
@@ -179,15 +242,17 @@ def _server_json(s: Server) -> dict[str, Any]:
 
 def _task_table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "kind", "status", "backup", "server", "started", "finished", "reason")
+    short = facade(settings()).short_ids("task")
+    keep_whole(table, 0, [short.get(t["id"], t["id"]) for t in rows])
     for t in rows:
         table.add_row(
-            t["id"],
+            short.get(t["id"], t["id"]),
             t["kind"],
             t["status"],
             t["backup_name"] or t["backup_id"] or "",
             t["server_name"] or t["server_id"] or "",
-            (t["started_at"] or "")[:19],
-            (t["finished_at"] or "")[:19],
+            local_time(t["started_at"]) or "",
+            local_time(t["finished_at"]) or "",
             t["reason"] or "",
         )
     console.print(table)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     from csbs.file_restore import Volume
 
 from csbs import export, quota
+from csbs import ids as id_prefix
+from csbs.audit import AuditLog
 from csbs.catalog import BackupFilter, Catalog, backup_json, task_json
 from csbs.catalog.views import DiskBackupListView
 from csbs.config import Settings
@@ -40,6 +45,7 @@ from csbs.model import (
     TaskKind,
     TaskStatus,
     VerifyBackupInput,
+    check_id,
 )
 from csbs.nbd_server import BackupDiskReader, NbdServer
 from csbs.policy import PolicySpec
@@ -112,6 +118,66 @@ async def await_start(
                 "Unavailable",
             )
         await asyncio.sleep(0.2)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _audited(action: str, target: Callable[[dict[str, Any]], str]) -> Callable[[F], F]:
+    """Record each call of a façade method that changes something in the operation log
+    (issue 16): who (``csbs.audit.actor``), ``action``, ``target`` of the call's arguments
+    by name, when, and whether it went through or why not. A log that cannot be written
+    never hides the outcome of the change itself."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        def log(self: Facade, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Any) -> None:
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                what = target(dict(bound.arguments))
+                reason = None if exc is None else (str(exc) or type(exc).__name__)
+                AuditLog(self.catalog).record(action, what, exc is None, reason)
+            except Exception:  # pragma: no cover - the catalog is down as well
+                logging.getLogger(__name__).exception("operation log not written")
+
+        if asyncio.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(self: Facade, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    result = await fn(self, *args, **kwargs)
+                except Exception as exc:
+                    log(self, args, kwargs, exc)
+                    raise
+                log(self, args, kwargs, None)
+                return result
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def run(self: Facade, *args: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(self, *args, **kwargs)
+            except Exception as exc:
+                log(self, args, kwargs, exc)
+                raise
+            log(self, args, kwargs, None)
+            return result
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def _ids(ids: list[str] | None) -> str:
+    return ", ".join(ids or [])
+
+
+def _arg(name: str) -> Callable[[dict[str, Any]], str]:
+    """The target is one argument (a request's ``backup_id`` when it is a model)."""
+    return lambda a: str(getattr(a[name], "backup_id", a[name]))
 
 
 class Facade:
@@ -198,6 +264,7 @@ class Facade:
         row = self.catalog.get_backup(backup_id)
         return row.progress, BackupStatus(row.status)
 
+    @_audited("backup.create", lambda a: _ids(a["server_ids"]))
     async def create_backups(
         self,
         server_ids: list[str],
@@ -219,12 +286,32 @@ class Facade:
             ids.append(backup_id)
         return ids
 
+    def resolve(self, kind: str, given: str) -> str:
+        """The whole id of a ``kind`` (backup, task, policy, server) that ``given`` is or
+        uniquely begins (issue 16); NotFound or an ambiguity naming a few."""
+        try:
+            check_id(given, f"{kind}_id")  # what no id can be is refused for what it is
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if kind == "server":
+            candidates = [s.id for s in self.servers()]
+        else:
+            candidates = self.catalog.ids_beginning(kind, given)
+        return id_prefix.resolve(kind, given, candidates)
+
+    def short_ids(self, kind: str) -> dict[str, str]:
+        """Every id of a ``kind`` of the project, shortened as tables show it."""
+        if kind == "server":
+            return id_prefix.short_ids(s.id for s in self.servers())
+        return id_prefix.short_ids(self.catalog.ids_beginning(kind, ""))
+
     def check_backups(self, backup_ids: list[str]) -> None:
         """Raise (NotFound, or a validation error) unless every id names a backup."""
         DeleteBackupsInput(backup_ids=backup_ids)
         for b in backup_ids:
             self.catalog.get_backup(b)
 
+    @_audited("backup.delete", lambda a: _ids(a["backup_ids"]))
     async def delete_backups(self, backup_ids: list[str]) -> WorkflowHandle[Any, Any]:
         """Start ``DeleteBackups`` for backups that all exist; return once it is recorded."""
         self.check_backups(backup_ids)
@@ -243,6 +330,7 @@ class Facade:
 
         return await await_start(handle, started)
 
+    @_audited("backup.restore", _arg("inp"))
     async def restore(self, inp: RestoreServerInput) -> tuple[WorkflowHandle[Any, Any], str]:
         """Start ``RestoreServer``; return its handle and task id once it is recorded.
         What can be refused before it starts is refused here, with nothing recorded."""
@@ -250,6 +338,7 @@ class Facade:
         handle = await (await self.csbs()).start_restore(inp)
         return handle, await self._task_recorded(handle, TaskKind.RESTORE, inp.backup_id)
 
+    @_audited("backup.verify", _arg("backup_id"))
     async def verify(
         self, backup_id: str, replica: bool = False
     ) -> tuple[WorkflowHandle[Any, Any], str]:
@@ -267,12 +356,13 @@ class Facade:
         handle = await (await self.csbs()).start_verify(inp)
         return handle, await self._task_recorded(handle, TaskKind.VERIFY, backup_id)
 
+    @_audited("backup.replicate", _arg("backup_id"))
     async def replicate(self, backup_id: str) -> tuple[WorkflowHandle[Any, Any], str]:
         """Start ``ReplicateBackup``; return its handle and task id once it is recorded.
         No replica configured, or a backup that is not available, is refused here."""
         inp = ReplicateBackupInput(backup_id=backup_id)
+        backup = self.catalog.get_backup(backup_id)  # another project's: as if it did not exist
         self.settings.replica()
-        backup = self.catalog.get_backup(backup_id)
         if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
             raise InvalidState(
                 f"backup {backup_id} is {backup.status}; only available backups are replicated"
@@ -383,6 +473,7 @@ class Facade:
         usage = quota.usage_of(self.catalog, self.services.store)
         return quota.quota_json(self.settings.project, limits, usage)
 
+    @_audited("quota.set", lambda a: f"disk_backups={a['disk_backups']} bytes={a['bytes_']}")
     def set_quota(self, disk_backups: str | None, bytes_: str | None) -> dict[str, Any]:
         """Set the project's own limits: a number, ``unlimited`` or ``default`` each; one
         left out keeps what it is."""
@@ -424,6 +515,7 @@ class Facade:
         rows = [self.catalog.get_task(t) for t in task_ids or []]
         return deletable_tasks([(r.id, r.status) for r in rows])
 
+    @_audited("task.delete", lambda a: "all failed" if a["all_failed"] else _ids(a["task_ids"]))
     def delete_tasks(self, task_ids: list[str] | None, all_failed: bool = False) -> list[str]:
         """Delete failed task records (T2), by id or all of them; the ids deleted."""
         ids = self.deletable_tasks(task_ids, all_failed)
@@ -442,6 +534,7 @@ class Facade:
             view["next_runs"] = await self.next_runs(policy_id)
         return view
 
+    @_audited("policy.create", lambda a: a["spec"].name)
     async def create_policy(self, spec: PolicySpec) -> dict[str, Any]:
         """Create a policy (P1-P3), then its Temporal Schedule."""
         if spec.replicate:
@@ -450,6 +543,7 @@ class Facade:
         await self.sync_policy(row.id)
         return self.policies.view(row.id)
 
+    @_audited("policy.update", lambda a: f"{a['policy_id']}: {', '.join(sorted(a['changes']))}")
     async def update_policy(self, policy_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Change a policy, then rewrite its schedule (P7)."""
         if changes.get("replicate"):
@@ -458,6 +552,7 @@ class Facade:
         await self.sync_policy(policy_id)
         return self.policies.view(policy_id)
 
+    @_audited("policy.enable", lambda a: f"{a['policy_id']} enabled={a['enabled']}")
     async def set_policy_enabled(self, policy_id: str, enabled: bool) -> dict[str, Any]:
         """Enable or disable a policy; its schedule is unpaused or paused (P7)."""
         self.policies.set_enabled(policy_id, enabled)
@@ -476,10 +571,12 @@ class Facade:
         """Raise NotFound unless the policy exists."""
         self.policies.policies.get(policy_id)
 
+    @_audited("policy.bind", lambda a: f"{a['policy_id']}: {_ids(a['server_ids'])}")
     def bind(self, policy_id: str, server_ids: list[str]) -> list[str]:
         """Bind servers (P6); the policy's servers afterwards."""
         return self.policies.bind(policy_id, server_ids)
 
+    @_audited("policy.unbind", lambda a: f"{a['policy_id']}: {_ids(a['server_ids'])}")
     def unbind(self, policy_id: str, server_ids: list[str]) -> list[str]:
         """Unbind servers; their backups stay (P9)."""
         return self.policies.unbind(policy_id, server_ids)
@@ -499,6 +596,7 @@ class Facade:
             await self.client(), policy_id, self.policies.spec(policy_id), self.settings.queue
         )
 
+    @_audited("policy.delete", _arg("policy_id"))
     async def delete_policy(self, policy_id: str) -> None:
         """Delete a policy and its schedule; its backups stay (P7)."""
         from temporalio.service import RPCError
@@ -516,6 +614,7 @@ class Facade:
         desc = await handle.describe()
         return [t.isoformat() for t in desc.info.next_action_times]
 
+    @_audited("policy.run", _arg("policy_id"))
     async def run_policy(self, policy_id: str) -> WorkflowHandle[Any, Any]:
         """P8 run now: refused at once while a bound server has a backup running."""
         self.policies.plan_run(policy_id, "manual")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from csbs.policy import DEFAULT_TIME, RETENTION_PRESETS, PolicySpec, RetentionKind
 from starter import cli_common as cli
+from starter.cli_common import PolicyId, ServerIds
 from starter.facade import Facade
 
 policy_app = typer.Typer(no_args_is_help=True, help="Backup policies on Temporal Schedules.")
@@ -41,6 +42,7 @@ def _retention(
 
 def _table(rows: list[dict[str, Any]]) -> None:
     table = Table("id", "name", "enabled", "times", "period", "retention", "servers")
+    short = cli.facade(cli.settings()).short_ids("policy")
     for p in rows:
         period = (
             f"weekly {','.join(p['weekdays'])}"
@@ -49,7 +51,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
         )
         keep = p["retention"] + (f" {p['retention_value']}" if p["retention_value"] else "")
         table.add_row(
-            p["id"],
+            short.get(p["id"], p["id"]),
             p["name"],
             str(p["enabled"]),
             " ".join(p["times"]),
@@ -110,7 +112,7 @@ def policy_create(
 
 @policy_app.command("update")
 def policy_update(
-    policy_id: str,
+    policy_id: PolicyId,
     time: Annotated[list[str] | None, typer.Option("--time", help="HH:MM, replaces all.")] = None,
     name: Annotated[str | None, typer.Option(help="New name.")] = None,
     weekdays: Annotated[str | None, typer.Option(help="mon,wed,...")] = None,
@@ -158,13 +160,13 @@ def _set_enabled(policy_id: str, enabled: bool, as_json: bool) -> None:
 
 
 @policy_app.command("enable")
-def policy_enable(policy_id: str, as_json: JsonOpt = False) -> None:
+def policy_enable(policy_id: PolicyId, as_json: JsonOpt = False) -> None:
     """Enable a policy (its schedule is unpaused)."""
     _set_enabled(policy_id, True, as_json)
 
 
 @policy_app.command("disable")
-def policy_disable(policy_id: str, as_json: JsonOpt = False) -> None:
+def policy_disable(policy_id: PolicyId, as_json: JsonOpt = False) -> None:
     """Disable a policy: no future runs; runs in progress finish (P7)."""
     _set_enabled(policy_id, False, as_json)
 
@@ -177,7 +179,7 @@ def policy_list(as_json: JsonOpt = False) -> None:
 
 
 @policy_app.command("show")
-def policy_show(policy_id: str, as_json: JsonOpt = False) -> None:
+def policy_show(policy_id: PolicyId, as_json: JsonOpt = False) -> None:
     """Show a policy with its servers and next run times."""
     view = cli.run_async(cli.guarded_async(_facade().policy_view(policy_id, next_runs=True)))
 
@@ -190,7 +192,7 @@ def policy_show(policy_id: str, as_json: JsonOpt = False) -> None:
 
 @policy_app.command("delete")
 def policy_delete(
-    policy_id: str,
+    policy_id: PolicyId,
     yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -211,7 +213,7 @@ def _emit_bound(policy_id: str, bound: list[str], as_json: bool) -> None:
 
 
 @policy_app.command("bind")
-def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
+def policy_bind(policy_id: PolicyId, server_ids: ServerIds, as_json: JsonOpt = False) -> None:
     """Bind servers (a server bound elsewhere moves here) (P6)."""
     facade = _facade()
     cli.guarded(lambda: facade.check_policy(policy_id))
@@ -219,7 +221,7 @@ def policy_bind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False)
 
 
 @policy_app.command("unbind")
-def policy_unbind(policy_id: str, server_ids: list[str], as_json: JsonOpt = False) -> None:
+def policy_unbind(policy_id: PolicyId, server_ids: ServerIds, as_json: JsonOpt = False) -> None:
     """Unbind servers; their backups stay (P9)."""
     facade = _facade()
     _emit_bound(policy_id, cli.guarded(lambda: facade.unbind(policy_id, server_ids)), as_json)
@@ -234,7 +236,7 @@ def policy_reconcile(as_json: JsonOpt = False) -> None:
 
 @policy_app.command("run")
 def policy_run(
-    policy_id: str,
+    policy_id: PolicyId,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -135,6 +135,18 @@ class Catalog(SweepLease, Inventory, Quotas):
                     )
                 s.delete(row)
 
+    def ids_beginning(self, kind: str, prefix: str) -> list[str]:
+        """Ids of the project's backups, tasks or policies that begin with ``prefix``."""
+        from csbs.catalog.rows import PolicyRow
+
+        row = {"backup": BackupRow, "task": TaskRow, "policy": PolicyRow}[kind]
+        column = col(row.id)  # type: ignore[attr-defined]
+        q = select(column).where(col(row.project) == self.project)  # type: ignore[attr-defined]
+        if prefix:
+            q = q.where(column.startswith(prefix, autoescape=True))
+        with self.session() as s:
+            return [str(i) for i in s.exec(q).all()]
+
     def replica_tombstones(self) -> list[ReplicaTombstoneRow]:
         """Backups deleted from the primary whose replica copies may remain."""
         q = select(ReplicaTombstoneRow).where(ReplicaTombstoneRow.project == self.project)

@@ -228,6 +228,41 @@ class ReplicaTombstoneRow(SQLModel, table=True):
     deleted_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
+class ApiTokenRow(SQLModel, table=True):
+    """A token of the REST API and the console (issue 16): it acts in ``project`` only,
+    with ``role`` (viewer, operator, admin). Only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: str = Field(primary_key=True, max_length=64)
+    project: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=255)
+    role: str = Field(max_length=16)
+    secret_hash: str = Field(max_length=64)
+    created_at: datetime | None = Field(default=None, sa_column=_ts())
+    expires_at: datetime | None = Field(default=None, sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_used_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class AuditRow(SQLModel, table=True):
+    """One change made through the API, the console or the CLI (issue 16): who, what, on
+    what, when, and how it ended."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    project: str = Field(index=True, max_length=64)
+    at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), index=True))
+    #: ``token <name> (<id>)`` through the API and console; ``local <user>@<host>`` from
+    #: the CLI.
+    actor: str = Field(max_length=300)
+    action: str = Field(max_length=64)
+    target: str = Field(default="", max_length=1000)
+    result: str = Field(max_length=16)
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+
+
 class PolicyRow(SQLModel, table=True):
     """A backup policy; ``spec`` is the JSON of :class:`csbs.policy.PolicySpec`."""
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
+from csbs.auth import Forbidden, Role
 from csbs.catalog.views import DiskBackupListView
 from csbs.model import RestoreServerInput
 from csbs.rules import BackupQuery
@@ -19,7 +20,7 @@ from starter.api_models import (
     RestoreRequest,
     _responses,
 )
-from starter.routes.common import STARTS, FacadeDep, body_references
+from starter.routes.common import STARTS, FacadeDep, PrincipalDep, body_references
 
 router = APIRouter(tags=["backups"])
 
@@ -46,12 +47,14 @@ def list_disk_backups(
     responses=_responses(404, 409, 422, 503),
 )
 async def create_backups(
-    body: BackupCreate, facade: FacadeDep, response: Response
+    body: BackupCreate, facade: FacadeDep, response: Response, who: PrincipalDep
 ) -> list[dict[str, Any]] | dict[str, Any]:
     """Back up servers now (one backup each); returns the backups being created. With
     ``policy_id``, bind them to that policy instead (guide 2.2: a server bound elsewhere
     moves here) and answer 200 with the policy's servers; nothing is backed up now."""
     if body.policy_id is not None:
+        if Role.parse(who.role) < Role.admin:  # binding changes a policy: admins only
+            raise Forbidden(f"token {who.id} has role {who.role}; binding to a policy needs admin")
         facade.check_policy(body.policy_id)  # a missing policy is 404; missing servers 422
         with body_references():
             bound = facade.bind(body.policy_id, body.server_ids)

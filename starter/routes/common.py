@@ -7,18 +7,85 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from csbs.audit import ACTOR
+from csbs.auth import Forbidden, Role, Unauthorized
+from csbs.catalog.rows import ApiTokenRow
 from csbs.errors import InvalidInput, NotFound
 from starter.api_models import PolicyOut, Started, _responses
 from starter.facade import Facade, StartFailed
 
+#: Routes that need no token.
+OPEN_ROUTES = {("GET", "/v1/health")}
+#: Reads only an admin may make.
+ADMIN_READS = {("GET", "/v1/audit")}
+#: Routes an operator may call (back up, restore, verify, replicate, run a policy now);
+#: every other change needs an admin, every read a viewer.
+OPERATOR_ROUTES = {
+    ("POST", "/v1/backups"),
+    ("POST", "/v1/backups/{backup_id}/restore"),
+    ("POST", "/v1/backups/{backup_id}/verify"),
+    ("POST", "/v1/backups/{backup_id}/replicate"),
+    ("POST", "/v1/policies/{policy_id}/run"),
+}
 
-def _facade(request: Request) -> Facade:
-    facade: Facade = request.app.state.facade
+
+def needed_role(method: str, path: str) -> Role | None:
+    """The least role a route needs (None: open to all)."""
+    if (method, path) in OPEN_ROUTES:
+        return None
+    if method in ("GET", "HEAD") and (method, path) not in ADMIN_READS:
+        return Role.viewer
+    return Role.operator if (method, path) in OPERATOR_ROUTES else Role.admin
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API token from `csbs token create` (it names its project and role).",
+)
+
+
+def principal(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiTokenRow:
+    """The token the request carries, checked: 401 without a valid one, 429 after too many
+    failed attempts from one client, 403 when its role may not call this route."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", request.url.path)
+    state = request.app.state
+    client = request.client.host if request.client else "unknown"
+    state.limiter.check(client)
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise Unauthorized("a valid API token is required (Authorization: Bearer <token>)")
+    try:
+        row: ApiTokenRow = state.tokens.authenticate(creds.credentials)
+    except Unauthorized:
+        state.limiter.failed(client)
+        raise
+    need = needed_role(request.method, path)
+    if need is not None and Role.parse(row.role) < need:
+        raise Forbidden(
+            f"token {row.id} has role {row.role}; {request.method} {path} needs {need.name}"
+        )
+    request.state.principal = row
+    return row
+
+
+PrincipalDep = Annotated[ApiTokenRow, Depends(principal)]
+
+
+async def _facade(request: Request, who: PrincipalDep) -> Facade:
+    """The façade of the token's project: a request never chooses its project. The
+    operation log names the token as who made this request's changes (an async
+    dependency, so that the route runs in the context it sets)."""
+    ACTOR.set(f"token {who.name} ({who.id})")
+    facade: Facade = request.app.state.facade_for(who.project)
     return facade
 
 
-#: The façade of the application's project, as a route parameter.
+#: The façade of the caller's project, as a route parameter (it requires a token).
 FacadeDep = Annotated[Facade, Depends(_facade)]
 
 

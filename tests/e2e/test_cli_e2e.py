@@ -443,13 +443,16 @@ async def test_states_progress_and_refused_deletes_while_running(stack: Stack) -
         if row is not None and row.status == "creating":
             seen.add(row.progress)
             if 0 < row.progress < 100:
-                listed = (
-                    await stack.cli("backup", "list", "--json", "--status", "creating")
-                ).json()
+                # Both commands at once, while it is still being made (each CLI process
+                # takes about 2 s to start).
+                listing, refused = await asyncio.gather(
+                    stack.cli("backup", "list", "--json", "--status", "creating"),
+                    stack.cli("backup", "delete", backup_id, "--yes", check=False),
+                )
+                listed = listing.json()
                 assert listed[0]["id"] == backup_id and 0 < listed[0]["progress"] < 100
                 progress = await handle.query("progress")
                 assert progress["step"] == "uploading"
-                refused = await stack.cli("backup", "delete", backup_id, "--yes", check=False)
                 assert refused.code != 0 and "creating" in refused.stderr
                 break
         await asyncio.sleep(0.05)
@@ -500,3 +503,40 @@ async def test_shell_completion_completes_commands(stack: Stack) -> None:
     assert "complete -o default -F _csbs_completion csbs" in script
     env = dict(stack.env, _CSBS_COMPLETE="complete_bash", COMP_WORDS="csbs bac", COMP_CWORD="1")
     assert (await run(env)).split() == ["backup"]
+
+
+async def test_tables_show_ids_that_can_be_copied_and_prefixes_are_taken(stack: Stack) -> None:
+    """Issue 16, part 5: at 80 columns the backup and task tables show each id as its
+    shortest unique prefix of at least 8 characters, never cut; every command that takes an
+    id takes such a prefix; an ambiguous one is refused in one line."""
+    drv = stack.driver
+    server = drv.create_server("prefixes", [4 * 1024 * 1024])
+    drv.write(server.id, server.disks[0].id, 0, b"p" * 100000)
+    made = [
+        (await stack.cli("backup", "create", server.id, "--wait", "--json")).json()["id"]
+        for _ in range(2)
+    ]
+    narrow = {"COLUMNS": "80"}
+    table = (await stack.cli("backup", "list", env=narrow)).stdout
+    for backup_id in made:
+        shown = next(w for w in table.split() if w.startswith("bk-") and backup_id.startswith(w))
+        assert len(shown) >= 8 and [b for b in made if b.startswith(shown)] == [backup_id]
+        assert "…" not in shown
+        out = (await stack.cli("backup", "show", shown, "--json")).json()
+        assert out["id"] == backup_id
+    tasks = (await stack.cli("task", "list", env=narrow)).stdout
+    task_id = stack.catalog.list_tasks(backup_id=made[0])[0].id
+    shown = next(w for w in tasks.split() if task_id.startswith(w) and w.startswith("task-"))
+    assert (await stack.cli("task", "show", shown, "--json")).json()["id"] == task_id
+    server_prefix = server.id[:8]
+    listed = (await stack.cli("backup", "list", "--json")).json()
+    assert {b["server_id"] for b in listed} == {server.id}
+    again = (await stack.cli("backup", "create", server_prefix, "--wait", "--json")).json()
+    assert again["server_id"] == server.id
+
+    ambiguous = await stack.cli("backup", "show", "bk-", check=False)
+    assert ambiguous.code != 0
+    assert "backup id bk- is ambiguous: 3 ids begin with it" in ambiguous.stderr
+    assert len(ambiguous.stderr.strip().splitlines()) == 1
+    missing = await stack.cli("backup", "show", "bk-zzzz", check=False)
+    assert missing.code != 0 and "backup bk-zzzz does not exist" in missing.stderr
