@@ -604,13 +604,17 @@ class ChunkStore:
             raise CorruptData(f"policy copy at {key} belongs to another policy")
         return copy
 
-    def policy_ids(self) -> list[str]:
-        """Ids of the policies with a copy in the repository."""
+    def _json_ids(self, folder: str) -> list[str]:
+        """The ids of the ``<folder>/<id>.json`` objects of the repository."""
         return sorted(
             key.rsplit("/", 1)[-1].removesuffix(".json")
-            for key in self.list_keys("policies/")
+            for key in self.list_keys(f"{folder}/")
             if key.endswith(".json")
         )
+
+    def policy_ids(self) -> list[str]:
+        """Ids of the policies with a copy in the repository."""
+        return self._json_ids("policies")
 
     def delete_policies(self, policy_ids: list[str]) -> None:
         if policy_ids:
@@ -618,11 +622,7 @@ class ChunkStore:
 
     def backup_ids(self) -> list[str]:
         """Ids of the backups with a descriptor (committed) in the repository."""
-        return sorted(
-            key.rsplit("/", 1)[-1].removesuffix(".json")
-            for key in self.list_keys("backups/")
-            if key.endswith(".json")
-        )
+        return self._json_ids("backups")
 
     def delete_staging(self, backup_id: str) -> None:
         self._delete(list(self.list_keys(f"staging/{check_id(backup_id)}/")))

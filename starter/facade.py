@@ -198,7 +198,12 @@ class Facade:
         self.driver = driver or make_fleet(settings, self.catalog)
         self._client = client
         self._services: Services | None = None
-        self.policies = PolicyService(self.catalog, self.driver, self.services.store)
+
+    @functools.cached_property
+    def policies(self) -> PolicyService:
+        """Policies of the project, written through to their copies in the bucket (built
+        on first use: most commands never touch a policy)."""
+        return PolicyService(self.catalog, self.driver, self.services.store)
 
     @property
     def services(self) -> Services:

@@ -101,6 +101,10 @@ class Service:
     def closed_run(self) -> Callable[[str, str | None], str | None] | None:
         return self.ctx.closed_run
 
+    def source(self, replica: bool) -> ChunkStore:
+        """Where a step reads: the primary, or the second site (issue 17)."""
+        return self.ctx.replica_store() if replica else self.store
+
     def _claim_server(self, server_id: str, holder: str, operation: str) -> None:
         """Take the server's lock (see ``_with_server_lock``)."""
         self._with_server_lock(

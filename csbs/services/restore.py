@@ -96,10 +96,6 @@ class RestoreService(Service):
             from_replica=inp.from_replica,
         )
 
-    def source(self, from_replica: bool) -> ChunkStore:
-        """Where a restore reads: the primary, or the second site (issue 17)."""
-        return self.ctx.replica_store() if from_replica else self.store
-
     def _plan(
         self, inp: RestoreServerInput, check_status: bool = True
     ) -> tuple[BackupRow, Server, list[RestoreItem], list[str]]:

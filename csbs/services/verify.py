@@ -10,7 +10,6 @@ from csbs.catalog import (
     BackupFilter,
     utcnow,
 )
-from csbs.chunkstore import ChunkStore
 from csbs.errors import (
     CorruptData,
     InvalidState,
@@ -38,7 +37,7 @@ class VerifyService(Service):
     ) -> VerifyPlan:
         """Open a verify task for an available (or restoring) backup (``replica``: one
         replicated to the second site, whose copy is verified)."""
-        self._source(replica).ensure_config()
+        self.source(replica).ensure_config()
         backup = self.catalog.get_backup(backup_id)
         if self._find_task(task_id) is None:
             if backup.status not in (BackupStatus.AVAILABLE, BackupStatus.RESTORING):
@@ -71,9 +70,6 @@ class VerifyService(Service):
             disk_ids=[d.disk_id for d in self.catalog.disk_backups(backup.id)],
         )
 
-    def _source(self, replica: bool) -> ChunkStore:
-        return self.ctx.replica_store() if replica else self.store
-
     def verify_disk(
         self,
         backup_id: str,
@@ -83,7 +79,7 @@ class VerifyService(Service):
     ) -> VerifyDiskResult:
         """Read every chunk of one disk of a backup and check its digest."""
         return verify.verify_disk(
-            self._source(replica),
+            self.source(replica),
             backup_id,
             disk_id,
             self.settings.transfer_concurrency,
@@ -104,7 +100,7 @@ class VerifyService(Service):
         problems = [p for r in results for p in r.problems]
         if error is None:
             try:
-                self._source(replica).get_descriptor(backup_id)
+                self.source(replica).get_descriptor(backup_id)
             except (NotFound, CorruptData, ValueError) as exc:
                 problems.insert(
                     0,
