@@ -16,6 +16,8 @@ from sqlmodel import col, select
 
 from csbs.catalog import Catalog
 from csbs.catalog.rows import AuditRow, _aware, utcnow
+from csbs.errors import InvalidInput
+from csbs.paging import Cursor, Page, after_key, cut, time_key
 
 #: Who is making the change being served now (None: the local user of the CLI).
 ACTOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("csbs_actor", default=None)
@@ -64,14 +66,24 @@ class AuditLog:
 
     def list(self, since: datetime | None = None, limit: int | None = None) -> list[AuditRow]:
         """Newest first."""
+        return self.page(since, limit, None).items
+
+    def page(self, since: datetime | None, limit: int | None, cursor: str | None) -> Page[AuditRow]:
+        """A page of entries, newest first (by time, then id), after ``cursor``."""
         q = select(AuditRow).where(AuditRow.project == self.catalog.project)
         if since is not None:
             q = q.where(col(AuditRow.at) >= since)
-        q = q.order_by(col(AuditRow.at).desc(), col(AuditRow.id).desc())
+        start = Cursor.decode(cursor, "audit", 2)
+        columns = (col(AuditRow.at), col(AuditRow.id))
+        if start is not None:
+            if not isinstance(start.key[1], int):
+                raise InvalidInput("cursor: not a cursor this list gave out; start without one")
+            q = q.where(after_key(columns, [start.time(0), start.key[1]]))
+        q = q.order_by(*(c.desc() for c in columns))
         if limit is not None:
-            q = q.limit(limit)
+            q = q.limit(limit + 1)
         with self.catalog.session() as s:
             rows = list(s.exec(q).all())
         for r in rows:
             r.at = _aware(r.at) or r.at
-        return rows
+        return cut(rows, limit, "audit", lambda r: [time_key(r.at), r.id])

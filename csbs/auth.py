@@ -10,6 +10,10 @@ so the catalog cannot give a token away. A token acts in its project only, with 
 
 Failed attempts are counted per client; too many in a minute and the client waits
 (``LoginLimiter``), so secrets cannot be guessed at speed.
+
+The console signs in with a token once and then holds a session (``Sessions``): a random
+secret in an HttpOnly cookie, of which the catalog keeps the hash. A session acts as its
+token and ends with it: revoking the token signs its sessions out.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import time
 from datetime import datetime, timedelta
 from enum import IntEnum
 
+from sqlalchemy import delete as sa_delete
 from sqlmodel import col, select
 
 from csbs.catalog import Catalog
-from csbs.catalog.rows import ApiTokenRow, utcnow
+from csbs.catalog.rows import ApiTokenRow, ConsoleSessionRow, utcnow
 from csbs.errors import CsbsError, InvalidInput, NotFound
 from csbs.locks import as_utc
 from csbs.model import check_id
@@ -188,3 +193,56 @@ class LoginLimiter:
         recent = [t for t in self._failures.get(client, []) if t > cutoff]
         self._failures[client] = recent
         return recent
+
+
+class Sessions:
+    """Console sessions of the catalog (issue 16)."""
+
+    def __init__(self, catalog: Catalog, hours: float = 12.0) -> None:
+        self.catalog = catalog
+        self.hours = hours
+
+    def open(self, token: ApiTokenRow, now: datetime | None = None) -> tuple[str, str]:
+        """A new session of ``token``: its cookie secret and its CSRF value. It ends after
+        ``hours``, or when the token expires if that is sooner."""
+        now = now or utcnow()
+        secret = secrets.token_urlsafe(32)
+        csrf = secrets.token_urlsafe(24)
+        ends = now + timedelta(hours=self.hours)
+        if token.expires_at is not None:
+            ends = min(ends, as_utc(token.expires_at))
+        row = ConsoleSessionRow(
+            id=_hash(secret), token_id=token.id, csrf=csrf, created_at=now, expires_at=ends
+        )
+        with self.catalog.session() as s:
+            # Sessions that ended are forgotten as new ones begin.
+            s.execute(sa_delete(ConsoleSessionRow).where(col(ConsoleSessionRow.expires_at) < now))
+            s.add(row)
+        return secret, csrf
+
+    def find(
+        self, secret: str | None, now: datetime | None = None
+    ) -> tuple[ConsoleSessionRow, ApiTokenRow] | None:
+        """The session of a cookie and its token, while both are valid; else None."""
+        if not secret or len(secret) > 100:
+            return None
+        now = now or utcnow()
+        with self.catalog.session() as s:
+            row = s.get(ConsoleSessionRow, _hash(secret))
+            if row is None or as_utc(row.expires_at) <= now:
+                return None
+            token = s.get(ApiTokenRow, row.token_id)
+            if token is None or token.revoked_at is not None:
+                return None
+            if token.expires_at is not None and as_utc(token.expires_at) <= now:
+                return None
+            return row, token
+
+    def close(self, secret: str | None) -> None:
+        """Sign a session out (nothing happens for one that does not exist)."""
+        if not secret:
+            return
+        with self.catalog.session() as s:
+            row = s.get(ConsoleSessionRow, _hash(secret))
+            if row is not None:
+                s.delete(row)

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     #: Failed token attempts one client may make per minute before the API refuses it
     #: (429) for the rest of that minute (issue 16).
     api_failed_logins_per_minute: int = Field(default=10, ge=1, le=1_000_000)
+    #: How long a console sign-in lasts (hours); it ends sooner with its token.
+    console_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    #: The Temporal Web UI the console links each run to, for admins (default: port 8233
+    #: on the host of ``temporal_address``; empty string: no links).
+    temporal_ui_url: str | None = None
     #: How long a data transfer may stay silent before Temporal gives it up and retries it,
     #: resuming from its last checkpoint, on any worker (seconds). Lower it where workers
     #: die often and must be replaced fast; the fault suite sets 3.
@@ -169,6 +174,13 @@ class Settings(BaseSettings):
 
         names = [p.strip() for p in self.projects.split(",") if p.strip()] or [self.project]
         return [check_id(p, "projects") for p in dict.fromkeys(names)]
+
+    def temporal_ui(self) -> str | None:
+        """The Temporal Web UI's base URL (None: the console shows no links to it)."""
+        if self.temporal_ui_url is not None:
+            return self.temporal_ui_url.rstrip("/") or None
+        host = self.temporal_address.rpartition(":")[0] or "127.0.0.1"
+        return f"http://{host}:8233"
 
     @property
     def has_replica(self) -> bool:

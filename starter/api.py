@@ -2,7 +2,8 @@
 
 The same operations as the CLI, on the same core: workflows are started through Temporal
 with the same ids, search attributes and summaries, and records come from the catalog.
-Errors are RFC 9457 problem documents (``application/problem+json``) whose ``detail`` is
+The tenant console (``starter.console``) is served at ``/`` by the same app. Errors are
+RFC 9457 problem documents (``application/problem+json``) whose ``detail`` is
 the one line the CLI would print. Run it with ``csbs api serve``. Every ``/v1`` route
 but ``/v1/health`` needs ``Authorization: Bearer <token>`` (``csbs token create``): the
 token decides the project and the role (``csbs.auth``).
@@ -31,6 +32,7 @@ from starter.api_models import (
     _validation_errors,
     problem,
 )
+from starter.console import install as install_console
 from starter.facade import Facade
 from starter.routes import ROUTERS
 
@@ -117,4 +119,5 @@ def create_app(settings: Settings | None = None, facade: Facade | None = None) -
     for router in ROUTERS:
         app.include_router(router)
     _problem_media_type(app)
+    install_console(app)
     return app

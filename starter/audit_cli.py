@@ -39,15 +39,15 @@ def parse_since(value: str | None) -> datetime | None:
 @audit_app.command("list")
 def audit_list(
     since: Annotated[str | None, typer.Option(help="24h, 7d, or a date or time.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many entries.")] = 100,
+    limit: cli.LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every change made in the project through the API, the console or the CLI, newest
     first: who, what, on what, when, and how it ended."""
     when = cli.guarded(lambda: parse_since(since))
     facade = cli.facade(cli.settings())
-    rows = AuditLog(facade.catalog).list(when, limit)
-    data = [audit_json(r) for r in rows]
+    page = AuditLog(facade.catalog).page(when, cli.rows_for(limit, as_json), None)
+    data = [audit_json(r) for r in page.items]
 
     def table() -> None:
         t = Table("when", "who", "action", "target", "result", "reason")
@@ -59,3 +59,4 @@ def audit_list(
         cli.console.print(t)
 
     cli.emit(data, as_json, table)
+    cli.note_more(page, as_json)

@@ -71,10 +71,12 @@ def _global_options(
 
 
 @server_app.command("list")
-def server_list(as_json: JsonOpt = False) -> None:
-    """List the servers of the project."""
-    servers = ui.guarded(lambda: ui.facade(ui.settings()).servers())
+def server_list(limit: ui.LimitOpt = None, as_json: JsonOpt = False) -> None:
+    """List the servers of the project, by id."""
+    page = ui.guarded(lambda: ui.facade(ui.settings()).servers_page(ui.rows_for(limit, as_json)))
+    servers = page.items
     ui.emit([ui._server_json(s) for s in servers], as_json, lambda: ui._server_table(servers))
+    ui.note_more(page, as_json)
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -84,11 +86,15 @@ def server_list(as_json: JsonOpt = False) -> None:
 def task_list(
     kind: Annotated[TaskKind | None, typer.Option(help="backup, restore, delete or verify")] = None,
     status: Annotated[TaskStatus | None, typer.Option(help="running, succeeded or failed")] = None,
+    limit: ui.LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List task records, newest first."""
-    rows = ui.facade(ui.settings()).tasks(kind=kind, status=status)
+    f = ui.facade(ui.settings())
+    page = f.tasks_page(kind=kind, status=status, limit=ui.rows_for(limit, as_json))
+    rows = page.items
     ui.emit(rows, as_json, lambda: ui._task_table(rows))
+    ui.note_more(page, as_json)
 
 
 @task_app.command("show")
@@ -229,11 +235,15 @@ def doctor(as_json: JsonOpt = False) -> None:
 @dev_app.command("up")
 def dev_up(
     demo: Annotated[bool, typer.Option(help="Create the demo server if missing.")] = True,
+    api_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of the REST API and the console.")
+    ] = 8080,
 ) -> None:
-    """Start the embedded stack: Temporal dev server + Web UI, SeaweedFS S3, worker, demo."""
+    """Start the embedded stack: Temporal dev server + Web UI, SeaweedFS S3, worker, the
+    API with the console, and the demo server; print the console's URL and a token."""
     from starter import stack
 
-    stack.up(ui.settings(), demo=demo)
+    stack.up(ui.settings(), demo=demo, api_port=api_port)
 
 
 @dev_app.command("down")

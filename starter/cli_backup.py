@@ -23,10 +23,12 @@ from csbs.model import (
 )
 from csbs.rules import BackupQuery
 from csbs.units import format_size
+from starter import summaries
 from starter.cli_common import (
     BackupId,
     BackupIds,
     JsonOpt,
+    LimitOpt,
     ServerIds,
     WaitOpt,
     YesOpt,
@@ -41,8 +43,11 @@ from starter.cli_common import (
     guarded_async,
     keep_whole,
     local_time,
+    note_more,
+    rows_for,
     run_async,
     say,
+    say_lines,
     settings,
 )
 from starter.facade import workflow_error
@@ -149,19 +154,23 @@ def backup_list(
         bool,
         typer.Option("--disks", help="List disk backups (one per disk of each backup) instead."),
     ] = False,
+    limit: LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List backups, newest first; with --disks, their disk backups (restore one with
     ``backup restore BACKUP_ID --disk DISK_ID``)."""
-    options = {k: v for k, v in locals().items() if k != "disks"}  # BackupQuery's filters
+    options = {k: v for k, v in locals().items() if k not in ("disks", "limit")}  # filters
     f = facade(settings())
     query = guarded(lambda: BackupQuery.model_validate(options))
+    rows_wanted = rows_for(limit, as_json)
     if disks:
-        disk_rows = guarded(lambda: f.list_disk_backups(query))
-        emit(disk_rows, as_json, lambda: _disk_backup_table(disk_rows))
+        disk_page = guarded(lambda: f.disk_backups_page(query, rows_wanted))
+        emit(disk_page.items, as_json, lambda: _disk_backup_table(disk_page.items))
+        note_more(disk_page, as_json)
         return
-    rows = guarded(lambda: f.list_backups(query))
-    emit(rows, as_json, lambda: _backup_table(rows))
+    page = guarded(lambda: f.backups_page(query, rows_wanted))
+    emit(page.items, as_json, lambda: _backup_table(page.items))
+    note_more(page, as_json)
 
 
 def _disk_backup_table(rows: list[dict[str, Any]]) -> None:
@@ -248,7 +257,7 @@ def backup_delete(
         return {"workflow_id": handle.id, "backup_ids": backup_ids, "status": "deleting"}
 
     result = run_async(delete())
-    emit(result, as_json, lambda: console.print(result))
+    emit(result, as_json, lambda: say_lines(summaries.deleted(result)))
 
 
 def _parse_map(pairs: list[str]) -> dict[str, str]:
@@ -622,7 +631,9 @@ def backup_verify(
 
     def render() -> None:
         if "ok" not in result:
-            console.print(result)
+            say_lines(
+                summaries.started(f"verifying backup {backup_id}", result, "csbs task show {task}")
+            )
             return
         console.print(
             f"backup {backup_id}: {result['chunks_checked']} chunks, "

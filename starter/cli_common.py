@@ -24,6 +24,7 @@ from csbs.errors import CsbsError
 from csbs.model import (
     Server,
 )
+from csbs.paging import Page
 from csbs.units import format_size
 from starter.facade import Facade, workflow_error
 
@@ -46,7 +47,33 @@ def say(label: str, style: str, message: str, to: Console | None = None) -> None
 T = TypeVar("T")
 
 
+#: Rows a list shows in a table unless --limit says otherwise (issue 16).
+TABLE_ROWS = 100
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        min=1,
+        help=f"At most this many rows, newest first (default: {TABLE_ROWS} in a table, all "
+        "with --json).",
+    ),
+]
+
+
+def rows_for(limit: int | None, as_json: bool) -> int | None:
+    """How many rows a list command reads: ``--limit``, else a table's 100 or all JSON."""
+    if limit is not None:
+        return limit
+    return None if as_json else TABLE_ROWS
+
+
+def note_more(page: Page[Any], as_json: bool) -> None:
+    """Say on stderr that a table shows only the first rows (JSON stays just the rows)."""
+    if page.next_cursor is not None and not as_json:
+        err_console.print(
+            f"(the first {len(page.items)} rows; see more with --limit N, or all with --json)"
+        )
 
 
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait until it finishes, with progress.")]
@@ -160,6 +187,12 @@ def local_time(value: str | None) -> str | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def say_lines(lines: list[str]) -> None:
+    """Print a readable summary, a line each (never markup, never highlighted)."""
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def emit(data: Any, as_json: bool, render: Callable[[], None] | None = None) -> None:

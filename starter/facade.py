@@ -48,6 +48,7 @@ from csbs.model import (
     check_id,
 )
 from csbs.nbd_server import BackupDiskReader, NbdServer
+from csbs.paging import Cursor, Page, check_limit, cut, page_in_memory, time_key
 from csbs.policy import PolicySpec
 from csbs.policy_service import PolicyService
 from csbs.rules import BackupQuery, backup_requests, deletable_tasks
@@ -180,6 +181,17 @@ def _arg(name: str) -> Callable[[dict[str, Any]], str]:
     return lambda a: str(getattr(a[name], "backup_id", a[name]))
 
 
+def backup_filter(query: BackupQuery | None) -> BackupFilter:
+    """The catalog filter of a ``backup list`` query."""
+    q = query or BackupQuery()
+    return BackupFilter(
+        **q.model_dump(exclude={"since", "until", "status"}),
+        status=q.status.value if q.status else None,
+        since=q.since_time(),
+        until=q.until_time(),
+    )
+
+
 class Facade:
     """One project's servers, backups, tasks and policies: workflows started through
     Temporal, records read from the catalog, schedules kept in step with policies."""
@@ -226,34 +238,62 @@ class Facade:
         """The project's servers, as the compute driver reports them."""
         return self.driver.list_servers()
 
+    def servers_page(self, limit: int | None = None, cursor: str | None = None) -> Page[Server]:
+        """A page of the servers, by id."""
+        return page_in_memory(self.servers(), limit, cursor, "servers", lambda s: s.id)
+
     # -- backups ---------------------------------------------------------------------------
     def list_backups(self, query: BackupQuery | None = None) -> list[dict[str, Any]]:
         """Backups, newest first, by every filter of ``backup list`` (B11)."""
-        q = query or BackupQuery()
-        flt = BackupFilter(
-            **q.model_dump(exclude={"since", "until", "status"}),
-            status=q.status.value if q.status else None,
-            since=q.since_time(),
-            until=q.until_time(),
-        )
-        rows = self.catalog.list_backups(flt)
-        return [backup_json(r, self.catalog.disk_backups(r.id)) for r in rows]
+        return self.backups_page(query).items
+
+    def backups_page(
+        self, query: BackupQuery | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Page[dict[str, Any]]:
+        """A page of :meth:`list_backups` (``csbs.paging``; no limit: all of them)."""
+        page = self.catalog.backups_page(backup_filter(query), check_limit(limit), cursor)
+        disks = self.catalog.disk_backups_of([r.id for r in page.items])
+        return page.map(lambda r: backup_json(r, disks[r.id]))
 
     def list_disk_backups(self, query: BackupQuery | None = None) -> list[dict[str, Any]]:
         """Disk backups (guide 1.6): one per disk of every server backup that the filters
         of ``backup list`` select, with that backup; newest first, system disk first."""
-        q = query or BackupQuery()
-        flt = BackupFilter(
-            **q.model_dump(exclude={"since", "until", "status"}),
-            status=q.status.value if q.status else None,
-            since=q.since_time(),
-            until=q.until_time(),
-        )
-        return [
-            DiskBackupListView.of_backup(r, d).model_dump(mode="json")
-            for r in self.catalog.list_backups(flt)
-            for d in self.catalog.disk_backups(r.id)
-        ]
+        return self.disk_backups_page(query).items
+
+    def disk_backups_page(
+        self, query: BackupQuery | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Page[dict[str, Any]]:
+        """A page of :meth:`list_disk_backups`: at most ``limit`` disk backups. Its cursor
+        names the backup it stopped in and how many of its disks were given."""
+        limit = check_limit(limit)
+        start = Cursor.decode(cursor, "disk-backups", 3)
+        flt = backup_filter(query)
+        skip = 0
+        after = None
+        if start is not None:
+            # Resume at the cursor's backup: the page of backups after the one before it.
+            skip = int(start.key[2])
+            after = Cursor("backups", [start.key[0], start.key[1]])
+        rows: list[dict[str, Any]] = []
+        backups_cursor = after.encode() if after is not None else None
+        first = True
+        while limit is None or len(rows) <= limit:
+            page = self.catalog.backups_page(flt, limit or None, backups_cursor, inclusive=first)
+            first = False
+            disks = self.catalog.disk_backups_of([r.id for r in page.items])
+            for r in page.items:
+                for i, d in enumerate(disks[r.id]):
+                    if r.id == (after.key[1] if after else None) and i < skip:
+                        continue
+                    view = DiskBackupListView.of_backup(r, d).model_dump(mode="json")
+                    rows.append({**view, "_key": [time_key(r.created_at), r.id, i + 1]})
+            if page.next_cursor is None:
+                break
+            backups_cursor = page.next_cursor
+        result = cut(rows, limit, "disk-backups", lambda v: v["_key"])
+        for v in result.items:
+            v.pop("_key")
+        return result
 
     def backup_view(self, backup_id: str) -> dict[str, Any]:
         return backup_json(self.catalog.get_backup(backup_id), self.catalog.disk_backups(backup_id))
@@ -505,8 +545,21 @@ class Facade:
         backup_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Task records, newest first."""
-        rows = self.catalog.list_tasks(kind=kind, status=status, backup_id=backup_id)
-        return [task_json(t) for t in rows]
+        return self.tasks_page(kind, status, backup_id).items
+
+    def tasks_page(
+        self,
+        kind: TaskKind | None = None,
+        status: TaskStatus | None = None,
+        backup_id: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[dict[str, Any]]:
+        """A page of :meth:`tasks`."""
+        page = self.catalog.tasks_page(
+            kind, status, backup_id, limit=check_limit(limit), cursor=cursor
+        )
+        return page.map(task_json)
 
     def task(self, task_id: str) -> dict[str, Any]:
         return task_json(self.catalog.get_task(task_id))
@@ -531,6 +584,14 @@ class Facade:
     def policy_views(self) -> list[dict[str, Any]]:
         """The project's policies (at most 32), each with its servers."""
         return [self.policies.view(p.id) for p in self.policies.policies.all()]
+
+    def policies_page(
+        self, limit: int | None = None, cursor: str | None = None
+    ) -> Page[dict[str, Any]]:
+        """A page of :meth:`policy_views`, by id."""
+        rows = self.policies.policies.all()
+        page = page_in_memory(rows, limit, cursor, "policies", lambda p: p.id)
+        return page.map(lambda p: self.policies.view(p.id))
 
     async def policy_view(self, policy_id: str, next_runs: bool = False) -> dict[str, Any]:
         """A policy with its servers and, when asked, its next run times."""

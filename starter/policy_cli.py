@@ -10,6 +10,7 @@ from rich.table import Table
 
 from csbs.policy import DEFAULT_TIME, RETENTION_PRESETS, PolicySpec, RetentionKind
 from starter import cli_common as cli
+from starter import summaries
 from starter.cli_common import PolicyId, ServerIds
 from starter.facade import Facade
 
@@ -172,10 +173,12 @@ def policy_disable(policy_id: PolicyId, as_json: JsonOpt = False) -> None:
 
 
 @policy_app.command("list")
-def policy_list(as_json: JsonOpt = False) -> None:
-    """List policies."""
-    rows = _facade().policy_views()
+def policy_list(limit: cli.LimitOpt = None, as_json: JsonOpt = False) -> None:
+    """List policies, by id."""
+    page = cli.guarded(lambda: _facade().policies_page(cli.rows_for(limit, as_json)))
+    rows = page.items
     cli.emit(rows, as_json, lambda: _table(rows))
+    cli.note_more(page, as_json)
 
 
 @policy_app.command("show")
@@ -231,7 +234,7 @@ def policy_unbind(policy_id: PolicyId, server_ids: ServerIds, as_json: JsonOpt =
 def policy_reconcile(as_json: JsonOpt = False) -> None:
     """Repair drift: create missing policy schedules, delete orphans, ensure daily cleanup."""
     result = cli.run_async(_facade().reconcile_schedules())
-    cli.emit(result, as_json, lambda: cli.console.print(result))
+    cli.emit(result, as_json, lambda: cli.say_lines(summaries.reconciled(result)))
 
 
 @policy_app.command("run")
@@ -256,4 +259,4 @@ def policy_run(
         return result
 
     result = cli.run_async(run_now())
-    cli.emit(result, as_json, lambda: cli.console.print(result))
+    cli.emit(result, as_json, lambda: cli.say_lines(summaries.policy_run(result)))

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -223,8 +224,9 @@ def stack_env(settings: object) -> dict[str, str]:
     return env
 
 
-def up(settings: object, demo: bool = True) -> None:
-    """Start Temporal (Web UI :8233), SeaweedFS S3 (:8333) and a worker; create the demo."""
+def up(settings: object, demo: bool = True, api_port: int = 8080) -> None:
+    """Start Temporal (Web UI :8233), SeaweedFS S3 (:8333), a worker and the API with the
+    console (:8080); create the demo server and print how to sign in."""
     from csbs.config import Settings
 
     assert isinstance(settings, Settings)
@@ -234,10 +236,13 @@ def up(settings: object, demo: bool = True) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = stack_env(settings)
     _host, _, port = settings.temporal_address.rpartition(":")
+    ui_url = settings.temporal_ui() or "http://127.0.0.1:8233"
+    ui_port = urllib.parse.urlsplit(ui_url).port or 8233
     if not _pid_alive(run_dir / "temporal.pid"):
-        _spawn("temporal", temporal_dev_server_args(var_dir / "temporal.db", int(port)), run_dir)
+        args = temporal_dev_server_args(var_dir / "temporal.db", int(port), ui_port)
+        _spawn("temporal", args, run_dir)
     wait_port(int(port), timeout=60)
-    print(f"temporal  {settings.temporal_address}   Web UI http://127.0.0.1:8233")
+    print(f"temporal  {settings.temporal_address}   Web UI {ui_url}")
     s3_port = int(settings.s3_endpoint.rsplit(":", 1)[-1].split("/")[0])
     if not _pid_alive(run_dir / "seaweedfs.pid"):
         weed_env = dict(env, S3_BUCKET=settings.s3_bucket)
@@ -250,6 +255,8 @@ def up(settings: object, demo: bool = True) -> None:
             "-master.telemetry=false",
             f"-s3.port={s3_port}",
         ]
+        if s3_port != 8333:  # not the default: move every other port too (a second stack)
+            args += [f"-{flag}={free_port()}" for flag in WEED_PORT_FLAGS if flag != "s3.port"]
         (var_dir / "s3").mkdir(exist_ok=True)
         _spawn("seaweedfs", args, run_dir, weed_env)
     wait_port(s3_port, timeout=90)
@@ -264,6 +271,14 @@ def up(settings: object, demo: bool = True) -> None:
     if not _pid_alive(run_dir / "worker.pid"):
         raise RuntimeError(f"the worker exited at start: see {log_dir / 'worker.log'}")
     print(f"worker    task queue {settings.queue}, logs in {log_dir}")
+    if not _pid_alive(run_dir / "api.pid"):
+        api = [sys.executable, "-m", "starter.cli", "api", "serve", "--port", str(api_port)]
+        _spawn("api", api, run_dir, env)
+    wait_port(api_port, timeout=60)
+    token = console_token(settings)
+    print(f"console   http://127.0.0.1:{api_port}/  (REST API under /v1, docs at /docs)")
+    print(f"          sign in with this admin token (kept in {var_dir / 'console-token'}):")
+    print(f"          {token}")
     if demo and getattr(settings, "compute_driver", "local") == "libvirt":
         print("servers   this host's libvirt domains: csbs server list")
     elif demo:
@@ -303,8 +318,32 @@ def _wait_bucket(settings: object, env: dict[str, str], timeout: float = 60) -> 
             time.sleep(0.5)
 
 
+def console_token(settings: object) -> str:
+    """The admin token ``dev up`` signs the console in with: the one kept under var/ while
+    it is valid, else a new one (only its hash is in the catalog)."""
+    from csbs.auth import Role, Tokens, Unauthorized
+    from csbs.catalog import Catalog
+    from csbs.config import Settings
+
+    assert isinstance(settings, Settings)
+    path = settings.var_dir.resolve() / "console-token"
+    catalog = Catalog(settings.effective_database_url, settings.project)
+    try:
+        tokens = Tokens(catalog)
+        if path.exists():
+            with contextlib.suppress(Unauthorized):
+                tokens.authenticate(path.read_text().strip())
+                return path.read_text().strip()
+        _, token = tokens.create(settings.project, Role.admin, "dev-up", None)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        return token
+    finally:
+        catalog.dispose()
+
+
 def down(settings: object) -> None:
-    """Stop the worker, SeaweedFS and Temporal started by :func:`up`."""
+    """Stop the API, the worker, SeaweedFS and Temporal started by :func:`up`."""
     var_dir = Path(getattr(settings, "var_dir", "var")).resolve()
     if getattr(settings, "compute_driver", "local") == "qemu":
         from csbs.config import Settings
@@ -316,7 +355,7 @@ def down(settings: object) -> None:
             if server.state.value == "running":
                 drv.stop(server.id)  # QEMU quits cleanly; its dirty bitmaps are kept
                 print(f"stopped QEMU server {server.id}")
-    for name in ("worker", "seaweedfs", "temporal"):
+    for name in ("api", "worker", "seaweedfs", "temporal"):
         pid_file = var_dir / "run" / f"{name}.pid"
         if not _pid_alive(pid_file):
             pid_file.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from csbs.errors import (
     NotFound,
 )
 from csbs.model import BackupStatus, TaskKind, TaskStatus
+from csbs.paging import Cursor, Page, after_key, cut, time_key
 
 
 class Catalog(SweepLease, Inventory, Quotas):
@@ -69,6 +70,19 @@ class Catalog(SweepLease, Inventory, Quotas):
         return _fix_backup(self.update_row(BackupRow, backup_id, f"backup {backup_id}", fields))
 
     def list_backups(self, flt: BackupFilter | None = None) -> list[BackupRow]:
+        """Every backup the filter selects, newest first."""
+        return self.backups_page(flt, None, None).items
+
+    def backups_page(
+        self,
+        flt: BackupFilter | None,
+        limit: int | None,
+        cursor: str | None,
+        inclusive: bool = False,
+    ) -> Page[BackupRow]:
+        """A page of the backups the filter selects, newest first (by creation time, then
+        id): at most ``limit`` (None: all), after ``cursor`` (``csbs.paging``; or from
+        the cursor's own backup on, ``inclusive``)."""
         flt = flt or BackupFilter()
         q = select(BackupRow).where(BackupRow.project == self.project)
         if flt.status:
@@ -89,9 +103,16 @@ class Catalog(SweepLease, Inventory, Quotas):
             q = q.where(col(BackupRow.created_at) >= flt.since)
         if flt.until:
             q = q.where(col(BackupRow.created_at) <= flt.until)
-        q = q.order_by(col(BackupRow.created_at).desc(), col(BackupRow.id))
+        start = Cursor.decode(cursor, "backups", 2)
+        columns = (col(BackupRow.created_at), col(BackupRow.id))
+        if start is not None:
+            q = q.where(after_key(columns, [start.time(0), start.key[1]], inclusive))
+        q = q.order_by(*(c.desc() for c in columns))
+        if limit is not None:
+            q = q.limit(limit + 1)
         with self.session() as s:
-            return [_fix_backup(r) for r in s.exec(q).all()]
+            rows = [_fix_backup(r) for r in s.exec(q).all()]
+        return cut(rows, limit, "backups", lambda r: [time_key(r.created_at), r.id])
 
     def last_available_backup(self, server_id: str, exclude: str | None = None) -> BackupRow | None:
         """The newest available backup of a server that did not fail verification: the
@@ -348,11 +369,19 @@ class Catalog(SweepLease, Inventory, Quotas):
         self.update_row(DiskBackupRow, (backup_id, disk_id), what, fields)
 
     def disk_backups(self, backup_id: str) -> list[DiskBackupRow]:
-        q = select(DiskBackupRow).where(DiskBackupRow.backup_id == backup_id)
+        return self.disk_backups_of([backup_id]).get(backup_id, [])
+
+    def disk_backups_of(self, backup_ids: Sequence[str]) -> dict[str, list[DiskBackupRow]]:
+        """The disks of several backups in one query (a page of a list), system disk first."""
+        found: dict[str, list[DiskBackupRow]] = {b: [] for b in backup_ids}
+        if not backup_ids:
+            return found
+        q = select(DiskBackupRow).where(col(DiskBackupRow.backup_id).in_(list(backup_ids)))
+        q = q.order_by(col(DiskBackupRow.role).desc(), col(DiskBackupRow.disk_name))
         with self.session() as s:
-            return list(
-                s.exec(q.order_by(col(DiskBackupRow.role).desc(), col(DiskBackupRow.disk_name)))
-            )
+            for row in s.exec(q):
+                found[row.backup_id].append(row)
+        return found
 
     # -- tasks -----------------------------------------------------------------------------
     def add_task(self, row: TaskRow) -> TaskRow:
@@ -434,6 +463,19 @@ class Catalog(SweepLease, Inventory, Quotas):
         backup_id: str | None = None,
         server_id: str | None = None,
     ) -> list[TaskRow]:
+        """Every task record the filters select, newest first."""
+        return self.tasks_page(kind, status, backup_id, server_id).items
+
+    def tasks_page(
+        self,
+        kind: TaskKind | str | None = None,
+        status: TaskStatus | str | None = None,
+        backup_id: str | None = None,
+        server_id: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[TaskRow]:
+        """A page of task records, newest first (by start, then id)."""
         q = select(TaskRow).where(TaskRow.project == self.project)
         if kind:
             q = q.where(TaskRow.kind == str(kind))
@@ -443,9 +485,29 @@ class Catalog(SweepLease, Inventory, Quotas):
             q = q.where(TaskRow.backup_id == backup_id)
         if server_id:
             q = q.where(TaskRow.server_id == server_id)
-        q = q.order_by(col(TaskRow.started_at).desc(), col(TaskRow.id))
+        start = Cursor.decode(cursor, "tasks", 2)
+        columns = (col(TaskRow.started_at), col(TaskRow.id))
+        if start is not None:
+            q = q.where(after_key(columns, [start.time(0), start.key[1]]))
+        q = q.order_by(*(c.desc() for c in columns))
+        if limit is not None:
+            q = q.limit(limit + 1)
         with self.session() as s:
-            return [_fix_task(r) for r in s.exec(q).all()]
+            rows = [_fix_task(r) for r in s.exec(q).all()]
+        return cut(rows, limit, "tasks", lambda r: [time_key(r.started_at), r.id])
+
+    def tasks_of(self, backup_ids: Sequence[str]) -> dict[str, list[TaskRow]]:
+        """The task records of several backups in one query (a page of a list)."""
+        found: dict[str, list[TaskRow]] = {b: [] for b in backup_ids}
+        if not backup_ids:
+            return found
+        q = select(TaskRow).where(
+            TaskRow.project == self.project, col(TaskRow.backup_id).in_(list(backup_ids))
+        )
+        with self.session() as s:
+            for row in s.exec(q.order_by(col(TaskRow.started_at).desc(), col(TaskRow.id).desc())):
+                found[str(row.backup_id)].append(_fix_task(row))
+        return found
 
     def delete_tasks(self, task_ids: Sequence[str]) -> int:
         with self.session() as s:

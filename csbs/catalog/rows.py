@@ -30,6 +30,12 @@ def _ts() -> Any:
 
 class BackupRow(SQLModel, table=True):
     __tablename__ = "backups"
+    #: Issue 16: a page of a project's backups is read by (created_at, id) descending, and
+    #: the parent of a new incremental by (server_id, snapshot_at) descending.
+    __table_args__ = (
+        sa.Index("ix_backups_project_created", "project", "created_at", "id"),
+        sa.Index("ix_backups_project_server_snapshot", "project", "server_id", "snapshot_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)
     project: str = Field(index=True, max_length=64)
@@ -108,6 +114,7 @@ class DiskBackupRow(SQLModel, table=True):
 
 class TaskRow(SQLModel, table=True):
     __tablename__ = "tasks"
+    __table_args__ = (sa.Index("ix_tasks_project_started", "project", "started_at", "id"),)
 
     id: str = Field(primary_key=True, max_length=64)
     project: str = Field(index=True, max_length=64)
@@ -250,6 +257,7 @@ class AuditRow(SQLModel, table=True):
     what, when, and how it ended."""
 
     __tablename__ = "audit_log"
+    __table_args__ = (sa.Index("ix_audit_log_project_at", "project", "at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     project: str = Field(index=True, max_length=64)
@@ -261,6 +269,21 @@ class AuditRow(SQLModel, table=True):
     target: str = Field(default="", max_length=1000)
     result: str = Field(max_length=16)
     reason: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class ConsoleSessionRow(SQLModel, table=True):
+    """A signed-in console session (issue 16): made by logging in with a token, it acts as
+    that token for as long as the token stays valid and the session has not expired. Only
+    the SHA-256 of the cookie's secret is kept; ``csrf`` is what the session's forms
+    carry."""
+
+    __tablename__ = "console_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    token_id: str = Field(index=True, max_length=64)
+    csrf: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True)))
 
 
 class PolicyRow(SQLModel, table=True):

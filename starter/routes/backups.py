@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from csbs.auth import Forbidden, Role
 from csbs.catalog.views import DiskBackupListView
@@ -20,24 +20,47 @@ from starter.api_models import (
     RestoreRequest,
     _responses,
 )
-from starter.routes.common import STARTS, FacadeDep, PrincipalDep, body_references
+from starter.routes.common import (
+    STARTS,
+    FacadeDep,
+    PageDep,
+    PrincipalDep,
+    body_references,
+    page_responses,
+    paged,
+)
 
 router = APIRouter(tags=["backups"])
 
 
-@router.get("/v1/backups", response_model=list[BackupOut], responses=_responses(422))
-def list_backups(facade: FacadeDep, query: Annotated[BackupQuery, Query()]) -> list[dict[str, Any]]:
-    """Backups, newest first, with every filter of ``csbs backup list``."""
-    return facade.list_backups(query)
+@router.get("/v1/backups", response_model=list[BackupOut], responses=page_responses(422))
+def list_backups(
+    facade: FacadeDep,
+    query: Annotated[BackupQuery, Query()],
+    page: PageDep,
+    request: Request,
+    response: Response,
+) -> list[dict[str, Any]]:
+    """Backups, newest first, with every filter of ``csbs backup list``; a page of
+    ``limit`` (the next one in the ``Link`` header)."""
+    found = facade.backups_page(query, page.limit, page.cursor)
+    return paged(request, response, found)
 
 
-@router.get("/v1/disk-backups", response_model=list[DiskBackupListView], responses=_responses(422))
+@router.get(
+    "/v1/disk-backups", response_model=list[DiskBackupListView], responses=page_responses(422)
+)
 def list_disk_backups(
-    facade: FacadeDep, query: Annotated[BackupQuery, Query()]
+    facade: FacadeDep,
+    query: Annotated[BackupQuery, Query()],
+    page: PageDep,
+    request: Request,
+    response: Response,
 ) -> list[dict[str, Any]]:
     """Disk backups: one per disk of every backup the filters select, with that backup
     (guide 1.6); restore one with ``POST /v1/backups/{id}/restore`` and ``disk_ids``."""
-    return facade.list_disk_backups(query)
+    found = facade.disk_backups_page(query, page.limit, page.cursor)
+    return paged(request, response, found)
 
 
 @router.post(

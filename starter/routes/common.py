@@ -6,13 +6,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from csbs.audit import ACTOR
 from csbs.auth import Forbidden, Role, Unauthorized
 from csbs.catalog.rows import ApiTokenRow
 from csbs.errors import InvalidInput, NotFound
+from csbs.paging import DEFAULT_LIMIT, MAX_LIMIT, Page
 from starter.api_models import PolicyOut, Started, _responses
 from starter.facade import Facade, StartFailed
 
@@ -112,3 +113,62 @@ STARTS: dict[str, Any] = {
 
 #: A request that answers with one policy.
 ONE_POLICY: dict[str, Any] = {"response_model": PolicyOut, "responses": _responses(404, 422, 503)}
+
+
+# -- pages of lists (issue 16) ------------------------------------------------------------
+class PageParams:
+    """``?limit=&cursor=`` of every list route."""
+
+    def __init__(
+        self,
+        limit: Annotated[
+            int,
+            Query(
+                ge=1,
+                le=MAX_LIMIT,
+                description="Rows in the page (the next page's cursor is in the `Link` "
+                "and `X-Next-Cursor` headers).",
+            ),
+        ] = DEFAULT_LIMIT,
+        cursor: Annotated[
+            str | None,
+            Query(
+                max_length=1000,
+                description="Where the page begins: the `X-Next-Cursor` of the page before.",
+            ),
+        ] = None,
+    ) -> None:
+        self.limit = limit
+        self.cursor = cursor
+
+
+PageDep = Annotated[PageParams, Depends()]
+
+#: The headers of a page, in the OpenAPI document.
+PAGE_HEADERS = {
+    "Link": {
+        "description": 'The next page, as `<URL>; rel="next"` (absent on the last page).',
+        "schema": {"type": "string"},
+    },
+    "X-Next-Cursor": {
+        "description": "The cursor of the next page (absent on the last page).",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def paged(request: Request, response: Response, page: Page[Any]) -> list[Any]:
+    """The rows of a page, with the next page in the ``Link`` (RFC 8288) and
+    ``X-Next-Cursor`` headers: the body stays the JSON array it always was."""
+    if page.next_cursor is not None:
+        url = request.url.include_query_params(cursor=page.next_cursor)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+        response.headers["X-Next-Cursor"] = page.next_cursor
+    return page.items
+
+
+def page_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The responses of a list route: its page headers on 200, and ``codes``."""
+    responses = _responses(*codes)
+    responses[200] = {"headers": PAGE_HEADERS}
+    return responses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
 from csbs.policy import PolicySpec
 from starter.api_models import (
@@ -17,15 +17,25 @@ from starter.api_models import (
     ServerIds,
     _responses,
 )
-from starter.routes.common import ONE_POLICY, STARTS, FacadeDep, body_references
+from starter.routes.common import (
+    ONE_POLICY,
+    STARTS,
+    FacadeDep,
+    PageDep,
+    body_references,
+    page_responses,
+    paged,
+)
 
 router = APIRouter(tags=["policies"])
 
 
-@router.get("/v1/policies", response_model=list[PolicyOut])
-def list_policies(facade: FacadeDep) -> list[dict[str, Any]]:
-    """The project's policies (at most 32)."""
-    return facade.policy_views()
+@router.get("/v1/policies", response_model=list[PolicyOut], responses=page_responses(422))
+def list_policies(
+    facade: FacadeDep, page: PageDep, request: Request, response: Response
+) -> list[dict[str, Any]]:
+    """The project's policies (at most 32), by id."""
+    return paged(request, response, facade.policies_page(page.limit, page.cursor))
 
 
 @router.post(

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
 from csbs.model import TaskKind, TaskStatus
 from starter.api_models import Deleted, Id, TaskOut, _responses
-from starter.routes.common import FacadeDep
+from starter.routes.common import FacadeDep, PageDep, page_responses, paged
 
 router = APIRouter(tags=["tasks"])
 
 
-@router.get("/v1/tasks", response_model=list[TaskOut], responses=_responses(422))
+@router.get("/v1/tasks", response_model=list[TaskOut], responses=page_responses(422))
 def list_tasks(
-    facade: FacadeDep, kind: TaskKind | None = None, status: TaskStatus | None = None
+    facade: FacadeDep,
+    page: PageDep,
+    request: Request,
+    response: Response,
+    kind: TaskKind | None = None,
+    status: TaskStatus | None = None,
 ) -> list[Any]:
-    """Backup, restore and delete task records, newest first."""
-    return facade.tasks(kind=kind, status=status)
+    """Backup, restore and delete task records, newest first, a page at a time."""
+    found = facade.tasks_page(kind, status, limit=page.limit, cursor=page.cursor)
+    return paged(request, response, found)
 
 
 @router.get("/v1/tasks/{task_id}", response_model=TaskOut, responses=_responses(404, 422))

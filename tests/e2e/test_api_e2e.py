@@ -218,6 +218,28 @@ async def test_backup_restore_delete_and_policies_over_rest(stack: Stack, api: A
         (bk["id"], server.disks[0].id, "system"),
         (bk["id"], server.disks[1].id, "data"),
     ]
+    # Issue 16: every list comes a page at a time, the next page in the Link header (and
+    # X-Next-Cursor); following it gives every row once, in order.
+    for path, limit in [("/v1/disk-backups", 3), ("/v1/backups", 1), ("/v1/tasks", 2)]:
+        every = (await http.get(path, params={"limit": 1000})).json()
+        assert len(every) > limit, path
+        walked: list[Any] = []
+        resp = await http.get(path, params={"limit": limit})
+        while True:
+            assert resp.status_code == 200, resp.text
+            walked += resp.json()
+            if "next" not in resp.links:
+                assert "X-Next-Cursor" not in resp.headers
+                break
+            assert resp.headers["X-Next-Cursor"] in resp.links["next"]["url"]
+            resp = await http.get(resp.links["next"]["url"])
+        assert walked == every, path
+    assert_problem(await http.get("/v1/backups", params={"limit": 0}), 422, "limit")
+    assert_problem(await http.get("/v1/tasks", params={"cursor": "nope"}), 422, "cursor")
+    backups_cursor = (await http.get("/v1/backups", params={"limit": 1})).headers["X-Next-Cursor"]
+    assert_problem(
+        await http.get("/v1/tasks", params={"cursor": backups_cursor}), 422, "another list"
+    )
     assert (await http.delete(f"/v1/policies/{other['id']}")).json() == {"deleted": [other["id"]]}
     assert (await http.post(f"/v1/policies/{pid}/disable")).json()["enabled"] is False
     assert (await http.delete(f"/v1/policies/{pid}")).json() == {"deleted": [pid]}

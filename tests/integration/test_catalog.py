@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlmodel import select
 
 from csbs.catalog import (
     BackupFilter,
@@ -21,9 +22,11 @@ from csbs.errors import (
     Conflict,
     GarbageCollectionDeferred,
     GarbageCollectionRunning,
+    InvalidInput,
     InvalidState,
     NotFound,
 )
+from csbs.locks import as_utc
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -259,3 +262,94 @@ def test_a_unit_of_work_commits_every_row_together_or_none(catalog: Catalog) -> 
     assert catalog.get_backup("bk-1").status == "available"
     assert catalog.get_task("task-1").status == "succeeded"
     assert catalog.server_lock("srv-1") is None
+
+
+def test_pages_of_backups_and_tasks_by_key(catalog: Catalog) -> None:
+    """Issue 16: lists come a page at a time; a page follows its cursor, rows added
+    before the cursor (newer) never show up later, ties in time are ordered by id, and a
+    cursor of another list or an altered one is refused by name."""
+    from csbs.paging import Cursor
+
+    for i in range(7):
+        add(catalog, i)
+    # Two backups at the same instant: the id decides their order.
+    add(catalog, 20, id="bk-tie-a", created_at=T0 + timedelta(hours=3))
+    add(catalog, 21, id="bk-tie-b", created_at=T0 + timedelta(hours=3))
+    everything = [r.id for r in catalog.list_backups()]
+    assert everything[:3] == ["bk-6", "bk-5", "bk-4"]
+    assert everything[3:6] == ["bk-tie-b", "bk-tie-a", "bk-3"]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = catalog.backups_page(None, 3, cursor)
+        seen += [r.id for r in page.items]
+        pages += 1
+        if pages == 1:
+            add(catalog, 30)  # newer than the cursor: not in the pages still to come
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == everything and pages == 3
+    filtered = catalog.backups_page(BackupFilter(server_id="srv-1"), 2, None)
+    assert [r.id for r in filtered.items] == ["bk-5", "bk-tie-b"]
+    rest = catalog.backups_page(BackupFilter(server_id="srv-1"), 3, filtered.next_cursor)
+    assert [r.id for r in rest.items] == ["bk-3", "bk-1"] and rest.next_cursor is None
+
+    for i in range(5):
+        catalog.add_task(
+            TaskRow(
+                id=f"task-{i}",
+                project="p1",
+                kind="backup",
+                status="failed" if i % 2 else "succeeded",
+                started_at=T0 + timedelta(minutes=i),
+            )
+        )
+    first = catalog.tasks_page(limit=2)
+    assert [t.id for t in first.items] == ["task-4", "task-3"]
+    second = catalog.tasks_page(limit=2, cursor=first.next_cursor)
+    assert [t.id for t in second.items] == ["task-2", "task-1"]
+    failed = catalog.tasks_page(status="failed", limit=5)
+    assert [t.id for t in failed.items] == ["task-3", "task-1"] and failed.next_cursor is None
+
+    with pytest.raises(InvalidInput, match="cursor: it belongs to another list"):
+        catalog.tasks_page(limit=2, cursor=page_cursor_of_backups(catalog))
+    with pytest.raises(InvalidInput, match="cursor: not a cursor"):
+        catalog.backups_page(None, 2, "not-a-cursor!")
+    with pytest.raises(InvalidInput, match="cursor: not a cursor"):
+        catalog.backups_page(None, 2, Cursor("backups", ["yesterday", "bk-1"]).encode())
+
+
+def page_cursor_of_backups(catalog: Catalog) -> str:
+    cursor = catalog.backups_page(None, 1, None).next_cursor
+    assert cursor is not None
+    return cursor
+
+
+def test_console_sessions_end_with_their_token(catalog: Catalog) -> None:
+    """Issue 16: a console session is found by its cookie's secret (only its hash is kept),
+    ends when it expires, when it is closed, and when its token is revoked or expires."""
+    from csbs.auth import Role, Sessions, Tokens
+    from csbs.catalog.rows import ConsoleSessionRow
+
+    tokens, sessions = Tokens(catalog), Sessions(catalog, hours=1)
+    row, _ = tokens.create("p1", Role.operator, "t", None)
+    secret, csrf = sessions.open(row)
+    found = sessions.find(secret)
+    assert found is not None and found[1].id == row.id and found[0].csrf == csrf
+    with catalog.session() as s:
+        stored = s.get(ConsoleSessionRow, found[0].id)
+        assert stored is not None and secret not in str(stored.model_dump())
+    assert sessions.find(secret, now=T0 + timedelta(days=3650)) is None  # expired
+    assert sessions.find("nope") is None and sessions.find(None) is None
+    sessions.close(secret)
+    assert sessions.find(secret) is None
+    again, _ = sessions.open(row)
+    tokens.revoke(row.id)
+    assert sessions.find(again) is None
+    short, _ = tokens.create("p1", Role.viewer, "short", T0 + timedelta(days=3650))
+    secret, _ = sessions.open(short, now=T0 + timedelta(days=3650) - timedelta(minutes=5))
+    with catalog.session() as s:  # a session never outlives its token
+        ends = max(r.expires_at for r in s.exec(select(ConsoleSessionRow)).all())
+    assert as_utc(ends) <= T0 + timedelta(days=3650)
