@@ -66,6 +66,8 @@ def fill(url: str, backups: int, projects: int, servers: int) -> None:
     rows_t: list[dict[str, Any]] = []
 
     def flush() -> None:
+        if not rows_b:
+            return
         with engine.begin() as conn:
             conn.execute(t_backups.insert(), rows_b)
             conn.execute(t_disks.insert(), rows_d)
