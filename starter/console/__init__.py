@@ -40,5 +40,8 @@ def install(app: FastAPI) -> None:
         except LoginRequired:
             who = None
         role = t(f"role.{who.token.role}") if who else "-"
-        text = t("common.forbidden", role=role, need=t(f"role.{exc.need.name}"))
+        if exc.need is None:
+            text = t("common.csrf")
+        else:
+            text = t("common.forbidden", role=role, need=t(f"role.{exc.need.name}"))
         return render(request, "message.html", who, 403, text=text)

@@ -31,6 +31,7 @@ from starter.console.web import (
     Visitor,
     back,
     checked_form,
+    language,
     listed,
     render,
     safe_next,
@@ -122,7 +123,7 @@ async def login(request: Request) -> Response:
     import hmac
 
     form = await request.form()
-    t = i18n.Translator(i18n.choose(request.cookies.get(i18n.COOKIE), None))
+    t = i18n.Translator(language(request))
     expected = request.cookies.get(LOGIN_CSRF_COOKIE) or ""
     given = str(form.get("csrf") or "")
     next_path = safe_next(str(form.get("next") or ""))
@@ -246,7 +247,7 @@ def progress(request: Request, ids: str = "") -> Response:
         return JSONResponse({"detail": "sign in again"}, status_code=401)
     _, token = found
     facade = request.app.state.facade_for(token.project)
-    t = i18n.Translator(i18n.choose(request.cookies.get(i18n.COOKIE), None))
+    t = i18n.Translator(language(request))
     answer: dict[str, Any] = {}
     for backup_id in ids.split(",")[: PAGE_ROWS * 2]:
         row = facade.catalog.find_backup(backup_id.strip())

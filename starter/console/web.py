@@ -76,10 +76,11 @@ class LoginRequired(Exception):
 
 
 class PageForbidden(Exception):
-    """The visitor's role may not do this (a 403 page)."""
+    """The visitor's role may not do this (a 403 page); ``need`` None: the form did not
+    carry the session's CSRF value."""
 
-    def __init__(self, need: Role) -> None:
-        super().__init__(need.name)
+    def __init__(self, need: Role | None) -> None:
+        super().__init__(need.name if need else "csrf")
         self.need = need
 
 
@@ -134,7 +135,7 @@ async def checked_form(request: Request, who: Visitor) -> dict[str, Any]:
     form = await request.form()
     given = str(form.get("csrf") or "")
     if not hmac.compare_digest(given.encode(), who.session.csrf.encode()):
-        raise PageForbidden(Role.viewer)
+        raise PageForbidden(None)
     data: dict[str, Any] = {}
     for key in form:
         values = form.getlist(key)

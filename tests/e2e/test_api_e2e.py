@@ -270,7 +270,7 @@ async def test_schemathesis_finds_nothing_against_the_openapi_document(
         "--phases",
         "examples,coverage,fuzzing,stateful",
         "--max-time",
-        "60",
+        "40",
         "--workers",
         "1",
         "--seed",

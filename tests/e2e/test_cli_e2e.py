@@ -540,3 +540,21 @@ async def test_tables_show_ids_that_can_be_copied_and_prefixes_are_taken(stack: 
     assert len(ambiguous.stderr.strip().splitlines()) == 1
     missing = await stack.cli("backup", "show", "bk-zzzz", check=False)
     assert missing.code != 0 and "backup bk-zzzz does not exist" in missing.stderr
+
+    # Issue 16, part 6: --limit cuts a list to its newest rows; a table says when more
+    # follow, JSON prints every row unless limited; a readable summary, not a dict.
+    newest = (await stack.cli("backup", "list", "--json")).json()
+    assert len(newest) == 3
+    cut = await stack.cli("backup", "list", "--limit", "2", env={"COLUMNS": "200"})
+    shown_ids = [w for w in cut.stdout.split() if w.startswith("bk-")]
+    assert len(shown_ids) == 2
+    assert all(b["id"].startswith(w) for b, w in zip(newest, shown_ids, strict=False))
+    assert "the first 2 rows; see more with --limit N, or all with --json" in cut.stderr
+    limited = (await stack.cli("backup", "list", "--json", "--limit", "1")).json()
+    assert [b["id"] for b in limited] == [newest[0]["id"]]
+    assert (await stack.cli("task", "list", "--json", "--limit", "2")).json()[0]["backup_id"]
+    bad = await stack.cli("backup", "list", "--limit", "0", check=False)
+    assert bad.code != 0 and "--limit" in bad.stderr
+    deleting = await stack.cli("backup", "delete", newest[0]["id"], "--yes")
+    assert deleting.stdout.startswith(f"deleting 1 backup(s): {newest[0]['id']}")
+    assert "{" not in deleting.stdout

@@ -26,6 +26,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from csbs.catalog import BackupFilter
 from starter.stack import free_port
 from tests.conftest import ROOT, Stack
 
@@ -275,15 +276,36 @@ async def test_a_tenant_backs_up_and_restores_from_the_browser(
     await shoot(page, "tasks")
     # A form posted from elsewhere (without the session's CSRF value) changes nothing.
     forged = await page.evaluate(
-        """async (id) => (await fetch('/tasks/' + id + '/delete', {method: 'POST',
-              body: new URLSearchParams({csrf: 'forged'})})).status""",
+        """async (id) => { const r = await fetch('/tasks/' + id + '/delete', {method: 'POST',
+              body: new URLSearchParams({csrf: 'forged'})}); return [r.status, await r.text()]; }""",
         task.id,
     )
-    assert forged == 403 and stack.catalog.list_tasks(status="failed") != []
+    assert forged[0] == 403 and "came from another site" in forged[1]
+    assert stack.catalog.list_tasks(status="failed") != []
     await task_row.get_by_role("button", name="Delete").click()
     await playwright_api.expect(page.get_by_role("status")).to_contain_text("1 failed task")
     await playwright_api.expect(page.locator(f"#task-{task.id}")).to_have_count(0)
     assert stack.catalog.list_tasks(status="failed") == []
+
+    # Verify from the console; delete the error backup, after its confirmation.
+    await page.get_by_role("link", name="Backups").click()
+    await page.locator(f"#row-{backup.id}").get_by_role("button", name="Verify").click()
+    await playwright_api.expect(page.get_by_role("status")).to_contain_text("Verification of")
+    for _ in range(300):
+        checks = stack.catalog.list_tasks(kind="verify")
+        if checks and checks[0].status != "running":
+            break
+        await asyncio.sleep(0.2)
+    assert checks[0].status == "succeeded", checks[0].reason
+    (errored,) = stack.catalog.list_backups(BackupFilter(status="error"))
+    await page.locator(f"#row-{errored.id}").get_by_role("link", name="Delete").click()
+    dialog = page.get_by_role("dialog")
+    await playwright_api.expect(dialog).to_contain_text(errored.name)
+    await shoot(page, "delete")
+    await dialog.get_by_role("button", name="Delete").click()
+    await playwright_api.expect(page.get_by_role("status")).to_contain_text("Deleting")
+    await playwright_api.expect(page.locator(f"#row-{errored.id}")).to_have_count(0, timeout=60_000)
+    assert stack.catalog.find_backup(errored.id) is None
 
     # The same pages in Simplified Chinese, with the guide's terms.
     await page.get_by_role("link", name="简体中文").click()
@@ -291,7 +313,9 @@ async def test_a_tenant_backs_up_and_restores_from_the_browser(
     await playwright_api.expect(page.locator(f"#row-{backup.id} [data-role=status]")).to_have_text(
         "可用"
     )
-    await playwright_api.expect(page.locator("body")).to_contain_text("错误")  # db-1's backup
+    status_filter = page.get_by_label("备份状态")
+    for term in ("所有状态", "可用", "创建中", "恢复中", "删除中", "错误", "删除失败"):
+        await playwright_api.expect(status_filter).to_contain_text(term)
     await shoot(page, "backups-zh")
     await page.get_by_role("link", name="策略").click()
     await playwright_api.expect(

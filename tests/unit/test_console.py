@@ -26,7 +26,7 @@ def test_both_languages_hold_every_text_the_pages_use() -> None:
         text = page.read_text()
         used |= set(re.findall(r"""\bt\(\s*["']([\w.]+)["']""", text))
         prefixes |= set(re.findall(r"""\bt\(\s*["']([\w.]+\.)["']\s*~""", text))
-    source = (CONSOLE / "pages.py").read_text() + (CONSOLE / "__init__.py").read_text()
+    source = "".join((CONSOLE / f).read_text() for f in ("pages.py", "__init__.py", "web.py"))
     used |= set(re.findall(r"""\bt\(\s*["']([\w.]+)["']""", source))
     missing = sorted(k for k in used if k not in en and not k.endswith("."))
     assert missing == []

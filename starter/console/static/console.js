@@ -30,7 +30,7 @@
           var settled = false;
           rows.forEach(function (row) {
             var now = found[row.getAttribute("data-id")];
-            if (!now) return;
+            if (!now) { settled = true; return; }  // deleted meanwhile
             var badge = row.querySelector("[data-role=status]");
             badge.textContent = now.label;
             badge.className = "badge " + now.status;
