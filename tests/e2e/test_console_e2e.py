@@ -136,6 +136,16 @@ def disk_sha(stack: Stack, server_id: str, disk_id: str) -> str:
     return hashlib.sha256(stack.driver._disk_path(server_id, disk_id).read_bytes()).hexdigest()
 
 
+async def task_ended(stack: Stack, kind: str, timeout: float = 60) -> None:
+    """Wait until the newest task of ``kind`` has ended, and check that it succeeded."""
+    for _ in range(int(timeout / 0.2)):
+        tasks = stack.catalog.list_tasks(kind=kind)
+        if tasks and tasks[0].status != "running":
+            break
+        await asyncio.sleep(0.2)
+    assert tasks and tasks[0].status == "succeeded", tasks[0].reason if tasks else "no task"
+
+
 async def wait_status(page: Any, backup_id: str, label: str, timeout: float = 90) -> None:
     """Wait on the backups page until the row shows ``label`` (the page's own script
     follows the progress and shows the page again when it settles)."""
@@ -241,12 +251,7 @@ async def test_a_tenant_backs_up_and_restores_from_the_browser(
     await page.get_by_label("Start the server after restore").uncheck()
     await page.get_by_role("button", name="Restore").click()
     await playwright_api.expect(page.get_by_role("status")).to_contain_text("Restore of")
-    for _ in range(300):
-        tasks = stack.catalog.list_tasks(kind="restore")
-        if tasks and tasks[0].status != "running":
-            break
-        await asyncio.sleep(0.2)
-    assert tasks[0].status == "succeeded", tasks[0].reason
+    await task_ended(stack, "restore")
     assert disk_sha(stack, web.id, system) == before[system]
     assert disk_sha(stack, web.id, data2) == before[data1]  # data disk 1's backup, mapped
     assert disk_sha(stack, web.id, data1) == data1_now  # not chosen: it keeps its data
@@ -291,12 +296,7 @@ async def test_a_tenant_backs_up_and_restores_from_the_browser(
     await page.get_by_role("link", name="Backups").click()
     await page.locator(f"#row-{backup.id}").get_by_role("button", name="Verify").click()
     await playwright_api.expect(page.get_by_role("status")).to_contain_text("Verification of")
-    for _ in range(300):
-        checks = stack.catalog.list_tasks(kind="verify")
-        if checks and checks[0].status != "running":
-            break
-        await asyncio.sleep(0.2)
-    assert checks[0].status == "succeeded", checks[0].reason
+    await task_ended(stack, "verify")
     (errored,) = stack.catalog.list_backups(BackupFilter(status="error"))
     await page.locator(f"#row-{errored.id}").get_by_role("link", name="Delete").click()
     dialog = page.get_by_role("dialog")
